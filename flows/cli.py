@@ -1,0 +1,24 @@
+"""The `capfilt` command line: one typer app; each area registers its own commands."""
+
+from __future__ import annotations
+
+import typer
+
+from flows.commands import data as data_commands
+from flows.commands import evaluate as evaluate_commands
+from flows.commands import run as run_commands
+from flows.commands import stages as stage_commands
+from flows.commands import train as train_commands
+
+app = typer.Typer(
+    help="capfilt: clean and enrich image-text datasets with BLIP's captioner + filter bootstrap.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands):
+    area.register(app)
+
+
+if __name__ == "__main__":
+    app()
