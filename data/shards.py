@@ -1,0 +1,257 @@
+"""Parquet shard IO: atomic writes, completion records, schema-checked streaming reads.
+
+A stage writes ``<folder>/part-00042.parquet`` (named by its input, never by time or
+worker) to a temporary name and renames it, then writes ``part-00042.done.json``.
+A shard counts as complete only when both files exist and the record's input
+fingerprint and settings hash match what the stage would use now, so a rerun after a
+crash, or after a settings change, redoes exactly the shards that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.schema import SchemaError, check_schema, conform
+
+SHARD_GLOB = "part-*.parquet"
+DONE_SUFFIX = ".done.json"
+TMP_SUFFIX = ".tmp"
+# Rows per Parquet row group: the unit a reader holds in memory and the unit the
+# training dataset deals out to workers. 256 images of ~50 kB is ~13 MB per group.
+DEFAULT_ROW_GROUP_ROWS = 256
+SETTINGS_HASH_CHARS = 12
+_READ_CHUNK_BYTES = 1 << 20
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index`: ``part-00042.parquet``."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"part-{index:05d}.parquet"
+
+
+def completion_path(shard_path: Path) -> Path:
+    """``part-00042.parquet`` -> ``part-00042.done.json`` (same folder)."""
+    shard_path = Path(shard_path)
+    return shard_path.with_name(shard_path.name.removesuffix(".parquet") + DONE_SUFFIX)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    """fsync `tmp` then rename it over `final` (readers see old or new, never half)."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+def write_shard(
+    table: pa.Table, path: Path, kind: str, row_group_size: int = DEFAULT_ROW_GROUP_ROWS
+) -> None:
+    """Write `table` as a shard of `kind` at `path`, atomically.
+
+    The table is conformed (absent optional columns become nulls) and checked, written
+    to ``path.parquet.tmp`` and renamed over `path`. Any completion record of an older
+    version of this shard is removed first, so a crash mid-rewrite leaves the shard
+    incomplete rather than wrongly complete. A rerun simply overwrites the same file.
+    """
+    path = Path(path)
+    table = conform(table, kind)
+    check_schema(table.schema, kind, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    completion_path(path).unlink(missing_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        pq.write_table(table, tmp, row_group_size=max(1, row_group_size))
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class CompletionRecord:
+    """What a stage wrote for one shard; stored as ``part-NNNNN.done.json``.
+
+    `counts` holds rows by outcome (e.g. ``{"input": n, "kept": a, "rejected": b,
+    "failed": c}``). `output_bytes` is filled in by `write_completion` from the data
+    file, so a shard replaced or truncated after the record was written is not
+    mistaken for complete.
+    """
+
+    shard: str
+    kind: str
+    counts: dict[str, int]
+    input_fingerprint: str
+    settings_hash: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    output_bytes: int | None = None
+
+
+def write_completion(shard_path: Path, record: CompletionRecord) -> Path:
+    """Write the completion record of `shard_path` atomically, after its data.
+
+    Raises FileNotFoundError when the shard itself is missing (the record must never
+    exist without its data). Returns the path of the ``.done.json`` file.
+    """
+    shard_path = Path(shard_path)
+    if not shard_path.is_file():
+        raise FileNotFoundError(f"{shard_path}: cannot mark complete, the shard file does not exist")
+    record = dataclasses.replace(record, output_bytes=shard_path.stat().st_size)
+    done = completion_path(shard_path)
+    tmp = _tmp_path(done)
+    try:
+        tmp.write_text(json.dumps(dataclasses.asdict(record), indent=2, sort_keys=True))
+        _replace_atomically(tmp, done)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return done
+
+
+def read_completion(path: Path) -> CompletionRecord | None:
+    """The completion record for a shard (pass the ``.parquet`` or the ``.done.json``).
+
+    Returns None when there is none; raises ValueError naming the file when it exists
+    but is not a valid record.
+    """
+    path = Path(path)
+    done = path if path.name.endswith(DONE_SUFFIX) else completion_path(path)
+    if not done.is_file():
+        return None
+    try:
+        raw = json.loads(done.read_text())
+        known = {f.name for f in dataclasses.fields(CompletionRecord)}
+        return CompletionRecord(**{k: v for k, v in raw.items() if k in known})
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{done}: not a valid completion record ({exc}); delete it to redo the shard") from exc
+
+
+def is_complete(shard_path: Path, input_fingerprint: str, settings_hash: str) -> bool:
+    """True when the shard and its record exist and match these inputs and settings."""
+    shard_path = Path(shard_path)
+    if not shard_path.is_file():
+        return False
+    try:
+        record = read_completion(shard_path)
+    except ValueError:
+        return False
+    if record is None:
+        return False
+    if record.output_bytes is not None and record.output_bytes != shard_path.stat().st_size:
+        return False
+    return record.input_fingerprint == input_fingerprint and record.settings_hash == settings_hash
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """Sorted ``part-*.parquet`` files of `folder` (temporary files ignored; [] if absent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(SHARD_GLOB) if p.is_file())
+
+
+def _open(path: Path, kind: str) -> pq.ParquetFile:
+    """Open a shard and check its schema; errors name the file."""
+    try:
+        handle = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    try:
+        check_schema(handle.schema_arrow, kind, path)
+    except SchemaError:
+        handle.close()
+        raise
+    return handle
+
+
+def read_table(path: Path, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole shard (or some `columns`), after checking it is of `kind`."""
+    path = Path(path)
+    handle = _open(path, kind)
+    try:
+        return handle.read(columns=columns)
+    finally:
+        handle.close()
+
+
+def iter_batches(
+    path: Path, kind: str, batch_size: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a shard in batches of at most `batch_size` rows, one row group at a time.
+
+    Memory is bounded by one row group plus one batch, whatever the shard's size.
+    """
+    path = Path(path)
+    handle = _open(path, kind)
+    try:
+        yield from handle.iter_batches(batch_size=batch_size, columns=columns)
+    finally:
+        handle.close()
+
+
+def row_group_sizes(path: Path, kind: str) -> list[int]:
+    """Rows in each row group of a shard (schema-checked); reads only the footer."""
+    handle = _open(Path(path), kind)
+    try:
+        meta = handle.metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    finally:
+        handle.close()
+
+
+def read_row_group(path: Path, kind: str, index: int, columns: list[str] | None = None) -> pa.Table:
+    """Read row group `index` of a shard (schema-checked)."""
+    handle = _open(Path(path), kind)
+    try:
+        return handle.read_row_group(index, columns=columns)
+    finally:
+        handle.close()
+
+
+def file_fingerprint(path: Path) -> str:
+    """``"<size>-<sha256 hex>"`` of a file's bytes: the identity of a stage's input."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return f"{path.stat().st_size}-{digest.hexdigest()}"
+
+
+def _plain(obj: Any) -> Any:
+    """Turn dataclasses / pydantic models / paths into JSON-able plain values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj))
+    if hasattr(obj, "model_dump"):
+        return _plain(obj.model_dump())
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_plain(v) for v in obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"settings_hash: cannot hash a value of type {type(obj).__name__}: {obj!r}")
+
+
+def settings_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of a dict / dataclass / pydantic model, 12 hex chars.
+
+    Keys are sorted, so the hash depends on values only, not on field order.
+    """
+    canonical = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:SETTINGS_HASH_CHARS]
