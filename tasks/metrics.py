@@ -209,25 +209,44 @@ class DetectionScores:
         }
 
 
-def detection_scores(scores: Sequence[float], truth: Sequence[bool], threshold: float) -> DetectionScores:
-    """ROC-AUC of `scores` vs `truth`, and precision / recall of ``score >= threshold``.
+def precision_recall(predicted: Sequence[bool], truth: Sequence[bool]) -> tuple[float, float]:
+    """Precision and recall of boolean predictions.
 
     Precision is NaN when nothing is predicted positive; recall is NaN when there
     are no positives (a NaN says "undefined", a 0 would claim a measured failure).
+    """
+    p = np.asarray(predicted, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"predicted {p.shape} and truth {t.shape} differ in length")
+    tp = int((p & t).sum())
+    n_pred, n_pos = int(p.sum()), int(t.sum())
+    return (tp / n_pred if n_pred else float("nan"), tp / n_pos if n_pos else float("nan"))
+
+
+def detection_scores(
+    scores: Sequence[float],
+    truth: Sequence[bool],
+    threshold: float,
+    predicted: Sequence[bool] | None = None,
+) -> DetectionScores:
+    """ROC-AUC of `scores` vs `truth`, and precision / recall of ``score >= threshold``.
+
+    Pass `predicted` when the decision was not a plain threshold on the score (for
+    example a filter that also keeps its top-k candidates); the AUC still uses `scores`.
     """
     s = np.asarray(scores, dtype=np.float64)
     t = np.asarray(truth, dtype=bool)
     if s.shape != t.shape:
         raise ValueError(f"scores {s.shape} and truth {t.shape} differ in length")
-    pred = s >= threshold
-    tp = int((pred & t).sum())
-    n_pred, n_pos = int(pred.sum()), int(t.sum())
+    pred = s >= threshold if predicted is None else np.asarray(predicted, dtype=bool)
+    precision, recall = precision_recall(pred, t)
     return DetectionScores(
         roc_auc=roc_auc(s, t),
-        precision=tp / n_pred if n_pred else float("nan"),
-        recall=tp / n_pos if n_pos else float("nan"),
+        precision=precision,
+        recall=recall,
         threshold=float(threshold),
         n=int(len(s)),
-        n_positive=n_pos,
-        n_predicted=n_pred,
+        n_positive=int(t.sum()),
+        n_predicted=int(pred.sum()),
     )

@@ -130,5 +130,8 @@ def test_detection_scores_by_hand() -> None:
     assert d.n_predicted == 3 and d.n_positive == 3 and d.n == 5
     # ranks of positives among 5: 0.4->2, 0.6->3, 0.9->5 -> U = 10 - 6 = 4 of 6
     assert d.roc_auc == pytest.approx(4 / 6)
+    forced = detection_scores(scores, truth, threshold=0.5, predicted=[True, False, False, False, False])
+    assert forced.precision == 1.0 and forced.recall == pytest.approx(1 / 3)
+    assert forced.roc_auc == d.roc_auc
     none = detection_scores([0.1], [True], threshold=0.5)
     assert math.isnan(none.precision) and none.recall == 0.0

@@ -1,0 +1,126 @@
+"""The evaluation stage on a tiny synthetic world with a tiny random MED (real model, real files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+import blip_core
+from blip_core.config import preset
+from blip_core.med import MED
+from blip_core.tokenizer import build_tokenizer
+from data.schema import SCORED
+from data.shards import list_shards, read_table, shard_name, write_shard
+from data.synth import SynthConfig, generate_world, load_truth
+from data.synth_world import correct_captions, weak_captions
+from tasks.evaluate import (
+    EvalConfig,
+    captioner_correctness,
+    evaluate,
+    evaluate_run,
+    filter_noise_detection,
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, SynthConfig(seed=3, human_images=20, web_images=40, test_images=12, test_captions=2,
+                                    rows_per_shard=100))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    captions = [c for p in list_shards(world / "human") for c in read_table(p, "pairs")["caption"].to_pylist()]
+    tok = build_tokenizer(captions + ["click here", "img jpg"], vocab_size=200)
+    model = MED(preset("tiny").with_tokenizer(tok))
+    folder = tmp_path_factory.mktemp("model")
+    blip_core.save(model, tok, folder)
+    return folder
+
+
+def _scored_from_truth(world: Path, clean_score: float, noisy_score: float) -> pa.Table:
+    truth = load_truth(world)
+    web = read_table(list_shards(world / "web")[0], "pairs")
+    rows = []
+    for r in web.to_pylist():
+        clean = not truth.is_noisy(r["key"])
+        score = clean_score if clean else noisy_score
+        rows.append({**r, "itm_score": score, "keep": score >= 0.5, "threshold": 0.5,
+                     "reject_reason": None if score >= 0.5 else "itm_below_threshold"})
+        scene = truth.scenes[r["image_id"]]
+        # two synthetic captions per image: one exact, one weak-but-true; only the exact kept
+        for j, (cap, keep) in enumerate(((correct_captions(scene)[0], True), (weak_captions(scene)[0], False))):
+            rows.append({**r, "key": f"{r['key']}-s{j}", "source": "synthetic", "caption": cap,
+                         "itm_score": 0.9 if keep else 0.2, "keep": keep, "threshold": 0.5})
+    return pa.Table.from_pylist(rows, schema=SCORED)
+
+
+def test_filter_noise_detection_against_truth(world: Path) -> None:
+    truth = load_truth(world)
+    perfect = filter_noise_detection(_scored_from_truth(world, 0.9, 0.1), truth)
+    assert perfect["roc_auc"] == 1.0 and perfect["precision"] == 1.0 and perfect["recall"] == 1.0
+    assert perfect["noise_rejected"] == 1.0 and perfect["unmatched_rows"] == 0
+    assert perfect["keep_rate_junk"] == 0.0 and perfect["keep_rate_weak"] == 1.0
+    inverted = filter_noise_detection(_scored_from_truth(world, 0.1, 0.9), truth)
+    assert inverted["roc_auc"] == 0.0 and inverted["noise_rejected"] == 0.0
+
+
+def test_captioner_correctness_against_truth(world: Path) -> None:
+    scored = _scored_from_truth(world, 0.9, 0.1)
+    synthetic = scored.filter(pa.compute.equal(scored["source"], "synthetic"))
+    out = captioner_correctness(synthetic, load_truth(world))
+    assert out["n"] == 80 and out["exact"] == 0.5 and out["true"] == 1.0
+    assert out["exact_among_kept"] == 1.0 and out["keep_rate_exact"] == 1.0 and out["keep_rate_not_exact"] == 0.0
+
+
+def test_evaluate_tiny_model(world: Path, model_dir: Path, tmp_path: Path) -> None:
+    filter_dir = tmp_path / "filter" / "h"
+    scored = _scored_from_truth(world, 0.9, 0.1)
+    keep = scored["keep"]
+    write_shard(scored.filter(keep), filter_dir / "kept" / shard_name(0), "scored")
+    write_shard(scored.filter(pa.compute.invert(keep)), filter_dir / "rejected" / shard_name(0), "scored")
+    cfg = EvalConfig(rerank_k=4, caption_strategy="greedy", batch_size=5)
+    res = evaluate(model_dir, list_shards(world / "test"), world, filter_dir, cfg=cfg)
+    assert res.n_images == 12 and res.n_texts == 24
+    for table in (res.retrieval, res.retrieval_id):
+        for d in ("TR", "IR"):
+            assert 0.0 <= table[f"{d}@1"] <= table[f"{d}@5"] <= table[f"{d}@10"] <= 100.0
+    # a scene hit includes the same-image hit, so scene recall is never lower
+    for k, v in res.retrieval_id.items():
+        assert res.retrieval[k] >= v - 1e-9, k
+    assert {"BLEU-4", "CIDEr", "scene_exact", "scene_true"} <= set(res.captioning)
+    assert res.filter_detection is not None and res.filter_detection["roc_auc"] == 1.0
+    assert res.captioner is not None and res.captioner["exact"] == 0.5
+    assert len(res.examples) == 5 and res.model_fingerprint
+
+
+def test_evaluate_run_writes_json_and_skips_rerun(world: Path, model_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "final").symlink_to(model_dir, target_is_directory=True)
+    (run / "ingest").mkdir()
+    (run / "ingest" / "test").symlink_to(world / "test", target_is_directory=True)
+    cfg = EvalConfig(rerank_k=2, caption_strategy="greedy", max_images=6)
+    first = evaluate_run(run, truth_dir=world, cfg=cfg)
+    path = run / "eval" / "metrics.json"
+    data = json.loads(path.read_text())
+    assert data["n_images"] == 6 and data["fingerprint"] == first.fingerprint
+    mtime = path.stat().st_mtime_ns
+    again = evaluate_run(run, truth_dir=world, cfg=cfg)
+    assert again.retrieval == first.retrieval and path.stat().st_mtime_ns == mtime
+    changed = evaluate_run(run, truth_dir=world, cfg=EvalConfig(rerank_k=3, caption_strategy="greedy", max_images=6))
+    assert changed.fingerprint != first.fingerprint
+
+
+def test_empty_test_set_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
+    empty = tmp_path / shard_name(0)
+    write_shard(pa.Table.from_pylist([], schema=SCORED).select(["key", "image_id", "source", "status"]), empty, "pairs")
+    with pytest.raises(ValueError, match="no usable test rows"):
+        evaluate(model_dir, [empty])
