@@ -84,6 +84,17 @@ class MEDConfig:
         text = TextConfig(**data.pop("text", {}))
         return cls(vision=vision, text=text, **data)
 
+    def check(self) -> None:
+        """Raise if a special token id falls outside the vocabulary."""
+        t = self.text
+        for name in ("pad_token_id", "cls_token_id", "eos_token_id", "bos_token_id", "enc_token_id"):
+            value = getattr(t, name)
+            if not 0 <= value < t.vocab_size:
+                raise ValueError(
+                    f"text.{name}={value} is outside vocab_size={t.vocab_size}; "
+                    "build the config with MEDConfig.with_tokenizer(tokenizer)"
+                )
+
     def with_tokenizer(self, tokenizer: _TokenIds) -> MEDConfig:
         """A copy whose vocabulary size and special ids come from `tokenizer`."""
         text = dataclasses.replace(
@@ -110,6 +121,8 @@ def _tiny() -> MEDConfig:
     text = TextConfig(
         vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
         max_position_embeddings=64,
+        # the layout `build_tokenizer` gives: BERT's specials first, [DEC] and [ENC] last
+        cls_token_id=2, eos_token_id=3, bos_token_id=1022, enc_token_id=1023,
     )
     return MEDConfig(vision=vision, text=text, embed_dim=64)
 

@@ -30,6 +30,7 @@ class MED(nn.Module):
 
     def __init__(self, config: MEDConfig):
         super().__init__()
+        config.check()
         self.config = config
         tcfg, vcfg = config.text, config.vision
         self.vision = VisionTransformer(vcfg)
@@ -47,6 +48,10 @@ class MED(nn.Module):
         nn.init.trunc_normal_(self.vision.embeddings.position_embedding, std=_INIT_STD)
         with torch.no_grad():  # the tied LM decoder was re-initialised after the embedding
             self.text_encoder.embeddings.word_embeddings.weight[tcfg.pad_token_id].zero_()
+
+    def tie_weights(self) -> None:
+        """(Re)tie the LM decoder to the word embeddings, e.g. after `to_empty` from the meta device."""
+        self.lm_head.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
 
     # ---- towers -------------------------------------------------------------------
 

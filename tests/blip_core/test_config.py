@@ -43,3 +43,12 @@ def test_with_tokenizer_takes_every_special_id():
     assert (t.vocab_size, t.pad_token_id, t.cls_token_id, t.eos_token_id, t.enc_token_id, t.bos_token_id) == (
         77, 1, 2, 3, 4, 5,
     )
+
+
+def test_special_ids_outside_the_vocabulary_are_refused():
+    from blip_core.med import MED
+
+    cfg = preset("tiny")
+    cfg.text.bos_token_id = cfg.text.vocab_size
+    with pytest.raises(ValueError, match="bos_token_id"):
+        MED(cfg)
