@@ -2,10 +2,11 @@
 world, how well the filter found the web noise and how often the captioner was right.
 
 `evaluate(model_dir, test_shards, truth_dir=None, ...)` writes nothing by itself and
-returns an `EvalResult`; `evaluate_run(run_dir)` evaluates ``models/final`` of a run and
-writes ``eval/metrics.json`` atomically, recording the fingerprints of the model, the
-test shards and the settings, so a rerun with the same inputs returns the stored result
-instead of recomputing it.
+returns an `EvalResult`; `evaluate_to_file` (and its two callers: `evaluate_run_folder(run_dir)`
+for a run folder, `evaluate_run(model, test, truth, out, ...)` for the flow) writes
+``eval/metrics.json`` atomically, recording the fingerprints of the model, the test
+shards, the truth and stage outputs and the settings, so a rerun with the same inputs
+returns the stored result instead of recomputing it.
 
 Retrieval follows BLIP: rank every text for each image (and every image for each text)
 by ITC similarity, re-score the top k of each query with the ITM "match" logit plus the
@@ -63,8 +64,12 @@ class EvalConfig:
     min_caption_tokens: int = 5
     prompt: str = ""  # decoder prompt; "a picture of " for a finetuned captioner
     max_images: int | None = None  # evaluate only the first N test images (None: all)
-    batch_size: int = 64  # execution only: images per forward pass
     image_size: int | None = None  # None: the model's own
+    batch_size: int = 64  # execution only: images per forward pass
+    device: str = "auto"  # execution only: auto (cuda when available) | cpu | cuda[:N]
+
+
+_EXECUTION_FIELDS = ("batch_size", "device")
 
 
 @dataclass
@@ -141,24 +146,34 @@ def read_test_set(test_shards: Sequence[Path], max_images: int | None = None) ->
 # --------------------------------------------------------------------------- model passes
 
 
-def _pixels(images: Sequence[bytes], size: int) -> torch.Tensor:
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pixels(images: Sequence[bytes], size: int, device: torch.device) -> torch.Tensor:
     from blip_core.image import ImageTransform
 
     transform = ImageTransform(size)
-    return torch.stack([transform(decode_image(b).image) for b in images])  # (B, 3, S, S)
+    return torch.stack([transform(decode_image(b).image) for b in images]).to(device)  # (B, 3, S, S)
+
+
+def _tokens(tokenizer: Any, texts: list[str], mode: str, max_length: int, device: torch.device):
+    ids, mask = tokenizer.encode(texts, mode, max_length)
+    return ids.to(device), mask.to(device)  # (B, T) each
 
 
 @torch.no_grad()
 def _embed(model: Any, tokenizer: Any, test: TestSet, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image tokens (N, 1+P, Dv), image features (N, E), text features (M, E)."""
     size = cfg.image_size or model.config.vision.image_size
+    device = _device(model)
     embeds, img_feats, txt_feats = [], [], []
     for i in range(0, len(test.images), cfg.batch_size):
-        e = model.encode_image(_pixels(test.images[i : i + cfg.batch_size], size))  # (B, 1+P, Dv)
+        e = model.encode_image(_pixels(test.images[i : i + cfg.batch_size], size, device))  # (B, 1+P, Dv)
         embeds.append(e)
         img_feats.append(model.image_features(e))
     for i in range(0, len(test.texts), cfg.batch_size):
-        ids, mask = tokenizer.encode(test.texts[i : i + cfg.batch_size], "text", cfg.max_text_tokens)
+        ids, mask = _tokens(tokenizer, test.texts[i : i + cfg.batch_size], "text", cfg.max_text_tokens, device)
         txt_feats.append(model.text_features(model.encode_text(ids, mask)))
     return torch.cat(embeds), torch.cat(img_feats), torch.cat(txt_feats)
 
@@ -170,11 +185,13 @@ def _itm_scorer(model: Any, tokenizer: Any, image_embeds: torch.Tensor, texts: l
     @torch.no_grad()
     def score(q: np.ndarray, c: np.ndarray) -> np.ndarray:
         img_idx, txt_idx = (c, q) if text_is_query else (q, c)
+        device = image_embeds.device
         out = []
         for i in range(0, len(img_idx), cfg.batch_size):
-            ii = torch.as_tensor(img_idx[i : i + cfg.batch_size])
-            ids, mask = tokenizer.encode([texts[j] for j in txt_idx[i : i + cfg.batch_size]], "itm", cfg.max_text_tokens)
-            out.append(model.itm_logits(image_embeds.index_select(0, ii), ids, mask)[:, 1].float())
+            ii = torch.as_tensor(img_idx[i : i + cfg.batch_size], device=device)
+            batch = [texts[j] for j in txt_idx[i : i + cfg.batch_size]]
+            ids, mask = _tokens(tokenizer, batch, "itm", cfg.max_text_tokens, device)
+            out.append(model.itm_logits(image_embeds.index_select(0, ii), ids, mask)[:, 1].float().cpu())
         return torch.cat(out).numpy()
 
     return score
@@ -183,18 +200,19 @@ def _itm_scorer(model: Any, tokenizer: Any, image_embeds: torch.Tensor, texts: l
 @torch.no_grad()
 def _captions(model: Any, tokenizer: Any, test: TestSet, cfg: EvalConfig) -> list[str]:
     size = cfg.image_size or model.config.vision.image_size
+    device = _device(model)
     prompt_ids = None
     if cfg.prompt:
-        ids, _ = tokenizer.encode([cfg.prompt], "decoder", cfg.max_caption_tokens)
+        ids, _ = _tokens(tokenizer, [cfg.prompt], "decoder", cfg.max_caption_tokens, device)
         prompt_ids = ids[0, 1 : tokenizer.prompt_length(cfg.prompt)]
     out: list[str] = []
     for i in range(0, len(test.images), cfg.batch_size):
         ids = model.generate(
-            _pixels(test.images[i : i + cfg.batch_size], size), strategy=cfg.caption_strategy,
+            _pixels(test.images[i : i + cfg.batch_size], size, device), strategy=cfg.caption_strategy,
             max_length=cfg.max_caption_tokens, min_length=cfg.min_caption_tokens, num_beams=cfg.num_beams,
             prompt_ids=prompt_ids,
         )
-        out += tokenizer.decode(ids, strip_prompt=cfg.prompt)
+        out += tokenizer.decode(ids.cpu(), strip_prompt=cfg.prompt)
     return out
 
 
@@ -273,7 +291,7 @@ def evaluate_model(
     """Retrieval and captioning metrics of a loaded MED on a test set (a plain dict)."""
     model.eval()
     embeds, img_f, txt_f = _embed(model, tokenizer, test, cfg)
-    sim = (img_f @ txt_f.t()).double().numpy()  # (N_img, N_txt)
+    sim = (img_f @ txt_f.t()).double().cpu().numpy()  # (N_img, N_txt)
     i2t = rerank_top_k(sim, cfg.rerank_k, _itm_scorer(model, tokenizer, embeds, test.texts, cfg, False))
     t2i = rerank_top_k(sim.T, cfg.rerank_k, _itm_scorer(model, tokenizer, embeds, test.texts, cfg, True))
     by_id = relevance_matrix(test.image_ids, test.text_image_ids)
@@ -316,7 +334,8 @@ def evaluate(
     import blip_core
 
     cfg = cfg or EvalConfig()
-    loaded = blip_core.load(Path(model_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    loaded = blip_core.load(Path(model_dir), device=device)
     test = read_test_set(test_shards, cfg.max_images)
     truth = load_truth(Path(truth_dir)) if truth_dir is not None else None
     with torch.inference_mode():
@@ -363,7 +382,8 @@ def _truth_checks(
 
 def _semantic(cfg: EvalConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
-    d.pop("batch_size")
+    for name in _EXECUTION_FIELDS:
+        d.pop(name)
     return d
 
 
@@ -383,40 +403,33 @@ def _newest_child(folder: Path) -> Path | None:
     return max(kids, key=lambda p: p.stat().st_mtime) if kids else None
 
 
-def evaluate_run(
-    run_dir: Path,
+def evaluate_to_file(
+    model_dir: Path,
+    test_shards: Sequence[Path],
+    out_file: Path,
     truth_dir: Path | None = None,
+    filter_dir: Path | None = None,
+    caption_dir: Path | None = None,
     cfg: EvalConfig | None = None,
-    model_name: str = "final",
-    out_file: Path | None = None,
 ) -> EvalResult:
-    """Evaluate ``models/<model_name>`` of a run on ``ingest/test`` and write ``eval/metrics.json``.
+    """`evaluate`, then write its JSON to `out_file` atomically, with an input fingerprint.
 
-    `truth_dir` defaults to the run's ``truth/`` when present; the filter and caption
-    outputs are the newest ``filter/<hash>`` and ``caption/<hash>`` folders. The JSON is
-    written atomically with a fingerprint of every input; when it already matches, the
-    stored result is returned and nothing is recomputed (so a rerun is free and safe).
+    The fingerprint covers the model weights, the test shards, the truth / filter /
+    caption files and the semantic settings; when `out_file` already holds a result
+    with the same fingerprint, it is returned and nothing is recomputed (a rerun is
+    free and safe).
     """
-    run_dir = Path(run_dir)
     cfg = cfg or EvalConfig()
-    model_dir = run_dir / "models" / model_name
-    test_shards = list_shards(run_dir / "ingest" / "test")
-    if not test_shards:
-        raise FileNotFoundError(f"{run_dir / 'ingest' / 'test'}: no test shards; ingest a test set first")
-    if truth_dir is None and (run_dir / "truth").is_dir():
-        truth_dir = run_dir / "truth"
-    filter_dir = _newest_child(run_dir / "filter")
-    caption_dir = _newest_child(run_dir / "caption")
-    extra = [p for p in (filter_dir, caption_dir, truth_dir) if p is not None]
-    fingerprint = _inputs_fingerprint(model_dir, test_shards, cfg, extra)
-    out_file = Path(out_file) if out_file is not None else run_dir / EVAL_FILE
+    extra = [Path(p) for p in (filter_dir, caption_dir, truth_dir) if p is not None]
+    fingerprint = _inputs_fingerprint(Path(model_dir), test_shards, cfg, extra)
+    out_file = Path(out_file)
     if out_file.is_file():
         try:
             stored = EvalResult.from_json(out_file.read_text())
             if stored.fingerprint == fingerprint:
                 return stored
         except (json.JSONDecodeError, TypeError):
-            pass  # unreadable or old format: recompute and overwrite
+            pass  # unreadable or an older format: recompute and overwrite
     result = evaluate(model_dir, test_shards, truth_dir, filter_dir, caption_dir, cfg)
     result.fingerprint = fingerprint
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -426,10 +439,73 @@ def evaluate_run(
     return result
 
 
+def evaluate_run_folder(
+    run_dir: Path,
+    truth_dir: Path | None = None,
+    cfg: EvalConfig | None = None,
+    model_name: str = "final",
+) -> EvalResult:
+    """Evaluate ``models/<model_name>`` of a run on ``ingest/test`` into ``eval/metrics.json``.
+
+    `truth_dir` defaults to the run's ``truth/`` (or ``world/truth``) when present; the
+    filter and caption outputs are the newest ``filter/<hash>`` and ``caption/<hash>``.
+    """
+    run_dir = Path(run_dir)
+    test_shards = list_shards(run_dir / "ingest" / "test")
+    if not test_shards:
+        raise FileNotFoundError(f"{run_dir / 'ingest' / 'test'}: no test shards; ingest a test set first")
+    return evaluate_to_file(
+        run_dir / "models" / model_name, test_shards, run_dir / EVAL_FILE,
+        truth_dir if truth_dir is not None else _run_truth(run_dir),
+        _newest_child(run_dir / "filter"), _newest_child(run_dir / "caption"), cfg,
+    )
+
+
+def _run_truth(run_dir: Path) -> Path | None:
+    for candidate in (run_dir / "truth", run_dir / "world" / "truth"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def evaluate_run(
+    model: str | Path,
+    test: Sequence[str | Path],
+    truth: str | Path | None = None,
+    out: str | Path | None = None,
+    itm_top_k: int = DEFAULT_RERANK_K,
+    batch_size: int = 64,
+    device: str = "auto",
+    filter_dir: str | Path | None = None,
+    caption_dir: str | Path | None = None,
+) -> Path:
+    """The flow's entry point: evaluate `model` on `test` into ``<out>/metrics.json``.
+
+    `out` is the run's ``eval`` folder (default: ``eval`` beside the model's ``models``
+    folder). Unless given, the filter and caption outputs are the newest
+    ``filter/<hash>`` and ``caption/<hash>`` folders of the run that holds `out`, so the
+    filter's noise detection and the captioner's correctness are measured whenever
+    `truth` is known. Returns the JSON's path; rerun-safe (see `evaluate_to_file`).
+    """
+    model = Path(model)
+    out_dir = Path(out) if out is not None else model.parent.parent / "eval"
+    run_dir = out_dir.parent
+    cfg = EvalConfig(rerank_k=itm_top_k, batch_size=batch_size, device=device)
+    out_file = out_dir / EVAL_FILE.name
+    evaluate_to_file(
+        model, [Path(p) for p in test], out_file,
+        Path(truth) if truth else None,
+        Path(filter_dir) if filter_dir else _newest_child(run_dir / "filter"),
+        Path(caption_dir) if caption_dir else _newest_child(run_dir / "caption"),
+        cfg,
+    )
+    return out_file
+
+
 @task(name="evaluate", retries=1)
 def evaluate_task(run_dir: str, truth_dir: str | None = None, model_name: str = "final") -> str:
-    """Prefect task: `evaluate_run` with default settings; returns the JSON's path."""
-    evaluate_run(Path(run_dir), Path(truth_dir) if truth_dir else None, model_name=model_name)
+    """Prefect task: `evaluate_run_folder` with default settings; returns the JSON's path."""
+    evaluate_run_folder(Path(run_dir), Path(truth_dir) if truth_dir else None, model_name=model_name)
     return str(Path(run_dir) / EVAL_FILE)
 
 
@@ -452,7 +528,9 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "evaluate_run",
+    "evaluate_run_folder",
     "evaluate_task",
+    "evaluate_to_file",
     "filter_noise_detection",
     "read_test_set",
     "summary_rows",

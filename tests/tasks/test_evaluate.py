@@ -22,6 +22,7 @@ from tasks.evaluate import (
     captioner_correctness,
     evaluate,
     evaluate_run,
+    evaluate_run_folder,
     filter_noise_detection,
 )
 
@@ -108,15 +109,24 @@ def test_evaluate_run_writes_json_and_skips_rerun(world: Path, model_dir: Path, 
     (run / "ingest").mkdir()
     (run / "ingest" / "test").symlink_to(world / "test", target_is_directory=True)
     cfg = EvalConfig(rerank_k=2, caption_strategy="greedy", max_images=6)
-    first = evaluate_run(run, truth_dir=world, cfg=cfg)
+    first = evaluate_run_folder(run, truth_dir=world, cfg=cfg)
     path = run / "eval" / "metrics.json"
     data = json.loads(path.read_text())
     assert data["n_images"] == 6 and data["fingerprint"] == first.fingerprint
     mtime = path.stat().st_mtime_ns
-    again = evaluate_run(run, truth_dir=world, cfg=cfg)
+    again = evaluate_run_folder(run, truth_dir=world, cfg=cfg)
     assert again.retrieval == first.retrieval and path.stat().st_mtime_ns == mtime
-    changed = evaluate_run(run, truth_dir=world, cfg=EvalConfig(rerank_k=3, caption_strategy="greedy", max_images=6))
+    changed = evaluate_run_folder(run, truth_dir=world, cfg=EvalConfig(rerank_k=3, caption_strategy="greedy", max_images=6))
     assert changed.fingerprint != first.fingerprint
+
+
+def test_evaluate_run_flow_signature(world: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run" / "eval"
+    path = evaluate_run(model=str(model_dir), test=[str(p) for p in list_shards(world / "test")],
+                        truth=str(world), out=str(out), itm_top_k=2, batch_size=8, device="cpu")
+    data = json.loads(Path(path).read_text())
+    assert path == out / "metrics.json" and data["settings"]["rerank_k"] == 2 and data["n_images"] == 12
+    assert data["filter_detection"] is None  # no filter output in this run folder
 
 
 def test_empty_test_set_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
