@@ -37,6 +37,9 @@ from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table  #
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 EVAL_JSON = Path("eval") / "metrics.json"
+# Optional: one JSON object per line {"stage": ..., "seconds": ...} (a flow's stage rows),
+# used for stages whose completion records carry no time.
+STAGES_JSONL = "stages.jsonl"
 # Keys a stage may use in a completion record's `extra` for its wall time in seconds.
 TIME_KEYS = ("seconds", "wall_s", "elapsed_s", "duration_s", "time_s")
 # Subfolders of one filter output that together make up the stage.
@@ -229,6 +232,24 @@ def stage_accounting(run_dir: Path) -> list[StageAccount]:
     return accounts
 
 
+def read_stage_times(run_dir: Path) -> dict[str, float]:
+    """Stage -> seconds from ``stages.jsonl`` (last line per stage wins; torn lines skipped)."""
+    path = run_dir / STAGES_JSONL
+    out: dict[str, float] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("stage"), str):
+            secs = _record_seconds(row)
+            if secs is not None:
+                out[row["stage"]] = secs
+    return out
+
+
 def read_training_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Model name (``pretrain``, ``filter`` ...) -> its ``metrics.jsonl`` lines, in order.
 
@@ -285,16 +306,20 @@ def _accounting_section(run_dir: Path) -> list[Block]:
     rows = [[a.stage, a.shards] + [a.counts.get(k, "") for k in keys] for a in accounts]
     blocks.append(Text("Rows by outcome, summed over each stage's completion records."))
     blocks.append(Table(["stage", "shards"] + keys, rows))
-    timed = [a for a in accounts if a.seconds]
-    if timed:
-        blocks.append(Heading("Time and throughput", 3))
-        trows = []
-        for a in timed:
+    flow_times = read_stage_times(run_dir)
+    trows = []
+    for a in accounts:
+        secs = a.seconds or flow_times.get(a.stage) or flow_times.get(a.stage.split("/")[0])
+        if secs:
             n = a.counts.get("input", sum(a.counts.values()))
-            trows.append([a.stage, a.seconds, n, n / a.seconds if a.seconds else float("nan")])
+            trows.append([a.stage, secs, n, n / secs])
+    counted = {a.stage for a in accounts} | {a.stage.split("/")[0] for a in accounts}
+    trows += [[stage, secs, "", ""] for stage, secs in flow_times.items() if stage not in counted]
+    if trows:
+        blocks.append(Heading("Time and throughput", 3))
         blocks.append(Table(["stage", "seconds", "rows", "rows/s"], trows))
     else:
-        blocks.append(Text("No stage recorded its wall time (`extra.seconds`)."))
+        blocks.append(Text(f"No stage recorded its wall time (`extra.seconds` in a completion record, or `{STAGES_JSONL}`)."))
     return blocks
 
 

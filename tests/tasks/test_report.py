@@ -104,6 +104,12 @@ def test_stage_accounting_sums_records(run_dir: Path) -> None:
     assert acc["caption"].seconds == pytest.approx(8.0)
 
 
+def test_stage_times_from_jsonl(run_dir: Path) -> None:
+    (run_dir / "stages.jsonl").write_text('{"stage": "pretrain", "seconds": 12.5}\n{"stage": "filter", "seco')
+    md = write_report(run_dir).read_text()
+    assert "| pretrain | 12.5 |  |  |" in md
+
+
 def test_training_metrics_skip_torn_line(run_dir: Path) -> None:
     runs = read_training_metrics(run_dir)
     assert list(runs) == ["pretrain"] and len(runs["pretrain"]) == 5
