@@ -6,6 +6,7 @@ import typer
 
 from flows.commands import data as data_commands
 from flows.commands import evaluate as evaluate_commands
+from flows.commands import query as query_commands
 from flows.commands import run as run_commands
 from flows.commands import stages as stage_commands
 from flows.commands import train as train_commands
@@ -16,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands):
+for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands, query_commands):
     area.register(app)
 
 

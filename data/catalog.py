@@ -1,0 +1,278 @@
+"""SQL over a run folder: one duckdb view per dataset, read-only and confined.
+
+``open_catalog(run_dir)`` returns an in-memory duckdb connection with these views
+(each exists only when its shards do):
+
+- ``human``, ``web``, ``test``: ``ingest/<name>/**/part-*.parquet`` (kind ``pairs``).
+- ``synthetic``: ``caption/<hash>/part-*.parquet`` (kind ``pairs``) plus ``settings_hash``.
+- ``scored``: ``filter/<hash>/{kept,rejected,failed}/part-*.parquet`` (kind ``scored``)
+  plus ``settings_hash`` and ``outcome`` (kept | rejected | failed).
+- ``rejects``: the ``scored`` rows whose outcome is not ``kept``.
+- ``dataset``: D', ``assemble/<hash>/part-*.parquet`` (kind ``dataset``) plus ``settings_hash``.
+- ``stage_stats``: one row per ``*.done.json`` completion record (stage, folder, shard,
+  kind, settings_hash, input_fingerprint, output_bytes, counts MAP, extra JSON).
+
+A stage with several settings folders (a rerun with other settings) is shown by its
+most recently written folder; ``stage_stats`` lists the records of all of them.
+
+Confinement. duckdb itself never touches the file system: the shards are scanned
+through pyarrow datasets registered on the connection (projection and filters are
+pushed down, rows stream), and the connection is then locked with
+``enable_external_access=false``, no allowed paths, no temp directory and
+``lock_configuration=true``. So ``COPY ... TO``, ``ATTACH``, ``INSTALL`` / ``LOAD``,
+``read_csv('/etc/passwd')`` and ``SET`` fail inside duckdb even on the raw connection.
+`run_query` adds a statement check with clear errors: exactly one SELECT / WITH /
+DESCRIBE / SHOW / SUMMARIZE / EXPLAIN statement. Image bytes stay ``BLOB`` for Python
+callers; `hide_blobs` replaces them by their length for display.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from data.schema import check_schema, schema_for
+from data.shards import DONE_SUFFIX, SHARD_GLOB, read_completion
+
+INGEST_VIEWS = ("human", "web", "test")
+OUTCOMES = ("kept", "rejected", "failed")
+_ALLOWED_TYPES = {duckdb.StatementType.SELECT}
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
+_WHY_NOT = {
+    "COPY": "COPY writes files; use `capfilt query --format csv|json|parquet --output PATH` instead",
+    "ATTACH": "ATTACH opens other databases; the catalog holds only this run's datasets",
+    "DETACH": "the catalog's databases are fixed",
+    "LOAD": "extensions cannot be loaded",
+    "SET": "the catalog's settings are locked",
+    "VARIABLE_SET": "the catalog's settings are locked",
+    "PRAGMA": "pragmas can change settings; use DESCRIBE / SHOW / SUMMARIZE",
+    "EXPORT": "EXPORT writes files",
+    "CREATE": "the catalog is read-only",
+    "INSERT": "the catalog is read-only",
+    "UPDATE": "the catalog is read-only",
+    "DELETE": "the catalog is read-only",
+    "DROP": "the catalog is read-only",
+    "ALTER": "the catalog is read-only",
+}
+
+
+class QueryRefused(ValueError):
+    """A statement the read-only catalog does not run; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One view backed by shards: its name, kind, files and the folder partition columns."""
+
+    name: str
+    kind: str
+    files: list[Path]
+    base: Path | None = None  # files' paths below `base` give the partition columns
+    partitions: tuple[str, ...] = ()
+
+
+def _shards_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob(SHARD_GLOB) if p.is_file()) if folder.is_dir() else []
+
+
+def _latest_settings_folder(stage: Path) -> Path | None:
+    """The settings-hash folder of a stage written most recently (None when there is none)."""
+    candidates = []
+    for folder in (p for p in stage.iterdir() if p.is_dir()) if stage.is_dir() else ():
+        shards = _shards_below(folder)
+        if shards:
+            candidates.append((max(p.stat().st_mtime_ns for p in shards), folder.name, folder))
+    return max(candidates)[2] if candidates else None
+
+
+def _sources(run_dir: Path) -> list[_Source]:
+    sources = [_Source(name, "pairs", _shards_below(run_dir / "ingest" / name)) for name in INGEST_VIEWS]
+    caption = _latest_settings_folder(run_dir / "caption")
+    if caption is not None:
+        sources.append(_Source("synthetic", "pairs", _shards_below(caption), caption.parent, ("settings_hash",)))
+    scored = _latest_settings_folder(run_dir / "filter")
+    if scored is not None:
+        files = [p for outcome in OUTCOMES for p in _shards_below(scored / outcome)]
+        sources.append(_Source("scored", "scored", files, scored.parent, ("settings_hash", "outcome")))
+    assemble = _latest_settings_folder(run_dir / "assemble")
+    if assemble is not None:
+        sources.append(_Source("dataset", "dataset", _shards_below(assemble), assemble.parent, ("settings_hash",)))
+    return [s for s in sources if s.files]
+
+
+def _dataset(source: _Source) -> pds.Dataset:
+    """A pyarrow dataset over the source's shards, each schema-checked (errors name the file)."""
+    for path in source.files:
+        check_schema(pq.read_schema(path), source.kind, path)
+    schema = schema_for(source.kind).remove_metadata()
+    if not source.partitions:
+        return pds.dataset([str(p) for p in source.files], schema=schema, format="parquet")
+    partition_schema = pa.schema([(name, pa.string()) for name in source.partitions])
+    for name in source.partitions:
+        schema = schema.append(pa.field(name, pa.string()))
+    return pds.dataset(
+        [str(p) for p in source.files],
+        schema=schema,
+        format="parquet",
+        partitioning=pds.DirectoryPartitioning(partition_schema),
+        partition_base_dir=str(source.base),
+    )
+
+
+def _stage_stats(run_dir: Path) -> pa.Table | None:
+    """One row per completion record in the run folder (None when there are none)."""
+    rows = []
+    for done in sorted(run_dir.rglob("*" + DONE_SUFFIX)):
+        try:
+            record = read_completion(done)
+        except ValueError:
+            continue  # a broken record is simply not complete; the stage redoes it
+        if record is None:
+            continue
+        folder = done.parent.relative_to(run_dir)
+        rows.append(
+            {
+                "stage": folder.parts[0] if folder.parts else "",
+                "folder": folder.as_posix(),
+                "shard": record.shard,
+                "kind": record.kind,
+                "settings_hash": record.settings_hash,
+                "input_fingerprint": record.input_fingerprint,
+                "output_bytes": record.output_bytes,
+                "counts": [(str(k), int(v)) for k, v in sorted(record.counts.items())],
+                "extra": json.dumps(record.extra, sort_keys=True, default=str),
+            }
+        )
+    if not rows:
+        return None
+    schema = pa.schema(
+        [
+            ("stage", pa.string()),
+            ("folder", pa.string()),
+            ("shard", pa.string()),
+            ("kind", pa.string()),
+            ("settings_hash", pa.string()),
+            ("input_fingerprint", pa.string()),
+            ("output_bytes", pa.int64()),
+            ("counts", pa.map_(pa.string(), pa.int64())),
+            ("extra", pa.string()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    """No file system, no extensions, no further setting changes."""
+    for statement in (
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET temp_directory = ''",
+        "SET allowed_directories = []",
+        "SET allowed_paths = []",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
+
+
+def open_catalog(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory, locked duckdb connection with one view per dataset of `run_dir`.
+
+    Reads only footers, schemas and completion records; writes nothing anywhere.
+    Raises FileNotFoundError when `run_dir` is not a folder and SchemaError naming the
+    file when a shard does not match its dataset kind.
+    """
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    con = duckdb.connect(":memory:")
+    for source in _sources(run_dir):
+        con.register(source.name, _dataset(source))
+    if "scored" in view_names(con):
+        con.execute("CREATE VIEW rejects AS SELECT * FROM scored WHERE outcome <> 'kept'")
+    stats = _stage_stats(run_dir)
+    if stats is not None:
+        con.register("_stage_stats_source", stats)
+        con.execute("CREATE TABLE stage_stats AS SELECT * FROM _stage_stats_source")
+        con.unregister("_stage_stats_source")
+    _lock(con)
+    return con
+
+
+def view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The catalog's datasets (views and tables of the main schema), sorted."""
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY table_name"
+    ).fetchall()
+    return [name for (name,) in rows if not name.startswith("_")]
+
+
+def describe(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]:
+    """``{view: [(column, type), ...]}`` for every dataset in the catalog."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    for name in view_names(con):
+        rows = con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
+            [name],
+        ).fetchall()
+        result[name] = [(column, dtype) for column, dtype in rows]
+    return result
+
+
+def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise QueryRefused unless `sql` is exactly one read-only statement."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRefused(f"cannot parse the query: {exc}") from exc
+    if len(statements) != 1:
+        raise QueryRefused(f"refused: give exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:
+        inner = _EXPLAIN.sub("", sql, count=1)
+        if inner == sql:
+            raise QueryRefused("refused: cannot read this EXPLAIN statement; write EXPLAIN SELECT ...")
+        check_statement(con, inner)
+        return
+    if kind not in _ALLOWED_TYPES:
+        name = kind.name
+        why = _WHY_NOT.get(name, "the catalog is read-only")
+        raise QueryRefused(
+            f"refused: {name} statements are not allowed ({why}); "
+            "use SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN"
+        )
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
+    """Check `sql` (see `check_statement`) and return its relation (not yet fetched).
+
+    duckdb's own refusals (a file outside the catalog, a locked setting) come back as
+    QueryRefused; other query errors (a typo, a missing column) as duckdb.Error.
+    """
+    check_statement(con, sql)
+    try:
+        relation = con.sql(sql)
+    except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
+        raise QueryRefused(f"refused: {exc}") from exc
+    if relation is None:
+        raise QueryRefused("refused: the statement returned no rows to show")
+    return relation
+
+
+def hide_blobs(table: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Replace each binary column (image bytes) by its length in bytes, named ``<col>_bytes``."""
+    table = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
+    for index, field in enumerate(table.schema):
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            lengths = pc.binary_length(table.column(index)).cast(pa.int64())
+            table = table.set_column(index, f"{field.name}_bytes", lengths)
+    return table
