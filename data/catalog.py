@@ -80,7 +80,15 @@ class _Source:
 
 
 def _shards_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob(SHARD_GLOB) if p.is_file()) if folder.is_dir() else []
+    """``part-*.parquet`` files below `folder`, skipping private ``_x`` / ``.x`` folders
+    (e.g. img2dataset's own output under ``ingest/web/_img2dataset``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.rglob(SHARD_GLOB)
+        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts[:-1])
+    )
 
 
 def _latest_settings_folder(stage: Path) -> Path | None:
@@ -272,7 +280,7 @@ def hide_blobs(table: pa.Table | pa.RecordBatch) -> pa.Table:
     """Replace each binary column (image bytes) by its length in bytes, named ``<col>_bytes``."""
     table = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
     for index, field in enumerate(table.schema):
-        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type) or pa.types.is_fixed_size_binary(field.type):
             lengths = pc.binary_length(table.column(index)).cast(pa.int64())
             table = table.set_column(index, f"{field.name}_bytes", lengths)
     return table

@@ -98,6 +98,8 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
     if data is None or len(data) == 0:
         return _fail("empty image bytes")
     try:
+        # catch_warnings swaps the process-wide filter list; a racing thread can at worst
+        # see Pillow's warning as a plain warning, and the pixel check below still refuses.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))

@@ -191,6 +191,8 @@ def test_check_statement_parse_error(con: duckdb.DuckDBPyConnection) -> None:
 def test_missing_datasets_have_no_view(tmp_path: Path) -> None:
     write_shard(_pairs("w", 1, "web"), tmp_path / "ingest/web" / shard_name(0), "pairs")
     (tmp_path / "ingest/web" / "part-00001.parquet.tmp").write_bytes(b"half")  # ignored
+    (tmp_path / "ingest/web/_img2dataset").mkdir()
+    (tmp_path / "ingest/web/_img2dataset" / "part-00000.parquet").write_bytes(b"not ours")  # ignored
     assert view_names(open_catalog(tmp_path)) == ["web"]
     empty = tmp_path / "empty"
     empty.mkdir()
