@@ -1,0 +1,385 @@
+"""The filter stage: score every web and synthetic caption of each image with ITM and keep
+the pairs whose match probability reaches the threshold (BLIP's CapFilt re-filtering).
+
+Per input web shard ``part-N`` (plus its caption shard ``part-N`` from the caption stage,
+when given) it writes, under ``<out>/<settings-hash>/``:
+
+- ``kept/part-N.parquet``      kind ``scored``, keep = true
+- ``rejected/part-N.parquet``  kind ``scored``, keep = false, with ``reject_reason``
+- ``failed/part-N.parquet``    kind ``scored``, status = failed (not scored)
+
+and a completion record next to each, written after all three data files; the counts in
+it satisfy kept + rejected + failed = input (web rows + synthetic rows). A rerun skips an
+input whose three records match its bytes and these settings, and otherwise rewrites
+all three files atomically, so a crash at any point leaves nothing counted twice.
+
+Speed: each image goes through the vision encoder once for all of its captions (the
+image tokens and their cross-attention keys/values are indexed per caption); images are
+decoded in DataLoader workers; images are ordered by the token length of their longest
+caption so a batch pads little; bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from data.schema import SchemaError
+from data.shards import CompletionRecord, file_fingerprint, read_completion, write_completion, write_shard
+from tasks.common import (
+    ExecutionConfig,
+    ShardStats,
+    StageStats,
+    Timer,
+    all_complete,
+    as_prefect_task,
+    check_accounting,
+    combine_fingerprints,
+    expand_inputs,
+    image_batches,
+    index_batches,
+    inference_context,
+    ok_mask,
+    plan_outputs,
+    progress_bar,
+    read_pairs,
+    resolve_device,
+    resolve_precision,
+    semantic_settings,
+    stage_dir,
+)
+
+OUTCOMES = ("kept", "rejected", "failed")
+_CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
+
+
+@dataclass
+class FilterConfig:
+    """Filter stage settings; all but `execution` enter the output folder's hash."""
+
+    threshold: float = 0.5  # keep when softmax ITM P(match) >= threshold (BLIP: 0.5)
+    top_k: int | None = None  # keep at most this many synthetic captions per image (best first)
+    max_text_tokens: int = 35  # ITM text length, [ENC] and [SEP] included (BLIP: 35)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+
+@dataclass
+class _Scores:
+    """Per-caption results for one shard (web rows first, then synthetic rows)."""
+
+    score: np.ndarray  # (C,) float32, NaN where not scored
+    error: list[str | None]  # per caption: decode error of its image, else None
+
+
+def _load(model: Any, device: torch.device) -> Any:
+    """A LoadedModel, loading it from a folder when given a path."""
+    if isinstance(model, (str, Path)):
+        import blip_core
+
+        return blip_core.load(Path(model), device=str(device))
+    return model
+
+
+def _captions_for(caption_dir: Path | None, name: str) -> Path | None:
+    """The caption shard that belongs to web shard `name`, or None without a caption folder."""
+    if caption_dir is None:
+        return None
+    path = Path(caption_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no caption shard for web shard {name}; run `capfilt caption` on the same "
+            "web shards first, or leave out --captions to filter web captions only"
+        )
+    return path
+
+
+def _owner_index(web: pa.Table, syn: pa.Table, syn_path: Path | None) -> np.ndarray:
+    """For each synthetic row, the row of its image in the web shard (matched by image_id)."""
+    if syn.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    owner = pc.index_in(syn.column("image_id"), value_set=web.column("image_id"))
+    missing = pc.is_null(owner)
+    if pc.any(missing).as_py():
+        first = pc.index(missing, True).as_py()
+        raise SchemaError(
+            f"{syn_path}: row {first} (key {syn.column('key')[first]}) has image_id "
+            f"{syn.column('image_id')[first]} that is not in the web shard; pass the caption folder "
+            "made from these web shards"
+        )
+    return owner.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _caption_texts(column: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """Captions as str (null -> "") and a mask of those with any non-space text."""
+    filled = pc.fill_null(column, "")
+    nonempty = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(filled)), 0)
+    return filled.to_pylist(), np.asarray(nonempty.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _image_order(owner: np.ndarray, lengths: np.ndarray, scoreable: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Web rows with an image, ordered by their longest scoreable caption (stable): batches
+    of similar length pad little. Images with no caption to score are left out."""
+    longest = np.zeros(int(owner.max(initial=-1)) + 1, dtype=np.int64)
+    np.maximum.at(longest, owner[scoreable], lengths[scoreable])
+    has_caption = np.zeros_like(longest, dtype=bool)
+    has_caption[owner[scoreable]] = True
+    chosen = images[has_caption[images]] if len(longest) else images[:0]
+    return chosen[np.argsort(longest[chosen], kind="stable")]
+
+
+def _score(
+    loaded: Any,
+    web: pa.Table,
+    texts: list[str],
+    owner: np.ndarray,
+    scoreable: np.ndarray,
+    cfg: FilterConfig,
+    device: torch.device,
+    precision: str,
+    bar: Any,
+) -> _Scores:
+    """ITM probability for every scoreable caption; each image is encoded once.
+
+    `owner[c]` is the web row of caption c's image. Returns NaN scores for captions not
+    scored and, per caption, the decode error of an image that could not be read.
+    """
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n_captions = len(texts)
+    scores = np.full(n_captions, np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * n_captions
+    todo = np.flatnonzero(scoreable)
+    if len(todo) == 0:
+        return _Scores(scores, errors)
+    ids, mask = tokenizer.encode([texts[i] for i in todo], mode="itm", max_length=cfg.max_text_tokens)  # (C', T)
+    lengths = np.zeros(n_captions, dtype=np.int64)
+    lengths[todo] = mask.sum(dim=1).numpy()
+    row_of = np.full(n_captions, -1, dtype=np.int64)  # caption -> row in ids
+    row_of[todo] = np.arange(len(todo))
+
+    order = _image_order(owner, lengths, scoreable, np.flatnonzero(ok_mask(web)))
+    # captions grouped by image: sort scoreable captions by their image's batch position
+    position = np.full(web.num_rows, -1, dtype=np.int64)
+    position[order] = np.arange(len(order))
+    cap_pos = position[owner[todo]]  # (C',)
+    by_pos = np.argsort(cap_pos, kind="stable")
+    sorted_pos = cap_pos[by_pos]
+    transform = _transform(model)
+    jpg = web.column("jpg").combine_chunks()
+    batches = index_batches(order, cfg.execution.batch_size)
+    start = 0
+    with inference_context(device, precision):
+        for pixels, image_errors in image_batches(jpg, batches, transform, transform.image_size, cfg.execution, device):
+            stop = start + len(image_errors)
+            lo, hi = np.searchsorted(sorted_pos, [start, stop])
+            caps = todo[by_pos[lo:hi]]  # captions of this batch's images
+            local = cap_pos[by_pos[lo:hi]] - start  # (c,) image row within the batch
+            bad = np.array([bool(e) for e in image_errors])
+            for c in caps[bad[local]]:
+                errors[c] = image_errors[position[owner[c]] - start]
+            good = ~bad[local]
+            if good.any():
+                rows = torch.from_numpy(row_of[caps[good]])
+                width = int(lengths[caps[good]].max())
+                readable = torch.from_numpy(~bad).to(device)
+                image_embeds = model.encode_image(pixels[readable])  # (B', 1+N, Dv), readable images only
+                image_index = (np.cumsum(~bad) - 1)[local[good]]  # caption -> row of image_embeds
+                logits = model.itm_logits(
+                    image_embeds,
+                    ids[rows, :width].to(device),
+                    mask[rows, :width].to(device),
+                    image_index=torch.from_numpy(image_index).to(device),
+                )  # (c, 2)
+                scores[caps[good]] = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
+            bar.update(len(image_errors))
+            start = stop
+    return _Scores(scores, errors)
+
+
+def _transform(model: Any) -> Any:
+    from blip_core.image import ImageTransform
+
+    return ImageTransform(model.config.vision.image_size)
+
+
+def _top_k_mask(keep: np.ndarray, is_syn: np.ndarray, owner: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Synthetic captions that pass the threshold but are not among their image's best k."""
+    cand = np.flatnonzero(keep & is_syn)
+    if len(cand) == 0:
+        return np.zeros_like(keep)
+    # by image, then score descending, then caption order (stable): deterministic ranks
+    order = cand[np.lexsort((cand, -score[cand], owner[cand]))]
+    groups = owner[order]
+    first = np.r_[True, groups[1:] != groups[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.arange(len(order)) - group_start
+    drop = np.zeros_like(keep)
+    drop[order[rank >= k]] = True
+    return drop
+
+
+def _decide(
+    scores: _Scores, is_syn: np.ndarray, owner: np.ndarray, status_ok: np.ndarray, nonempty: np.ndarray, cfg: FilterConfig
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(keep, failed, reject_reason) per caption."""
+    decode_failed = np.array([e is not None for e in scores.error], dtype=bool)
+    failed = ~status_ok | decode_failed
+    scored = ~np.isnan(scores.score)
+    keep = scored & (scores.score >= cfg.threshold)
+    reasons = np.full(len(keep), None, dtype=object)
+    reasons[~failed & ~nonempty] = "empty_caption"
+    reasons[scored & ~keep] = "itm_below_threshold"
+    if cfg.top_k is not None:
+        drop = _top_k_mask(keep, is_syn, owner, scores.score, cfg.top_k)
+        keep &= ~drop
+        reasons[drop] = "not_top_k"
+    return keep, failed, list(reasons)
+
+
+def _scored_table(
+    rows: pa.Table, scores: _Scores, keep: np.ndarray, failed: np.ndarray, reasons: list[str | None],
+    cfg: FilterConfig, judge: str,
+) -> pa.Table:
+    """`rows` (web then synthetic pairs) plus the score columns; failed rows get status failed."""
+    n = rows.num_rows
+    error = pc.if_else(
+        pa.array([e is not None for e in scores.error]), pa.array(scores.error, pa.string()), rows.column("error")
+    )
+    status = pc.if_else(pa.array(failed), "failed", rows.column("status"))
+    itm = pa.array(scores.score, pa.float32(), mask=np.isnan(scores.score))
+    return (
+        rows.set_column(rows.schema.get_field_index("status"), "status", status)
+        .set_column(rows.schema.get_field_index("error"), "error", error)
+        .append_column("itm_score", itm)
+        .append_column("keep", pa.array(keep & ~failed))
+        .append_column("reject_reason", pa.array(reasons, pa.string()))
+        .append_column("threshold", pa.array(np.full(n, cfg.threshold, dtype=np.float32)))
+        .append_column("judge", pa.array([judge] * n, pa.string()))
+    )
+
+
+def output_paths(folder: Path, name: str) -> dict[str, Path]:
+    """Where the kept / rejected / failed shards of one input go."""
+    return {outcome: folder / outcome / name for outcome in OUTCOMES}
+
+
+def filter_shard(
+    src: Path,
+    captions: Path | None,
+    dst_dir: Path,
+    model: Any,
+    cfg: FilterConfig,
+    digest: str,
+    name: str | None = None,
+) -> ShardStats:
+    """Filter one web shard (and its synthetic captions) into `dst_dir` (the settings-hash
+    folder); skips it when its three outputs are complete for these inputs and `digest`.
+
+    `model` is a `blip_core.LoadedModel` or a model folder. Rerunning is safe: outputs
+    are rewritten atomically and the completion records are written last.
+    """
+    src = Path(src)
+    name = name or src.name
+    paths = output_paths(Path(dst_dir), name)
+    fingerprint = combine_fingerprints([file_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
+    if all_complete(list(paths.values()), fingerprint, digest):
+        record = read_completion(paths["kept"])
+        return ShardStats(shard=name, source=str(src), counts=dict(record.counts), skipped=True)
+    device = resolve_device(cfg.execution.device)
+    precision = resolve_precision(cfg.execution.precision, device)
+    loaded = _load(model, device)
+    with Timer() as timer:
+        web = read_pairs(src)
+        syn = read_pairs(captions, columns=_CAPTION_COLUMNS) if captions else web.slice(0, 0).select(_CAPTION_COLUMNS)
+        n_web, n_syn = web.num_rows, syn.num_rows
+        owner = np.concatenate([np.arange(n_web), _owner_index(web, syn, captions)])  # (C,)
+        is_syn = np.r_[np.zeros(n_web, dtype=bool), np.ones(n_syn, dtype=bool)]
+        web_ok = ok_mask(web)
+        syn_ok = np.asarray(pc.equal(syn.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
+        status_ok = web_ok[owner] & np.r_[np.ones(n_web, dtype=bool), syn_ok]
+        texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
+        with progress_bar(int(web_ok.sum()), f"filter {name}", cfg.execution.progress) as bar:
+            scores = _score(loaded, web, texts, owner, status_ok & nonempty, cfg, device, precision, bar)
+            keep, failed, reasons = _decide(scores, is_syn, owner, status_ok, nonempty, cfg)
+            bar.set_postfix(keep=f"{keep.mean() if len(keep) else 0:.0%}")
+        # synthetic rows carry their image: take it from the web row (read once)
+        syn_full = syn.append_column("jpg", web.column("jpg").take(pa.array(owner[n_web:])))
+        for column in ("url", "width", "height", "sha256"):
+            syn_full = syn_full.append_column(column, web.column(column).take(pa.array(owner[n_web:])))
+        rows = pa.concat_tables([web, syn_full.select(web.column_names)])
+        table = _scored_table(rows, scores, keep, failed, reasons, cfg, loaded.fingerprint)
+        counts = _counts(keep, failed, reasons, is_syn)
+        check_accounting(counts, str(src))
+        selections = {"kept": keep & ~failed, "rejected": ~keep & ~failed, "failed": failed}
+        for outcome, path in paths.items():
+            write_shard(table.filter(pa.array(selections[outcome])), path, kind="scored")
+        extra = {"source": str(src), "captions": str(captions) if captions else None, "judge": loaded.fingerprint}
+        for outcome in ("failed", "rejected", "kept"):  # kept last: it is what `skip` reads
+            record = CompletionRecord(
+                shard=name, kind="scored", counts=counts, input_fingerprint=fingerprint, settings_hash=digest,
+                extra={**extra, "outcome": outcome},
+            )
+            write_completion(paths[outcome], record)
+    images = int(web_ok.sum())
+    return ShardStats(shard=name, source=str(src), counts=counts, seconds=timer.seconds, images=images)
+
+
+def _counts(keep: np.ndarray, failed: np.ndarray, reasons: list[str | None], is_syn: np.ndarray) -> dict[str, int]:
+    kept = keep & ~failed
+    counts = {
+        "input": len(keep),
+        "kept": int(kept.sum()),
+        "rejected": int((~keep & ~failed).sum()),
+        "failed": int(failed.sum()),
+        "web_input": int((~is_syn).sum()),
+        "web_kept": int((kept & ~is_syn).sum()),
+        "synthetic_input": int(is_syn.sum()),
+        "synthetic_kept": int((kept & is_syn).sum()),
+    }
+    for reason in ("itm_below_threshold", "not_top_k", "empty_caption"):
+        counts[reason] = sum(1 for r, f in zip(reasons, failed) if r == reason and not f)
+    return counts
+
+
+def filter_settings(fingerprint: str, cfg: FilterConfig, device: torch.device, caption_hashes: list[str | None]) -> dict[str, Any]:
+    """What the filter's output depends on: judge weights, threshold/top-k, precision and
+    the identity of the synthetic captions it scores (their stage's settings hash)."""
+    return {
+        "stage": "filter",
+        "judge": fingerprint,
+        **semantic_settings(cfg),
+        "precision": resolve_precision(cfg.execution.precision, device),
+        "captions": sorted({h for h in caption_hashes if h}),
+    }
+
+
+def run_filter(
+    inputs: list[Path], out_dir: Path, model: Any, cfg: FilterConfig, caption_dir: Path | None = None
+) -> StageStats:
+    """Filter every web shard in `inputs` (with its caption shard from `caption_dir`) into
+    ``out_dir/<settings-hash>/{kept,rejected,failed}/``; complete shards are skipped."""
+    device = resolve_device(cfg.execution.device)
+    loaded = _load(model, device)
+    plan = plan_outputs(expand_inputs(inputs))
+    caption_paths = [_captions_for(caption_dir, name) for _, name in plan]
+    caption_hashes = [_caption_hash(p) for p in caption_paths]
+    folder, digest = stage_dir(out_dir, filter_settings(loaded.fingerprint, cfg, device, caption_hashes))
+    stats = StageStats(stage="filter", output=folder, settings_hash=digest)
+    for (src, name), captions in zip(plan, caption_paths):
+        stats.shards.append(filter_shard(src, captions, folder, loaded, cfg, digest, name=name))
+    return stats
+
+
+def _caption_hash(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    record = read_completion(path)
+    return record.settings_hash if record else None
+
+
+filter_task = as_prefect_task(run_filter, name="capfilt-filter", retries=1)

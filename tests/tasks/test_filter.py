@@ -1,0 +1,167 @@
+"""Filter stage: ITM scores equal a per-pair reference, each image is encoded once, every
+row is accounted for, reruns skip, settings changes write elsewhere, top-k, img2dataset input."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from stage_helpers import caption, jpeg, tiny_model, web_shards, write_pairs
+
+import blip_core
+from blip_core.image import ImageTransform
+from data.images import decode_image
+from data.shards import list_shards, read_completion, read_table
+from tasks.common import ExecutionConfig
+from tasks.filter import FilterConfig, run_filter
+
+EXEC = ExecutionConfig(batch_size=3, num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("filter-model"))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir: Path) -> blip_core.LoadedModel:
+    return blip_core.load(model_dir)
+
+
+def _synthetic(web: Path, folder: Path, per_image: int) -> Path:
+    """A caption-stage-like shard: `per_image` synthetic rows for each ok web row."""
+    rows = []
+    for r in read_table(web, "pairs").to_pylist():
+        if r["status"] != "ok":
+            continue
+        for c in range(per_image):
+            rows.append({**r, "key": f"{r['key']}/syn{c}", "source": "synthetic", "caption": caption(hash((r["key"], c)) % 997)})
+    path = folder / web.name
+    write_pairs(path, [{k: v for k, v in r.items() if k not in ("candidate", "producer")} for r in rows])
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    root = tmp_path_factory.mktemp("filter-in")
+    (root / "web").mkdir()
+    (root / "cap").mkdir()
+    webs = web_shards(root / "web", (5, 4), failed=(1,), garbage=(3,))
+    for web in webs:
+        _synthetic(web, root / "cap", per_image=2)
+    return webs, root / "cap"
+
+
+def _reference(loaded: blip_core.LoadedModel, data: bytes, text: str) -> float:
+    """One pair at a time, as a straightforward loop would do it."""
+    pixels = ImageTransform(loaded.model.config.vision.image_size)(decode_image(data).image)[None]
+    ids, mask = loaded.tokenizer.encode([text], mode="itm", max_length=35)
+    return float(loaded.model.itm_probability(pixels, ids, mask)[0])
+
+
+def _rows(folder: Path, outcome: str) -> list[dict]:
+    return [r for p in list_shards(folder / outcome) for r in read_table(p, "scored").to_pylist()]
+
+
+def test_scores_accounting_and_outcomes(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    stats = run_filter(webs, tmp_path, loaded, FilterConfig(threshold=0.5, execution=EXEC), caption_dir=cap)
+    folder = stats.output
+    assert folder.parent == tmp_path and folder.name == stats.settings_hash
+    kept, rejected, failed = (_rows(folder, o) for o in ("kept", "rejected", "failed"))
+    # inputs: 9 web rows, 7 ok-status of which 2 garbage -> (7) * 2 synthetic rows
+    assert stats.totals["input"] == 9 + 7 * 2
+    assert stats.totals["kept"] == len(kept) and stats.totals["rejected"] == len(rejected)
+    assert stats.totals["failed"] == len(failed) == 2 + 2 * 3  # 2 HTTP failures; 2 garbage images x (web + 2 syn)
+    for shard in stats.shards:
+        for outcome in ("kept", "rejected", "failed"):
+            record = read_completion(folder / outcome / shard.shard)
+            c = record.counts
+            assert c["kept"] + c["rejected"] + c["failed"] == c["input"] == shard.counts["input"]
+    keys = [r["key"] for r in kept + rejected + failed]
+    assert len(keys) == len(set(keys)) == stats.totals["input"]
+    for row in kept + rejected:
+        assert row["itm_score"] == pytest.approx(_reference(loaded, row["jpg"], row["caption"]), abs=1e-5)
+        assert row["keep"] == (row["itm_score"] >= 0.5) and row["threshold"] == 0.5
+        assert row["judge"] == loaded.fingerprint and row["status"] == "ok"
+    assert all(r["reject_reason"] == "itm_below_threshold" for r in rejected)
+    assert {r["source"] for r in kept + rejected} == {"web", "synthetic"}
+    assert all(r["itm_score"] is None and r["status"] == "failed" and r["error"] for r in failed)
+    assert any("not an image" in r["error"] for r in failed)
+
+
+def test_each_image_is_encoded_once(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    seen: list[int] = []
+    handle = loaded.model.vision.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        run_filter(webs, tmp_path, loaded, FilterConfig(execution=EXEC), caption_dir=cap)
+    finally:
+        handle.remove()
+    assert sum(seen) == 5  # readable images, once each, for their 15 captions
+
+
+def test_rerun_skips_and_settings_change_writes_elsewhere(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    first = run_filter(webs, tmp_path, loaded, FilterConfig(execution=EXEC), caption_dir=cap)
+    mtimes = {p: p.stat().st_mtime_ns for p in first.output.rglob("*.parquet")}
+    bigger = ExecutionConfig(batch_size=8, num_workers=1, progress=False)
+    again = run_filter(webs, tmp_path, loaded, FilterConfig(execution=bigger), caption_dir=cap)
+    assert again.output == first.output and all(s.skipped for s in again.shards)
+    assert {p: p.stat().st_mtime_ns for p in first.output.rglob("*.parquet")} == mtimes
+    assert again.totals == first.totals
+    other = run_filter(webs, tmp_path, loaded, FilterConfig(threshold=0.3, execution=EXEC), caption_dir=cap)
+    assert other.output != first.output and not any(s.skipped for s in other.shards)
+    assert {p: p.stat().st_mtime_ns for p in first.output.rglob("*.parquet")} == mtimes
+
+
+def test_top_k_keeps_best_synthetic_per_image(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    stats = run_filter(webs, tmp_path, loaded, FilterConfig(threshold=0.0, top_k=1, execution=EXEC), caption_dir=cap)
+    kept, rejected = _rows(stats.output, "kept"), _rows(stats.output, "rejected")
+    syn_kept = [r for r in kept if r["source"] == "synthetic"]
+    assert len(syn_kept) == len({r["image_id"] for r in syn_kept}) == 5
+    for row in syn_kept:
+        others = [r for r in rejected if r["image_id"] == row["image_id"] and r["source"] == "synthetic"]
+        assert len(others) == 1 and others[0]["reject_reason"] == "not_top_k"
+        assert others[0]["itm_score"] <= row["itm_score"]
+    assert all(r["source"] == "synthetic" for r in rejected)
+
+
+def test_img2dataset_parquet_is_read_as_is(tmp_path: Path, loaded) -> None:
+    n = 4
+    data = [jpeg(i) for i in range(n)]
+    status = ["success", "failed_to_download", "success", "success"]
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(n)],
+            "url": [f"http://x/{i}" for i in range(n)],
+            "caption": [caption(i) for i in range(n - 1)] + [None],
+            "status": status,
+            "error_message": [None, "HTTP Error 404", None, None],
+            "width": pa.array([24, None, 24, 24], pa.int64()),
+            "height": pa.array([24, None, 24, 24], pa.int64()),
+            "original_width": pa.array([24, None, 24, 24], pa.int64()),
+            "original_height": pa.array([24, None, 24, 24], pa.int64()),
+            "exif": [None] * n,
+            "sha256": [hashlib.sha256(d).hexdigest() if s == "success" else None for d, s in zip(data, status)],
+            "jpg": [d if s == "success" else None for d, s in zip(data, status)],
+        }
+    )
+    src = tmp_path / "i2d" / "00007.parquet"
+    src.parent.mkdir()
+    pq.write_table(table, src)
+    stats = run_filter([src.parent], tmp_path / "out", loaded, FilterConfig(execution=EXEC))
+    assert [s.shard for s in stats.shards] == ["part-00007.parquet"]
+    failed = _rows(stats.output, "failed")
+    assert [(r["key"], r["error"]) for r in failed] == [("000000001", "HTTP Error 404")]
+    rejected = _rows(stats.output, "rejected")
+    assert [r["reject_reason"] for r in rejected if r["key"] == "000000003"] == ["empty_caption"]
+    assert stats.totals["input"] == n and stats.totals["kept"] + stats.totals["rejected"] == 3
+    scored = [r for r in _rows(stats.output, "kept") + rejected if r["itm_score"] is not None]
+    assert len(scored) == 2 and np.all(np.isfinite([r["itm_score"] for r in scored]))
