@@ -398,7 +398,8 @@ def _inputs_fingerprint(model_dir: Path, test_shards: Sequence[Path], cfg: EvalC
     return settings_hash(parts)
 
 
-def _newest_child(folder: Path) -> Path | None:
+def newest_stage_folder(folder: Path) -> Path | None:
+    """The most recently written ``<stage>/<settings-hash>`` folder (None when there is none)."""
     kids = [p for p in folder.glob("*") if p.is_dir()] if folder.is_dir() else []
     return max(kids, key=lambda p: p.stat().st_mtime) if kids else None
 
@@ -456,12 +457,13 @@ def evaluate_run_folder(
         raise FileNotFoundError(f"{run_dir / 'ingest' / 'test'}: no test shards; ingest a test set first")
     return evaluate_to_file(
         run_dir / "models" / model_name, test_shards, run_dir / EVAL_FILE,
-        truth_dir if truth_dir is not None else _run_truth(run_dir),
-        _newest_child(run_dir / "filter"), _newest_child(run_dir / "caption"), cfg,
+        truth_dir if truth_dir is not None else run_truth_dir(run_dir),
+        newest_stage_folder(run_dir / "filter"), newest_stage_folder(run_dir / "caption"), cfg,
     )
 
 
-def _run_truth(run_dir: Path) -> Path | None:
+def run_truth_dir(run_dir: Path) -> Path | None:
+    """A run's synthetic-world truth folder (``truth/`` or ``world/truth/``), if any."""
     for candidate in (run_dir / "truth", run_dir / "world" / "truth"):
         if candidate.is_dir():
             return candidate
@@ -495,8 +497,8 @@ def evaluate_run(
     evaluate_to_file(
         model, [Path(p) for p in test], out_file,
         Path(truth) if truth else None,
-        Path(filter_dir) if filter_dir else _newest_child(run_dir / "filter"),
-        Path(caption_dir) if caption_dir else _newest_child(run_dir / "caption"),
+        Path(filter_dir) if filter_dir else newest_stage_folder(run_dir / "filter"),
+        Path(caption_dir) if caption_dir else newest_stage_folder(run_dir / "caption"),
         cfg,
     )
     return out_file

@@ -1,9 +1,68 @@
-"""capfilt CLI commands for this area (see docs/ARCHITECTURE.md)."""
+"""capfilt CLI commands for evaluation: `capfilt evaluate`, `capfilt report`, `capfilt ablation`.
+
+Each is a thin shell over `tasks.evaluate`, `tasks.report` and `tasks.ablation`; all
+three are safe to rerun (results are keyed by their inputs, files replaced atomically).
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
+def evaluate(
+    model: Path = typer.Option(None, help="Model folder (ours or a Hugging Face BLIP folder). Default: RUN/models/final."),
+    test: list[Path] = typer.Option(None, "--test", help="Test pair shards (several rows per image = several references). Default: RUN/ingest/test."),
+    run: Path = typer.Option(None, help="Run folder: takes its model, test set, truth, filter and caption outputs; writes RUN/eval/metrics.json."),
+    truth: Path = typer.Option(None, help="Synthetic-world folder (or its truth/): scene hits, noise detection, captioner correctness."),
+    filter_dir: Path = typer.Option(None, "--filter-dir", help="A filter output folder (filter/<hash>) to score against the truth."),
+    caption_dir: Path = typer.Option(None, "--caption-dir", help="A caption output folder (caption/<hash>) to score against the truth."),
+    out: Path = typer.Option(None, help="Write the JSON here (default: RUN/eval/metrics.json, or print only)."),
+    rerank_k: int = typer.Option(16, help="Re-rank the ITC top k of each query by ITM (BLIP: 256 on COCO)."),
+    strategy: str = typer.Option("beam", help="Captioning decode: beam | greedy | nucleus."),
+    prompt: str = typer.Option("", help="Decoder prompt (\"a picture of \" for a finetuned captioner)."),
+    max_images: int = typer.Option(None, help="Evaluate only the first N test images."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+) -> None:
+    """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks."""
+    from data.shards import list_shards
+    from tasks.evaluate import EvalConfig, evaluate as run_eval, evaluate_to_file, newest_stage_folder, run_truth_dir
+
+    cfg = EvalConfig(rerank_k=rerank_k, caption_strategy=strategy, prompt=prompt, max_images=max_images,
+                     batch_size=batch_size, device=device)
+    if run is not None:
+        model = model or run / "models" / "final"
+        test = test or list_shards(run / "ingest" / "test")
+        truth = truth or run_truth_dir(run)
+        filter_dir = filter_dir or newest_stage_folder(run / "filter")
+        caption_dir = caption_dir or newest_stage_folder(run / "caption")
+        out = out or run / "eval" / "metrics.json"
+    if model is None or not test:
+        raise typer.BadParameter("give --run RUN, or --model and --test")
+    shards = [p for t in test for p in (list_shards(t) if Path(t).is_dir() else [Path(t)])]
+    if out is not None:
+        result = evaluate_to_file(model, shards, out, truth, filter_dir, caption_dir, cfg)
+    else:
+        result = run_eval(model, shards, truth, filter_dir, caption_dir, cfg)
+    summary = {"retrieval": result.retrieval, "captioning": result.captioning,
+               "filter_detection": result.filter_detection, "captioner": result.captioner}
+    typer.echo(json.dumps(summary, indent=2))
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+def report(run: Path = typer.Argument(..., help="Run folder (runs/<run>).")) -> None:
+    """Write RUN/report.md, RUN/report.html and the report-*.png plots from the run's files."""
+    from tasks.report import write_report
+
+    path = write_report(run)
+    typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
+    app.command(name="evaluate")(evaluate)
+    app.command(name="report")(report)
