@@ -82,7 +82,9 @@ def _load(model: Any, device: torch.device) -> Any:
     if isinstance(model, (str, Path)):
         import blip_core
 
-        return blip_core.load(Path(model), device=str(device))
+        model = blip_core.load(Path(model), device=str(device))
+    if model.tokenizer is None:
+        raise FileNotFoundError("model folder has no tokenizer files (tokenizer.json / vocab.txt); save one next to the weights")
     return model
 
 
