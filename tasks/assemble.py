@@ -1,0 +1,232 @@
+"""The assemble stage: D' = human pairs + kept web pairs + kept synthetic pairs.
+
+Inputs are read in the order given (human first, so a human pair wins a tie), each a
+``pairs`` shard (human, or any pairs taken as they are) or a ``scored`` shard from the
+filter (rows with keep = false are dropped as rejected). Failed rows are dropped as
+failed; exact duplicate pairs (same image sha256 and the same caption after lowercasing
+and collapsing whitespace) are dropped after their first occurrence and counted.
+
+The survivors are resharded to `rows_per_shard` rows into
+``<out>/<hash>/part-NNNNN.parquet`` (kind ``dataset``, provenance columns kept: source,
+itm_score, judge, threshold, producer, candidate). The folder hash covers the settings
+AND the input bytes, since every output shard depends on every input. Each input row is
+attributed to the output shard that was filling when it was read, so every completion
+record holds input = kept + rejected + failed for its shard, and the sums over shards
+are the totals. A rerun recomputes the plan (cheap, no model) and rewrites only shards
+whose record is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data.schema import SCORED, conform
+from data.shards import (
+    CompletionRecord,
+    file_fingerprint,
+    is_complete,
+    read_completion,
+    read_table,
+    shard_name,
+    write_completion,
+    write_shard,
+)
+from tasks.common import (
+    ExecutionConfig,
+    ShardStats,
+    StageStats,
+    Timer,
+    as_prefect_task,
+    check_accounting,
+    combine_fingerprints,
+    expand_item,
+    progress_bar,
+    read_pairs,
+    semantic_settings,
+    stage_dir,
+)
+
+# Outcome codes per input row.
+KEPT, DUPLICATE, REJECTED, FAILED = 0, 1, 2, 3
+_DEDUPE_READ = ["key", "status", "caption", "sha256", "jpg"]
+
+
+@dataclass
+class AssembleConfig:
+    """Assemble settings; all but `execution` enter the output folder's hash."""
+
+    rows_per_shard: int = 10_000  # rows per output shard of D'
+    dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+
+@dataclass
+class _Plan:
+    """Per input file, the outcome of each row and the output shard it is attributed to."""
+
+    files: list[Path]
+    outcome: list[np.ndarray]  # per file (n_i,) int8 codes
+    shard: list[np.ndarray]  # per file (n_i,) output shard index
+    n_shards: int
+
+
+def _is_scored(path: Path) -> bool:
+    names = set(pq.read_schema(path).names)
+    return {f.name for f in SCORED} <= names
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A pairs or scored shard as a `dataset`-shaped table (pairs rows count as kept)."""
+    if _is_scored(path):
+        return read_table(path, "scored", columns=columns + ["keep"] if columns else None)
+    table = read_pairs(path, columns=columns)
+    return table.append_column("keep", pa.array(np.ones(table.num_rows, dtype=bool)))
+
+
+def normalised_caption(captions: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Lowercase, whitespace runs collapsed to one space, trimmed; null -> ""."""
+    text = pc.utf8_lower(pc.fill_null(captions, ""))
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(text, r"\s+", " "))
+
+
+def image_sha256(table: pa.Table) -> pa.Array:
+    """The sha256 column, computed from the image bytes where it is missing."""
+    sha = table.column("sha256").combine_chunks()
+    missing = np.flatnonzero(pc.and_(pc.is_null(sha), pc.is_valid(table.column("jpg"))).to_numpy(zero_copy_only=False))
+    if len(missing) == 0:
+        return sha
+    values = sha.to_pylist()
+    jpg = table.column("jpg")
+    for i in missing:  # only rows whose producer did not hash them
+        values[i] = hashlib.sha256(jpg[int(i)].as_py()).hexdigest()
+    return pa.array(values, pa.string())
+
+
+def _outcomes(table: pa.Table, seen: set[bytes], dedupe: bool) -> np.ndarray:
+    """Outcome code per row; `seen` (pair digests) carries across files."""
+    failed = ~np.asarray(
+        pc.fill_null(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("jpg"))), False)
+        .to_numpy(zero_copy_only=False), dtype=bool,
+    )
+    keep = np.asarray(pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False), dtype=bool)
+    outcome = np.where(failed, FAILED, np.where(keep, KEPT, REJECTED)).astype(np.int8)
+    if dedupe:
+        pairs = pc.binary_join_element_wise(image_sha256(table).cast(pa.string()), normalised_caption(table.column("caption")), "\x00")
+        for i in np.flatnonzero(outcome == KEPT):
+            digest = hashlib.blake2b(pairs[int(i)].as_py().encode(), digest_size=16).digest()
+            if digest in seen:
+                outcome[i] = DUPLICATE
+            else:
+                seen.add(digest)
+    return outcome
+
+
+def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
+    """Read the dedupe columns of every input once and decide each row's fate and shard."""
+    seen: set[bytes] = set()
+    outcomes = [_outcomes(_read(f, _DEDUPE_READ), seen, cfg.dedupe) for f in files]
+    kept_total = sum(int((o == KEPT).sum()) for o in outcomes)
+    n_shards = max(1, -(-kept_total // cfg.rows_per_shard))
+    shards, before = [], 0
+    for outcome in outcomes:
+        kept = (outcome == KEPT).astype(np.int64)
+        survivors_before = before + np.cumsum(kept) - kept  # kept rows read before this row
+        shards.append(np.minimum(survivors_before // cfg.rows_per_shard, n_shards - 1))
+        before += int(kept.sum())
+    return _Plan(files=files, outcome=outcomes, shard=shards, n_shards=n_shards)
+
+
+def _shard_counts(p: _Plan, j: int) -> dict[str, int]:
+    codes = np.concatenate([o[s == j] for o, s in zip(p.outcome, p.shard)])
+    counts = {
+        "input": len(codes),
+        "kept": int((codes == KEPT).sum()),
+        "rejected": int(((codes == DUPLICATE) | (codes == REJECTED)).sum()),
+        "failed": int((codes == FAILED).sum()),
+        "duplicate": int((codes == DUPLICATE).sum()),
+        "rejected_by_filter": int((codes == REJECTED).sum()),
+    }
+    check_accounting(counts, f"assemble shard {j}")
+    return counts
+
+
+def _dataset_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """The chosen rows as `dataset` rows with their sha256 filled in."""
+    part = table.take(pa.array(rows, pa.int64()))
+    part = part.set_column(part.schema.get_field_index("sha256"), "sha256", image_sha256(part))
+    return conform(part, "dataset")
+
+
+def _write_shard(p: _Plan, j: int, folder: Path, fingerprint: str, digest: str, cache: dict[Path, pa.Table]) -> int:
+    """Gather output shard j's rows from the inputs (one input file held at a time)."""
+    parts = []
+    for path, outcome, shard in zip(p.files, p.outcome, p.shard):
+        rows = np.flatnonzero((shard == j) & (outcome == KEPT))
+        if len(rows) == 0:
+            continue
+        if path not in cache:
+            cache.clear()
+            cache[path] = _read(path)
+        parts.append(_dataset_rows(cache[path], rows))
+    table = pa.concat_tables(parts) if parts else conform(_read(p.files[0]).slice(0, 0), "dataset")
+    dst = folder / shard_name(j)
+    write_shard(table, dst, kind="dataset")
+    counts = _shard_counts(p, j)
+    record = CompletionRecord(
+        shard=dst.name, kind="dataset", counts=counts, input_fingerprint=fingerprint, settings_hash=digest,
+        extra={"shards": p.n_shards, "inputs": [str(f) for f in p.files]},
+    )
+    write_completion(dst, record)
+    return table.num_rows
+
+
+def _complete(folder: Path, fingerprint: str, digest: str) -> int | None:
+    """The shard count when every output shard is complete, else None."""
+    first = folder / shard_name(0)
+    record = read_completion(first) if first.is_file() else None
+    if record is None:
+        return None
+    total = int(record.extra.get("shards", 0))
+    ok = all(is_complete(folder / shard_name(j), fingerprint, digest) for j in range(total))
+    return total if ok else None
+
+
+def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> StageStats:
+    """Assemble D' from `inputs` (files, folders or globs, in priority order) into
+    ``out_dir/<hash>/``; a rerun skips shards already complete."""
+    files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
+    fingerprint = combine_fingerprints([file_fingerprint(f) for f in files])
+    settings: dict[str, Any] = {"stage": "assemble", **semantic_settings(cfg), "inputs": fingerprint}
+    folder, digest = stage_dir(out_dir, settings)
+    stats = StageStats(stage="assemble", output=folder, settings_hash=digest)
+    total = _complete(folder, fingerprint, digest)
+    if total is not None:
+        for j in range(total):
+            record = read_completion(folder / shard_name(j))
+            stats.shards.append(ShardStats(shard=shard_name(j), source="", counts=dict(record.counts), skipped=True))
+        return stats
+    p = plan(files, cfg)
+    cache: dict[Path, pa.Table] = {}
+    with progress_bar(p.n_shards, "assemble", cfg.execution.progress) as bar:
+        for j in range(p.n_shards):
+            dst = folder / shard_name(j)
+            skipped = is_complete(dst, fingerprint, digest)
+            with Timer() as timer:
+                if not skipped:
+                    _write_shard(p, j, folder, fingerprint, digest, cache)
+            stats.shards.append(
+                ShardStats(shard=dst.name, source="", counts=_shard_counts(p, j), skipped=skipped, seconds=timer.seconds)
+            )
+            bar.update(1)
+    return stats
+
+
+assemble_task = as_prefect_task(run_assemble, name="capfilt-assemble", retries=1)
