@@ -1,0 +1,146 @@
+"""Prefect result caching that agrees with the run folder's completion records.
+
+Every step task gets a `StepJob`: its name, the files and folders it reads, and the
+semantic settings that shape its output. Its cache key is
+``<step id>-<hash of input fingerprints>`` where the step id hashes name + settings:
+no flow-run id, so a new run, a `prefect flow-run retry` or a rerun of the same
+config on the same folder finds the results of the steps that finished. Results are
+persisted as JSON under ``RUN/.prefect/results`` (next to the data they describe).
+
+The run folder stays the source of truth: after a step finishes it records the
+outputs it wrote (``RUN/.prefect/outputs/<step id>.json``); before a cached result is
+used, `step_cache_key` checks those outputs are still complete (shard + valid
+completion record, or a saved model) and drops the cached result when they are not,
+so a deleted or damaged output is recomputed instead of trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from data.shards import file_fingerprint, read_completion, settings_hash
+
+# Bump when a step's meaning changes in a way its settings do not show.
+CACHE_VERSION = 1
+PREFECT_DIR = ".prefect"
+_FINGERPRINT_PATTERNS = ("*.parquet", "*.safetensors", "*.json", "*.txt", "*.png")
+
+
+class StepJob(BaseModel):
+    """One unit of work for a step task: what it reads, how, and where it writes."""
+
+    step: str  # e.g. "caption" or "pretrain"
+    index: int | None = None  # shard index for shard stages
+    run_dir: str
+    inputs: list[str] = Field(default_factory=list)  # files / folders whose bytes it reads
+    settings: dict[str, Any] = Field(default_factory=dict)  # semantic settings (JSON-able)
+    params: dict[str, Any] = Field(default_factory=dict)  # paths and execution settings
+
+    @property
+    def label(self) -> str:
+        """`caption-00003` or `pretrain`: the task-run name."""
+        return self.step if self.index is None else f"{self.step}-{self.index:05d}"
+
+    @property
+    def step_id(self) -> str:
+        """Step identity without inputs: label + settings hash."""
+        return f"{self.label}-{settings_hash({'settings': self.settings, 'v': CACHE_VERSION})}"
+
+
+def results_dir(run_dir: str | Path) -> Path:
+    """Where Prefect's persisted results for this run live."""
+    return Path(run_dir) / PREFECT_DIR / "results"
+
+
+def result_storage(run_dir: str | Path) -> Path:
+    """The result storage for a run's tasks: a local folder (Prefect makes it a
+    LocalFileSystem block; a Path needs no block saved on the server)."""
+    folder = results_dir(run_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _outputs_file(job: StepJob) -> Path:
+    return Path(job.run_dir) / PREFECT_DIR / "outputs" / f"{job.step_id}.json"
+
+
+def fingerprint_path(path: str | Path) -> str:
+    """The identity of an input: a file's fingerprint; a folder's top-level data files'.
+
+    Folders are fingerprinted by their Parquet, weights and JSON files (not recursing,
+    so checkpoint sub-folders do not count); temporary files are ignored.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    if path.is_dir():
+        files = sorted({p for pattern in _FINGERPRINT_PATTERNS for p in path.glob(pattern) if p.is_file()})
+        return settings_hash({p.name: file_fingerprint(p) for p in files})
+    return "missing"
+
+
+def job_cache_key(job: StepJob) -> str:
+    """``<step id>-<inputs hash>``: stable across flow runs, changes with inputs or settings."""
+    inputs = {str(Path(p)): fingerprint_path(p) for p in job.inputs}
+    return f"{job.step_id}-{settings_hash(inputs)}"
+
+
+def output_complete(path: str | Path) -> bool:
+    """A shard (``part-*.parquet``) with a completion record whose byte count matches, a
+    saved model folder (config.json + weights), or any other existing file."""
+    path = Path(path)
+    if path.suffix == ".parquet" and path.name.startswith("part-"):
+        try:
+            record = read_completion(path)
+        except ValueError:
+            return False
+        if record is None or not path.is_file():
+            return False
+        return record.output_bytes is None or record.output_bytes == path.stat().st_size
+    if path.is_dir():
+        return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return path.is_file()
+
+
+def record_outputs(job: StepJob, outputs: list[str]) -> None:
+    """After a step succeeded: note its outputs, so later cache hits can be checked."""
+    target = _outputs_file(job)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"outputs": outputs}, indent=1))
+    os.replace(tmp, target)
+
+
+def outputs_still_complete(job: StepJob) -> bool:
+    """True when the step's recorded outputs all exist and are complete."""
+    target = _outputs_file(job)
+    try:
+        outputs = json.loads(target.read_text())["outputs"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(output_complete(p) for p in outputs)
+
+
+def step_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect `cache_key_fn`: the job's key; drops a cached result whose outputs are gone."""
+    job: StepJob = parameters["job"]
+    key = job_cache_key(job)
+    if not outputs_still_complete(job):
+        (results_dir(job.run_dir) / key).unlink(missing_ok=True)
+    return key
+
+
+__all__ = [
+    "StepJob",
+    "job_cache_key",
+    "output_complete",
+    "record_outputs",
+    "result_storage",
+    "results_dir",
+    "step_cache_key",
+]

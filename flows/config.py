@@ -1,0 +1,315 @@
+"""One typed run configuration for the bootstrap flow, with presets and YAML loading.
+
+`RunConfig` is the flow's only parameter, so Prefect validates it (and shows it in the
+UI); the CLI and YAML files build the same model. Sub-models hold one component each.
+A config may name a `preset` ("demo", "demo-quick", "gpu"): the preset fills in every
+field the config does not set, so a YAML file or a deployment lists only what differs.
+
+Semantic settings (what changes a stage's output) and execution settings (batch sizes,
+workers, device) live side by side; the stages decide which of them enter their
+settings hash, so changing a batch size never invalidates finished shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The bootstrap's stages in order; `stop_after` names one of them.
+Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble", "final", "evaluate"]
+STAGES: tuple[str, ...] = get_args(Stage)
+PresetName = Literal["demo", "demo-quick", "gpu"]
+
+
+class ConfigError(ValueError):
+    """A run config that does not validate; the message names each bad field and the fix."""
+
+
+class _Model(BaseModel):
+    """Strict base: unknown fields are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorldConfig(_Model):
+    """The synthetic world of coloured shapes (`capfilt synth`) the demo runs on."""
+
+    seed: int = 0
+    n_human: int = Field(1000, ge=1, description="human-annotated pairs")
+    n_web: int = Field(4000, ge=1, description="web pairs (with noise)")
+    n_test: int = Field(500, ge=1, description="held-out test images")
+    shard_rows: int = Field(1000, ge=1, description="rows per web shard")
+
+
+class DataConfig(_Model):
+    """Where the pairs come from. Either a synthetic `world`, or paths."""
+
+    world: WorldConfig | None = Field(None, description="generate the synthetic world into RUN/world")
+    human: list[str] = Field(default_factory=list, description="human pair shards / folders")
+    web: list[str] = Field(default_factory=list, description="web pair shards or img2dataset output folders")
+    web_urls: str | None = Field(None, description="URL list (csv/tsv/jsonl/parquet) to fetch with img2dataset")
+    test: list[str] = Field(default_factory=list, description="held-out test pair shards / folders")
+    truth: str | None = Field(None, description="synthetic-world truth folder (evaluation only)")
+    serve_local: bool = Field(True, description="serve the world's web images on 127.0.0.1 for img2dataset")
+    ingest_processes: int = Field(1, ge=1)
+    ingest_threads: int = Field(4, ge=1)
+
+
+class ModelConfig(_Model):
+    """The MED size and any released checkpoints to start from instead of training."""
+
+    preset: Literal["tiny", "base", "large"] = "tiny"
+    pretrained: str | None = Field(None, description="start from this checkpoint (ours or HF BLIP); skips pretrain")
+    filter: str | None = Field(None, description="use this filter checkpoint; skips the filter finetune")
+    captioner: str | None = Field(None, description="use this captioner checkpoint; skips the captioner finetune")
+
+
+class TrainStageConfig(_Model):
+    """One training stage (pretrain, a finetune, or the final re-pretrain)."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    image_size: int | None = Field(None, ge=8, description="None: the preset's image size")
+    checkpoint_every: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(_Model):
+    """The four training stages and how they are launched."""
+
+    pretrain: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    finetune_filter: TrainStageConfig = Field(default_factory=lambda: TrainStageConfig(steps=200))
+    finetune_captioner: TrainStageConfig = Field(default_factory=lambda: TrainStageConfig(steps=200))
+    final: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    nproc_per_node: int = Field(1, ge=1, description=">1 launches torchrun with this many processes")
+
+
+class CaptionConfig(_Model):
+    """Synthetic caption generation (BLIP: nucleus sampling, top_p 0.9, one per image)."""
+
+    strategy: Literal["nucleus", "beam", "greedy"] = "nucleus"
+    num_captions: int = Field(1, ge=1)
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    num_beams: int = Field(3, ge=1)
+    max_length: int = Field(20, ge=2)
+    min_length: int = Field(5, ge=0)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+
+
+class FilterConfig(_Model):
+    """Re-filtering: keep a pair when its ITM match probability >= threshold."""
+
+    threshold: float = Field(0.5, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, description="also keep the top-k synthetic captions per image")
+    batch_size: int = Field(64, ge=1)
+
+
+class AssembleConfig(_Model):
+    """D' = human + kept web + kept synthetic, deduplicated and resharded."""
+
+    shard_rows: int = Field(10_000, ge=1)
+    dedupe: bool = True
+
+
+class EvaluateConfig(_Model):
+    """Evaluation of the final model on the test set and the run report."""
+
+    itm_top_k: int = Field(16, ge=1, description="re-rank the ITC top k by ITM (BLIP: 256 on COCO)")
+    batch_size: int = Field(64, ge=1)
+    report: bool = True
+
+
+class StagesConfig(_Model):
+    """Which part of the bootstrap to run."""
+
+    stop_after: Stage = Field("evaluate", description="the last stage to run")
+
+
+class RunnerConfig(_Model):
+    """Where shard tasks run: threads (default) or Dask; how GPU stages share a GPU."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1, description="threads: concurrent shard tasks")
+    dask_address: str | None = Field(None, description="dask: scheduler address; None starts a LocalCluster")
+    dask_workers: int = Field(2, ge=1, description="dask LocalCluster: worker processes")
+    dask_threads_per_worker: int = Field(1, ge=1)
+    gpus_per_task: int = Field(0, ge=0, description="dask: GPU resources each GPU task claims")
+    gpu_concurrency: str | None = Field(
+        None, description="name of a Prefect global concurrency limit GPU stages occupy"
+    )
+
+
+class RunConfig(_Model):
+    """Everything one bootstrap run needs; the Prefect flow's single parameter."""
+
+    preset: PresetName | None = Field(None, description="fill unset fields from this preset")
+    run_dir: str = Field("runs/demo", description="the run folder: all outputs and resume state")
+    rounds: int = Field(1, ge=1, le=10, description="bootstrap rounds (the final model seeds the next)")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        """Deep-merge the named preset under the given values (given values win)."""
+        if isinstance(values, dict) and values.get("preset") is not None:
+            name = values["preset"]
+            if name not in PRESETS:
+                return values  # the Literal check reports the allowed names
+            return _deep_merge(PRESETS[name], values)
+        return values
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> RunConfig:
+        """Each stage that will run must have its inputs: data for training, models otherwise."""
+        last = STAGES.index(self.stages.stop_after)
+        has_data = self.data.world is not None or bool(self.data.web or self.data.web_urls)
+        if not has_data:
+            raise ValueError("data: give data.world (synthetic), data.web or data.web_urls")
+        needs_human = (self.model.pretrained is None and last >= STAGES.index("pretrain")) or (
+            last >= STAGES.index("finetune") and (self.model.filter is None or self.model.captioner is None)
+        )
+        if needs_human and self.data.world is None and not self.data.human:
+            raise ValueError(
+                "data.human: training stages need human pairs; give data.human, data.world, "
+                "or model.pretrained + model.filter + model.captioner to skip training"
+            )
+        if last >= STAGES.index("evaluate") and self.data.world is None and not self.data.test:
+            raise ValueError("data.test: evaluation needs a test set; give data.test or stop_after before 'evaluate'")
+        return self
+
+    @property
+    def root(self) -> Path:
+        """The run folder as a Path."""
+        return Path(self.run_dir)
+
+    def runs_stage(self, stage: str) -> bool:
+        """True when `stage` is at or before `stages.stop_after`."""
+        return STAGES.index(stage) <= STAGES.index(self.stages.stop_after)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`, recursing into nested dicts."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _tiny_train(steps: int, finetune_steps: int, batch: int) -> dict[str, Any]:
+    pre = {"steps": steps, "batch_size": batch, "lr": 2e-3, "checkpoint_every": max(1, steps // 3)}
+    fin = {"steps": finetune_steps, "batch_size": batch, "lr": 2e-3, "checkpoint_every": max(1, finetune_steps // 2)}
+    return {"pretrain": pre, "finetune_filter": fin, "finetune_captioner": fin, "final": pre}
+
+
+# Presets as plain dicts (merged under user values, then validated once).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: the whole bootstrap on the synthetic world, tiny MED, CPU.
+    "demo": {
+        "run_dir": "runs/demo",
+        "data": {"world": {"n_human": 1000, "n_web": 4000, "n_test": 500, "shard_rows": 1000}},
+        "model": {"preset": "tiny"},
+        "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
+        "caption": {"batch_size": 256},
+        "filter": {"batch_size": 256},
+    },
+    # The same, small enough for tests: fewer images and steps.
+    "demo-quick": {
+        "run_dir": "runs/demo-quick",
+        "data": {"world": {"n_human": 200, "n_web": 400, "n_test": 100, "shard_rows": 100}},
+        "model": {"preset": "tiny"},
+        "train": _tiny_train(steps=30, finetune_steps=15, batch=32),
+        "caption": {"batch_size": 128},
+        "filter": {"batch_size": 128},
+        "assemble": {"shard_rows": 500},
+    },
+    # A real run: base MED at BLIP's settings, on GPUs, shard stages fanned out over Dask.
+    # Its default data is a large synthetic world; point data.human / data.web / data.test
+    # (or data.web_urls) at real shards to clean a real dataset.
+    "gpu": {
+        "run_dir": "runs/gpu",
+        "device": "cuda",
+        "data": {"world": {"n_human": 20_000, "n_web": 200_000, "n_test": 2_000, "shard_rows": 10_000},
+                 "ingest_processes": 8, "ingest_threads": 32},
+        "model": {"preset": "base"},
+        "train": {
+            "pretrain": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000},
+            "finetune_filter": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384, "checkpoint_every": 2000},
+            "finetune_captioner": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384, "checkpoint_every": 2000},
+            "final": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000},
+            "nproc_per_node": 8,
+        },
+        "caption": {"batch_size": 128, "repetition_penalty": 1.1},
+        "filter": {"batch_size": 256},
+        "evaluate": {"itm_top_k": 256},
+        "runner": {"kind": "dask", "dask_workers": 8, "gpus_per_task": 1, "gpu_concurrency": "capfilt-gpu"},
+    },
+}
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    """One line per bad field: dotted path, what was wrong, and the allowed values."""
+    lines = [f"invalid run config ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if not where:  # a whole-config check: its message starts with the field it is about
+            where, _, message = message.partition(": ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see `capfilt run --help` or flows/config.py)"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(
+    values: dict[str, Any] | None = None, *, source: str = "<dict>", **overrides: Any
+) -> RunConfig:
+    """Validate `values` (plus top-level `overrides`) into a RunConfig.
+
+    Raises ConfigError whose message names every bad field and, for choices, the
+    allowed values (pydantic's Literal messages list them).
+    """
+    merged = _deep_merge(values or {}, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    """The RunConfig of preset `name` ("demo", "demo-quick", "gpu"), with overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"invalid run config: preset: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return load_config({"preset": name}, source=f"preset {name}", **overrides)
+
+
+def load_yaml(path: str | Path, **overrides: Any) -> RunConfig:
+    """Read a YAML run config (it may name a `preset`) and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the run config ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
+    return load_config(raw, source=str(path), **overrides)

@@ -1,0 +1,30 @@
+"""Fault injection for resume tests: `CAPFILT_FAULT=caption:1,pretrain` fails those steps.
+
+Each comma-separated item is `step` (fail that step) or `step:index` (fail only shard
+`index` of a shard stage). The check runs at the start of the Prefect task, before any
+output is written, so it models a crash between finished and unfinished work; the
+fault stays while the variable is set, so removing it (the "fix") is what lets a
+rerun resume.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT_ENV = "CAPFILT_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `maybe_fault` where `CAPFILT_FAULT` asks for a failure."""
+
+
+def maybe_fault(step: str, index: int | None = None) -> None:
+    """Raise InjectedFault when `CAPFILT_FAULT` names `step` (or `step:index`)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, where = item.partition(":")
+        if name != step:
+            continue
+        if not where or (index is not None and where.isdigit() and int(where) == index):
+            suffix = f" shard {index}" if index is not None else ""
+            raise InjectedFault(f"injected fault in {step}{suffix} ({FAULT_ENV}={spec!r}); unset it to resume")

@@ -1,0 +1,273 @@
+"""The bootstrap's Prefect tasks: thin wrappers that call the `tasks/` and `data/` functions.
+
+Each task takes a `StepJob` (what it reads, its semantic settings, its paths) and the
+`RunConfig`, returns a small JSON-able dict (never tables or tensors), and records the
+outputs it wrote so the cache agrees with the run folder (see `flows.caching`). The
+wrapped functions skip work whose completion records match, so running a task again,
+cached or not, is always safe. Shard stages run one task per shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from flows.caching import StepJob, record_outputs, step_cache_key
+from flows.config import RunConfig
+from flows.faults import maybe_fault
+from flows.runners import gpu_slot
+
+_TASK_OPTIONS: dict[str, Any] = {
+    "cache_key_fn": step_cache_key,
+    "persist_result": True,
+    "result_serializer": "json",
+    "task_run_name": "{job.label}",
+}
+
+
+def _execution(config: RunConfig, batch_size: int) -> Any:
+    from tasks.common import ExecutionConfig
+
+    return ExecutionConfig(batch_size=batch_size, num_workers=0, device=config.device, progress=False)
+
+
+def caption_config(config: RunConfig) -> Any:
+    """The caption stage's dataclass config from the run config."""
+    from tasks.caption import CaptionConfig
+
+    c = config.caption
+    return CaptionConfig(
+        strategy=c.strategy, num_captions=c.num_captions, top_p=c.top_p, temperature=c.temperature,
+        num_beams=c.num_beams, repetition_penalty=c.repetition_penalty, max_length=c.max_length,
+        min_length=c.min_length, seed=c.seed, execution=_execution(config, c.batch_size),
+    )
+
+
+def filter_config(config: RunConfig) -> Any:
+    """The filter stage's dataclass config from the run config."""
+    from tasks.filter import FilterConfig
+
+    f = config.filter
+    return FilterConfig(threshold=f.threshold, top_k=f.top_k, execution=_execution(config, f.batch_size))
+
+
+def _log() -> Any:
+    return get_run_logger()
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@task(name="plan", **_TASK_OPTIONS)
+def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Resolve a shard stage's output folder (``STAGE/<settings-hash>``) and digest.
+
+    Loads the stage's model once for its fingerprint and writes the folder's
+    ``stage.json`` once, before shard tasks fan out. Rerun-safe: same settings, same folder.
+    """
+    import torch
+
+    import blip_core
+    from tasks.common import stage_dir
+
+    stage = job.step.removeprefix("plan-")
+    model_dir = job.params["model"]
+    loaded = blip_core.load(Path(model_dir), device="cpu")
+    device = torch.device(config.device)
+    if stage == "caption":
+        from tasks.caption import caption_settings
+
+        settings = caption_settings(loaded.fingerprint, caption_config(config), device)
+    elif stage == "filter":
+        from tasks.filter import _caption_hash, filter_settings
+
+        caption_dir = job.params.get("captions")
+        names = job.params["names"]
+        hashes = [_caption_hash(Path(caption_dir) / n) if caption_dir else None for n in names]
+        settings = filter_settings(loaded.fingerprint, filter_config(config), device, hashes)
+    else:
+        raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
+    folder, digest = stage_dir(Path(job.params["out_dir"]), settings)
+    record_outputs(job, [str(folder / "stage.json")])
+    return {"folder": str(folder), "digest": digest, "fingerprint": loaded.fingerprint}
+
+
+# ----------------------------------------------------------------------------- shard stages
+
+
+def _stats_dict(stats: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(stats)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+@task(name="caption-shard", retries=0, **_TASK_OPTIONS)
+def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Caption one web shard into ``caption/<hash>/part-N.parquet`` (skips a complete one)."""
+    from tasks.caption import caption_shard
+
+    maybe_fault("caption", job.index)
+    p = job.params
+    with gpu_slot(config):
+        stats = caption_shard(Path(p["src"]), Path(p["folder"]), p["model"], caption_config(config), p["digest"], name=p["name"])
+    record_outputs(job, [str(Path(p["folder"]) / p["name"])])
+    return _stats_dict(stats)
+
+
+@task(name="filter-shard", retries=0, **_TASK_OPTIONS)
+def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Filter one web shard + its captions into ``filter/<hash>/{kept,rejected,failed}/part-N``."""
+    from tasks.filter import filter_shard, output_paths
+
+    maybe_fault("filter", job.index)
+    p = job.params
+    captions = Path(p["captions"]) if p.get("captions") else None
+    with gpu_slot(config):
+        stats = filter_shard(
+            Path(p["src"]), captions, Path(p["folder"]), p["model"], filter_config(config), p["digest"], name=p["name"]
+        )
+    record_outputs(job, [str(path) for path in output_paths(Path(p["folder"]), p["name"]).values()])
+    return _stats_dict(stats)
+
+
+# ----------------------------------------------------------------------------- whole-stage steps
+
+
+@task(name="world", **_TASK_OPTIONS)
+def world_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Generate the synthetic world into ``RUN/world`` (deterministic; complete shards kept)."""
+    from data.synth import SynthConfig, generate_world
+
+    maybe_fault("world")
+    w = config.data.world
+    assert w is not None
+    cfg = SynthConfig(
+        seed=w.seed, human_images=w.n_human, web_images=w.n_web, test_images=w.n_test, rows_per_shard=w.shard_rows
+    )
+    out = Path(job.params["out"])
+    start = time.perf_counter()
+    result = generate_world(out, cfg, as_urls=config.data.serve_local)
+    seconds = time.perf_counter() - start
+    _log().info("synthetic world: %s rows in %.1f s", result.rows, seconds)
+    outputs = [str(p) for split in ("human", "web", "test") for p in sorted((out / split).glob("part-*.parquet"))]
+    record_outputs(job, outputs)
+    return {"rows": result.rows, "seconds": seconds, "url_list": str(result.url_list) if result.url_list else None}
+
+
+def link_shards(src_dir: Path, dst_dir: Path, pattern: str = "part-*") -> list[str]:
+    """Hard-link (or copy) the files of `src_dir` matching `pattern` (shards and their
+    completion records by default) into `dst_dir`; returns the linked files.
+
+    Idempotent: an existing identical link is kept; a different file is replaced atomically.
+    """
+    import shutil
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in sorted(src_dir.glob(pattern)):
+        if src.name.endswith(".tmp") or not src.is_file():
+            continue
+        dst = dst_dir / src.name
+        if dst.exists() and os.path.samefile(src, dst):
+            written.append(str(dst))
+            continue
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+        written.append(str(dst))
+    return written
+
+
+@task(name="ingest", **_TASK_OPTIONS)
+def ingest_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Bring one split into ``RUN/ingest/<split>``: link world shards, import pair shards,
+    or fetch a URL list with img2dataset (from a local HTTP server for the world)."""
+    maybe_fault("ingest")
+    split = job.params["split"]
+    dst = Path(job.params["dst"])
+    start = time.perf_counter()
+    mode = job.params["mode"]
+    if mode == "link":
+        outputs: list[str] = []
+        pattern = job.params.get("pattern", "part-*")
+        for src in job.params["sources"]:
+            outputs += [p for p in link_shards(Path(src), dst, pattern) if not p.endswith(".done.json")]
+    elif mode == "urls":
+        from flows.demo import ingest_url_list
+
+        outputs = ingest_url_list(job.params, config)
+    else:
+        raise ValueError(f"ingest: unknown mode {mode!r}")
+    seconds = time.perf_counter() - start
+    _log().info("ingest %s: %d shards in %.1f s", split, len(outputs), seconds)
+    record_outputs(job, outputs)
+    return {"split": split, "shards": outputs, "seconds": seconds}
+
+
+@task(name="train", **_TASK_OPTIONS)
+def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Train one model (pretrain / finetune-filter / finetune-captioner / final) into
+    ``models/<name>``; the trainer resumes from its newest checkpoint on a rerun."""
+    from tasks.train import train_stage
+
+    maybe_fault(job.step)
+    p = job.params
+    start = time.perf_counter()
+    with gpu_slot(config):
+        result = train_stage(**p["kwargs"])
+    seconds = time.perf_counter() - start
+    _log().info("%s: trained into %s in %.1f s", job.step, p["out"], seconds)
+    record_outputs(job, [p["out"]])
+    summary = result if isinstance(result, dict) else (dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {})
+    return {"model": p["out"], "seconds": seconds, "result": _jsonable(summary)}
+
+
+@task(name="assemble", **_TASK_OPTIONS)
+def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Assemble D' = human + kept web + kept synthetic into ``assemble/<hash>/``."""
+    from tasks.assemble import AssembleConfig, run_assemble
+
+    maybe_fault("assemble")
+    p = job.params
+    cfg = AssembleConfig(
+        rows_per_shard=config.assemble.shard_rows, dedupe=config.assemble.dedupe, execution=_execution(config, 256)
+    )
+    inputs = [Path(x) for x in p["human"]] + [Path(x) for x in p["kept"]]  # priority order: human first
+    stats = run_assemble(inputs, Path(p["out_dir"]), cfg)
+    shards = sorted(str(x) for x in Path(stats.output).glob("part-*.parquet"))
+    record_outputs(job, shards)
+    return {**_stats_dict(stats), "shards": shards}
+
+
+@task(name="evaluate", **_TASK_OPTIONS)
+def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Evaluate the final model on the test set into ``eval/metrics.json``."""
+    from tasks.evaluate import EVAL_FILE, EvalConfig, evaluate_run
+
+    maybe_fault("evaluate")
+    p = job.params
+    cfg = EvalConfig(rerank_k=config.evaluate.itm_top_k, batch_size=config.evaluate.batch_size)
+    truth = Path(p["truth"]) if p.get("truth") else None
+    with gpu_slot(config):
+        result = evaluate_run(Path(job.run_dir), truth, cfg=cfg, model_name=p["model_name"])
+    path = Path(job.run_dir) / EVAL_FILE
+    record_outputs(job, [str(path)])
+    return {"metrics": str(path), "retrieval": result.retrieval, "captioning": result.captioning}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,68 @@
+"""RunConfig: presets, YAML, and errors that name the field and the allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import STAGES, ConfigError, RunConfig, load_config, load_yaml, preset
+
+
+def test_presets_validate_and_differ() -> None:
+    quick, demo, gpu = preset("demo-quick"), preset("demo"), preset("gpu")
+    assert quick.data.world is not None and demo.data.world is not None
+    assert quick.data.world.n_web < demo.data.world.n_web
+    assert quick.train.pretrain.steps < demo.train.pretrain.steps
+    assert gpu.device == "cuda" and gpu.runner.kind == "dask" and gpu.model.preset == "base"
+    assert quick.run_dir == "runs/demo-quick" and demo.run_dir == "runs/demo"
+
+
+def test_preset_fills_only_unset_fields() -> None:
+    cfg = load_config({"preset": "demo-quick", "run_dir": "x", "train": {"pretrain": {"steps": 7}}})
+    assert cfg.run_dir == "x"
+    assert cfg.train.pretrain.steps == 7
+    assert cfg.train.pretrain.batch_size == preset("demo-quick").train.pretrain.batch_size
+
+
+def test_bad_choice_names_field_and_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({"preset": "demo", "runner": {"kind": "ray"}, "caption": {"strategy": "topk"}})
+    text = str(err.value)
+    assert "runner.kind" in text and "'threads' or 'dask'" in text
+    assert "caption.strategy" in text and "'nucleus', 'beam' or 'greedy'" in text
+
+
+def test_unknown_field_and_bad_preset_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"filter\.treshold: unknown field"):
+        load_config({"preset": "demo", "filter": {"treshold": 0.4}})
+    with pytest.raises(ConfigError, match=r"preset: Input should be 'demo', 'demo-quick' or 'gpu'"):
+        load_config({"preset": "fast"})
+    with pytest.raises(ConfigError, match=r"stages.stop_after"):
+        load_config({"preset": "demo", "stages": {"stop_after": "deploy"}})
+
+
+def test_missing_inputs_are_explained() -> None:
+    with pytest.raises(ConfigError, match="data.human"):
+        load_config({"data": {"web": ["shards/"]}})
+    # caption + filter only, on someone's img2dataset shards with released checkpoints: fine
+    cfg = load_config({"data": {"web": ["shards/"]}, "model": {"pretrained": "p", "filter": "f", "captioner": "c"},
+                       "stages": {"stop_after": "filter"}})
+    assert cfg.runs_stage("filter") and not cfg.runs_stage("assemble")
+
+
+def test_yaml_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: demo-quick\nrun_dir: runs/x\nfilter:\n  threshold: 0.7\n")
+    cfg = load_yaml(path)
+    assert cfg.filter.threshold == 0.7 and cfg.run_dir == "runs/x"
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg
+    path.write_text("filter: [1, 2\n")
+    with pytest.raises(ConfigError, match="run.yaml"):
+        load_yaml(path)
+
+
+def test_stage_order() -> None:
+    assert STAGES[0] == "ingest" and STAGES[-1] == "evaluate"
+    cfg = load_config({"preset": "demo-quick", "stages": {"stop_after": "assemble"}})
+    assert cfg.runs_stage("assemble") and not cfg.runs_stage("final")
