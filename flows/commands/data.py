@@ -1,9 +1,140 @@
-"""capfilt CLI commands for this area (see docs/ARCHITECTURE.md)."""
+"""capfilt CLI commands for the data area: `capfilt synth` and `capfilt ingest web|human|img2dataset`."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
 import typer
+
+from data.ingest import IngestStats
+from data.ingest_human import HumanIngestConfig, ingest_human
+from data.ingest_web import ImportConfig, WebIngestConfig, import_img2dataset, ingest_web, serve_folder
+from data.synth import DEFAULT_BASE_URL, SynthConfig, generate_world
+from data.synth_world import RenderConfig
+
+ingest_app = typer.Typer(help="Ingest image-text pairs into pairs shards.", no_args_is_help=True)
+
+
+def _echo_stats(stats: IngestStats, out: Path) -> None:
+    typer.echo(json.dumps({"out": str(out), **dataclasses.asdict(stats)}, indent=2))
+
+
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the world into (human/, web/, test/, truth/)."),
+    seed: int = typer.Option(0, help="Random seed; the world is a pure function of its settings."),
+    human: int = typer.Option(1000, help="Human-annotated images (correct captions)."),
+    human_captions: int = typer.Option(1, help="Correct captions per human image."),
+    web: int = typer.Option(4000, help="Web images (noisy captions)."),
+    test: int = typer.Option(500, help="Held-out test images."),
+    test_captions: int = typer.Option(5, help="Correct captions per test image."),
+    rates: str = typer.Option("0.25,0.35,0.20,0.20", help="Web caption kinds: correct,weak,swapped,junk."),
+    image_size: int = typer.Option(32, help="Image side in pixels."),
+    rows_per_shard: int = typer.Option(1000, help="Rows per output shard."),
+    as_urls: bool = typer.Option(False, "--as-urls", help="Also write www/ files and web_urls.parquet."),
+    base_url: str = typer.Option(DEFAULT_BASE_URL, help="Base of the URLs in web_urls.parquet."),
+) -> None:
+    """Generate the synthetic shapes world (deterministic per seed; reruns skip finished shards)."""
+    web_rates = tuple(float(x) for x in rates.split(","))
+    if len(web_rates) != 4:
+        raise typer.BadParameter("--rates needs four numbers: correct,weak,swapped,junk")
+    cfg = SynthConfig(
+        seed=seed,
+        human_images=human,
+        human_captions=human_captions,
+        web_images=web,
+        test_images=test,
+        test_captions=test_captions,
+        web_rates=web_rates,  # type: ignore[arg-type]
+        rows_per_shard=rows_per_shard,
+        render=RenderConfig(image_size=image_size),
+    )
+    result = generate_world(out, cfg, as_urls=as_urls, base_url=base_url)
+    summary = dataclasses.asdict(result)
+    summary["url_list"] = str(result.url_list) if result.url_list else None
+    typer.echo(json.dumps({"out": str(out), **summary}, indent=2))
+
+
+@ingest_app.command("web")
+def ingest_web_command(
+    url_list: Path = typer.Argument(..., help="CSV, TSV, JSONL or Parquet with url and caption columns."),
+    out: Path = typer.Argument(..., help="Folder for the pairs shards (e.g. runs/x/ingest/web)."),
+    url_col: str = typer.Option("url"),
+    caption_col: str = typer.Option("caption"),
+    key_col: str = typer.Option("", help="Key column (default: 'key' if present, else row numbers)."),
+    input_format: str = typer.Option("", help="csv|tsv|jsonl|parquet (default: from the suffix)."),
+    source: str = typer.Option("web", help="human | web | synthetic."),
+    key_prefix: str = typer.Option("web-", help="Prefix of generated keys."),
+    rows_per_shard: int = typer.Option(1000),
+    processes: int = typer.Option(1, help="img2dataset processes."),
+    threads: int = typer.Option(16, help="img2dataset threads per process."),
+    timeout: int = typer.Option(10, help="Seconds per download."),
+    retries: int = typer.Option(0, help="img2dataset retries per URL."),
+    image_size: int = typer.Option(256),
+    resize_mode: str = typer.Option("no", help="img2dataset resize_mode (no keeps the size)."),
+    encode_format: str = typer.Option("jpg", help="jpg | png | webp."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Download only previously failed rows again."),
+    serve: Path = typer.Option(None, help="Serve this folder on 127.0.0.1 while ingesting (local lists)."),
+    port: int = typer.Option(8000, help="Port for --serve (must match the list's URLs)."),
+) -> None:
+    """Download a URL list through img2dataset into pairs shards; every URL is accounted for."""
+    cfg = WebIngestConfig(
+        url_col=url_col,
+        caption_col=caption_col,
+        key_col=key_col or None,
+        input_format=input_format or None,
+        source=source,
+        key_prefix=key_prefix,
+        rows_per_shard=rows_per_shard,
+        processes=processes,
+        threads=threads,
+        timeout_s=timeout,
+        retries=retries,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        encode_format=encode_format,
+    )
+    server = serve_folder(serve, port) if serve is not None else contextlib.nullcontext()
+    with server:
+        stats = ingest_web(url_list, out, cfg, retry_failed=retry_failed)
+    _echo_stats(stats, out)
+
+
+@ingest_app.command("human")
+def ingest_human_command(
+    src: Path = typer.Argument(..., help="COCO captions JSON, BLIP-style JSON list, or Parquet/JSONL/CSV list."),
+    out: Path = typer.Argument(..., help="Folder for the pairs shards (e.g. runs/x/ingest/human)."),
+    images: Path = typer.Option(None, help="Image folder (default: next to SRC)."),
+    image_col: str = typer.Option("image", help="Lists: column with an image path or URL."),
+    caption_col: str = typer.Option("caption"),
+    key_prefix: str = typer.Option("human-"),
+    rows_per_shard: int = typer.Option(1000),
+) -> None:
+    """Ingest human-annotated pairs (missing images become failed rows)."""
+    cfg = HumanIngestConfig(
+        image_col=image_col,
+        caption_col=caption_col,
+        image_root=str(images) if images else None,
+        key_prefix=key_prefix,
+        rows_per_shard=rows_per_shard,
+    )
+    _echo_stats(ingest_human(src, out, cfg), out)
+
+
+@ingest_app.command("img2dataset")
+def ingest_img2dataset_command(
+    folder: Path = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset)."),
+    out: Path = typer.Argument(..., help="Folder for the pairs shards."),
+    source: str = typer.Option("web"),
+    key_prefix: str = typer.Option("web-", help="Prefix added to img2dataset's keys."),
+) -> None:
+    """Import an existing img2dataset output folder as pairs shards."""
+    _echo_stats(import_img2dataset(folder, out, ImportConfig(source=source, key_prefix=key_prefix)), out)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the app."""
+    """Add `capfilt synth` and `capfilt ingest ...` to the app."""
+    app.command("synth")(synth)
+    app.add_typer(ingest_app, name="ingest")
