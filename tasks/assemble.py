@@ -44,10 +44,10 @@ from tasks.common import (
     ShardStats,
     StageStats,
     Timer,
-    as_prefect_task,
     check_accounting,
     combine_fingerprints,
     expand_item,
+    prefect_task,
     progress_bar,
     read_pairs,
     semantic_settings,
@@ -229,4 +229,8 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
     return stats
 
 
-assemble_task = as_prefect_task(run_assemble, name="capfilt-assemble", retries=1)
+def __getattr__(name: str) -> Any:
+    """`assemble_task`: the Prefect task wrapping `run_assemble` (Prefect is imported on first use)."""
+    if name == "assemble_task":
+        return prefect_task(run_assemble, name="capfilt-assemble")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,6 @@ from tasks.common import (
     ShardStats,
     StageStats,
     Timer,
-    as_prefect_task,
     check_accounting,
     derive_seed,
     expand_inputs,
@@ -40,6 +39,7 @@ from tasks.common import (
     inference_context,
     ok_mask,
     plan_outputs,
+    prefect_task,
     progress_bar,
     read_pairs,
     resolve_device,
@@ -223,4 +223,8 @@ def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfi
     return stats
 
 
-caption_task = as_prefect_task(run_caption, name="capfilt-caption", retries=1)
+def __getattr__(name: str) -> Any:
+    """`caption_task`: the Prefect task wrapping `run_caption` (Prefect is imported on first use)."""
+    if name == "caption_task":
+        return prefect_task(run_caption, name="capfilt-caption")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

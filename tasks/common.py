@@ -14,6 +14,7 @@ turns the latter into ``pairs`` rows on read (status other than ``success`` -> f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,9 +46,6 @@ _NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
 _SEED_BYTES = 8
 _SEED_MASK = (1 << 63) - 1
 STAGE_FILE = "stage.json"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 # ----------------------------------------------------------------------------- stats
 
@@ -381,11 +379,15 @@ class Timer:
 # ----------------------------------------------------------------------------- prefect
 
 
-def as_prefect_task(fn: F, **options: Any) -> F:
-    """`prefect.task(fn, **options)`, or `fn` itself where Prefect is not installed
-    (the GPU benchmark machine has none); the stage logic never depends on Prefect."""
+@functools.cache
+def prefect_task(fn: Callable[..., Any], name: str, retries: int = 1) -> Any:
+    """`prefect.task(fn)` made on first use (stage modules expose it through a module
+    `__getattr__`, so importing a stage never imports Prefect), or `fn` itself where
+    Prefect is not installed (the GPU benchmark machine has none)."""
     try:
         from prefect import task
+        from prefect.cache_policies import NO_CACHE
     except ImportError:
         return fn
-    return task(fn, **options)  # type: ignore[return-value]
+    # the stage skips complete shards itself; Prefect's input hashing would only cost time
+    return task(fn, name=name, retries=retries, cache_policy=NO_CACHE)

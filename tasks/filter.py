@@ -38,7 +38,6 @@ from tasks.common import (
     StageStats,
     Timer,
     all_complete,
-    as_prefect_task,
     check_accounting,
     combine_fingerprints,
     expand_inputs,
@@ -47,6 +46,7 @@ from tasks.common import (
     inference_context,
     ok_mask,
     plan_outputs,
+    prefect_task,
     progress_bar,
     read_pairs,
     resolve_device,
@@ -384,4 +384,8 @@ def _caption_hash(path: Path | None) -> str | None:
     return record.settings_hash if record else None
 
 
-filter_task = as_prefect_task(run_filter, name="capfilt-filter", retries=1)
+def __getattr__(name: str) -> Any:
+    """`filter_task`: the Prefect task wrapping `run_filter` (Prefect is imported on first use)."""
+    if name == "filter_task":
+        return prefect_task(run_filter, name="capfilt-filter")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

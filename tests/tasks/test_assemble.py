@@ -86,3 +86,22 @@ def test_rerun_skips_and_changed_inputs_write_elsewhere(tmp_path: Path, inputs) 
 def test_normalised_caption() -> None:
     got = normalised_caption(pa.array(["  A  Dog\tRUNS ", None, "a dog runs"])).to_pylist()
     assert got == ["a dog runs", "", "a dog runs"]
+
+
+def test_cli_takes_several_inputs_after_one_flag(tmp_path: Path, inputs) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from flows.commands.stages import register
+
+    app = typer.Typer()
+    register(app)
+    human, kept = inputs
+    shards = [str(p) for p in list_shards(kept)]
+    args = ["assemble", "--input", str(human), *shards, "--output", str(tmp_path / "cli"), "--rows-per-shard", "4", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["totals"]["kept"] == 8 and summary["shards"] == 2 and summary["stage"] == "assemble"
