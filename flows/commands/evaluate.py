@@ -62,7 +62,37 @@ def report(run: Path = typer.Argument(..., help="Run folder (runs/<run>).")) -> 
     typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
 
 
+def ablation(
+    preset: str = typer.Option("tiny", help="Model preset of every model in the experiment."),
+    out: Path = typer.Option(Path("runs/ablation"), help="Output folder (laid out like a run folder; reruns resume)."),
+    seeds: int = typer.Option(2, help="Seeds of the final pretraining per row (0, 1, ...)."),
+    rows: str = typer.Option(",".join(("no_cf", "filter", "captioner", "cf", "human")), help="Rows to run, comma-separated."),
+    steps: int = typer.Option(None, help="Pretraining steps per model (default: the config's)."),
+    finetune_steps: int = typer.Option(None, help="Filter / captioner finetuning steps."),
+    batch_size: int = typer.Option(None),
+    human_images: int = typer.Option(None),
+    web_images: int = typer.Option(None),
+    test_images: int = typer.Option(None),
+    num_captions: int = typer.Option(None, help="Synthetic captions per web image."),
+    threads: int = typer.Option(None, help="torch threads."),
+) -> None:
+    """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""
+    from tasks.ablation import AblationConfig, run_ablation
+
+    overrides = {k: v for k, v in dict(
+        pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, human_images=human_images,
+        web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads,
+    ).items() if v is not None}
+    if "batch_size" in overrides:
+        overrides.setdefault("queue_size", 4 * overrides["batch_size"])
+    cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(seeds)),
+                         rows=tuple(r.strip() for r in rows.split(",") if r.strip()), **overrides)
+    run_ablation(cfg, log=typer.echo)
+    typer.echo((out / "table.md").read_text())
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
     app.command(name="evaluate")(evaluate)
     app.command(name="report")(report)
+    app.command(name="ablation")(ablation)

@@ -1,0 +1,447 @@
+"""BLIP's Table 1 in miniature: does captioner + filter make the data, and the model, better?
+
+From ONE synthetic world (`data.synth`), run CapFilt once (pretrain on human + raw web,
+finetune a filter and a captioner on the human pairs, caption every web image, filter
+web + synthetic captions), then build five training sets:
+
+- ``no_cf``      human + raw web                       (paper: no captioner, no filter)
+- ``filter``     human + kept web                      (filter only)
+- ``captioner``  human + raw web + all synthetic       (captioner only)
+- ``cf``         human + kept web + kept synthetic     (captioner + filter: D')
+- ``human``      human only                            (control; not in the paper)
+
+and pretrain a fresh MED on each with the same budget (steps x batch), for several
+seeds, and evaluate each on the held-out test set (`tasks.evaluate`). The table puts the
+mean and spread over seeds next to the paper's Table 1.
+
+Everything lands under one output folder laid out like a run folder (so `capfilt report`
+works on it too). Each piece is skipped when its output is complete, so a rerun after a
+crash (or with more seeds) continues where it stopped:
+
+```
+OUT/world/                      the synthetic world (with truth/)
+OUT/ingest/{human,web,test}     links to the world's splits
+OUT/tokenizer/                  WordPiece vocabulary of the training captions
+OUT/models/<row>-s<seed>/       final pretraining runs (no_cf-s<first seed> is also CapFilt's base)
+OUT/models/filter/ models/captioner/
+OUT/caption/<hash>/ OUT/filter/<hash>/   the CapFilt stage outputs
+OUT/datasets/<row>/             each row's training shards + dataset.json (row counts)
+OUT/eval/<row>-s<seed>.json     evaluation of each model; OUT/eval/capfilt.json
+OUT/table.md  OUT/table.json    the result
+```
+
+The synthetic world gives every position and relation a meaning ("on the left"), so
+training here uses no crop and no flip: a flipped image would contradict its caption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from data.shards import list_shards, read_table, shard_name, write_shard
+from data.synth import SynthConfig, generate_world, load_truth
+from tasks.evaluate import (
+    EvalConfig,
+    EvalResult,
+    captioner_correctness,
+    evaluate_to_file,
+    filter_noise_detection,
+    read_scored_rows,
+)
+
+ROWS: tuple[str, ...] = ("no_cf", "filter", "captioner", "cf", "human")
+ROW_LABELS = {
+    "no_cf": "human + raw web (no C, no F)",
+    "filter": "human + filtered web (F)",
+    "captioner": "human + raw web + synthetic (C)",
+    "cf": "human + filtered web + filtered synthetic (C+F)",
+    "human": "human only (control)",
+}
+# BLIP paper, Table 1 (14M images, ViT-B/16): COCO retrieval after finetuning and COCO
+# captioning; see ../shared/BLIP_FACTS.md. The human-only control has no paper row.
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "no_cf": {"TR@1": 78.4, "IR@1": 60.7, "BLEU-4": 38.0, "CIDEr": 127.8},
+    "filter": {"TR@1": 79.1, "IR@1": 61.5, "BLEU-4": 38.1, "CIDEr": 128.2},
+    "captioner": {"TR@1": 79.7, "IR@1": 62.0, "BLEU-4": 38.4, "CIDEr": 128.9},
+    "cf": {"TR@1": 80.6, "IR@1": 63.1, "BLEU-4": 38.6, "CIDEr": 129.7},
+}
+# Columns of the table: (label, where in the EvalResult, key).
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("TR@1", "retrieval", "TR@1"),
+    ("IR@1", "retrieval", "IR@1"),
+    ("TR@5", "retrieval", "TR@5"),
+    ("IR@5", "retrieval", "IR@5"),
+    ("B@4", "captioning", "BLEU-4"),
+    ("CIDEr", "captioning", "CIDEr"),
+    ("exact caps %", "captioning", "scene_exact"),
+)
+DATASET_FILE = "dataset.json"
+_SYNTH_SEED_OFFSET = 0
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The experiment. Defaults: the tiny preset on a 2-core CPU (see docs/BENCHMARKS.md)."""
+
+    out_dir: str = "runs/ablation"
+    preset: str = "tiny"
+    seeds: tuple[int, ...] = (0, 1)  # seeds of the final pretraining runs
+    rows: tuple[str, ...] = ROWS
+    # the world (one for every row and seed)
+    world_seed: int = 0
+    human_images: int = 1000
+    web_images: int = 4000
+    test_images: int = 500
+    test_captions: int = 5
+    web_rates: tuple[float, float, float, float] = (0.25, 0.35, 0.20, 0.20)  # correct, weak, swapped, junk
+    # pretraining (every row, same budget)
+    pretrain_steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    queue_size: int = 512  # momentum features per modality (a multiple of batch_size)
+    # CapFilt: finetune filter and captioner on the human pairs
+    finetune_steps: int = 200
+    finetune_lr: float = 5e-4
+    threshold: float = 0.5
+    caption_strategy: str = "nucleus"
+    top_p: float = 0.9
+    num_captions: int = 1
+    # evaluation
+    rerank_k: int = 16
+    eval_caption_strategy: str = "beam"
+    vocab_size: int = 256
+    threads: int = 2  # torch intra-op threads
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rows) - set(ROWS))
+        if unknown:
+            raise ValueError(f"unknown ablation rows {unknown}; choose from {list(ROWS)}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if self.queue_size % self.batch_size:
+            raise ValueError(f"queue_size {self.queue_size} must be a multiple of batch_size {self.batch_size}")
+
+
+@dataclass
+class AblationResult:
+    """Per row: metric -> values over seeds; plus the CapFilt diagnostics and sizes."""
+
+    config: dict[str, Any]
+    values: dict[str, dict[str, list[float]]]
+    dataset_rows: dict[str, dict[str, int]]
+    capfilt: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _world(cfg: AblationConfig, out: Path) -> Path:
+    world = out / "world"
+    synth = SynthConfig(
+        seed=cfg.world_seed, human_images=cfg.human_images, web_images=cfg.web_images,
+        test_images=cfg.test_images, test_captions=cfg.test_captions, web_rates=cfg.web_rates,
+    )
+    generate_world(world, synth)
+    ingest = out / "ingest"
+    ingest.mkdir(parents=True, exist_ok=True)
+    for split in ("human", "web", "test"):
+        link = ingest / split
+        if not link.exists():
+            link.symlink_to(Path("..") / "world" / split, target_is_directory=True)
+    return world
+
+
+def _captions_of(shards: Sequence[Path]) -> list[str]:
+    out: list[str] = []
+    for p in shards:
+        out += [c for c in read_table(p, "pairs", columns=["caption"])["caption"].to_pylist() if c]
+    return out
+
+
+def _tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
+    from blip_core.tokenizer import Tokenizer, build_tokenizer
+
+    folder = out / "tokenizer"
+    if folder.is_dir() and any(folder.iterdir()):
+        return Tokenizer.from_folder(folder)
+    captions = _captions_of(list_shards(world / "human") + list_shards(world / "web"))
+    tok = build_tokenizer(captions, vocab_size=cfg.vocab_size)
+    tmp = out / "tokenizer.tmp"
+    tok.save(tmp)
+    os.replace(tmp, folder)
+    return tok
+
+
+def _train(
+    cfg: AblationConfig, mode: str, shards: list[Path], out_dir: Path, seed: int,
+    tokenizer: Any = None, init: Path | None = None,
+) -> Path:
+    """Train (or resume, or skip when finished) one model; returns its final folder."""
+    from blip_core.image import ImageTransform
+    from blip_core.train import TrainConfig, train
+    from data.dataset import PairDataset
+
+    final = out_dir / "final"
+    if (final / "config.json").is_file():
+        return final
+    pretrain = mode == "pretrain"
+    tcfg = TrainConfig.for_mode(
+        mode, out_dir=str(out_dir), preset=cfg.preset, init=str(init) if init else None,
+        image_size=0 if init is None else _image_size(init),
+        epochs=10_000, max_steps=cfg.pretrain_steps if pretrain else cfg.finetune_steps,
+        batch_size=cfg.batch_size, lr=cfg.lr if pretrain else cfg.finetune_lr,
+        warmup_steps=cfg.warmup_steps if pretrain else 0, schedule="cosine",
+        queue_size=cfg.queue_size, seed=seed, device="cpu", num_workers=0, progress=False,
+        log_every=10, checkpoint_every=max(cfg.pretrain_steps, cfg.finetune_steps), keep_last=1, resume=True,
+    )
+    size = tcfg.resolved_image_size()
+    # no crop, no flip: positions and relations are what the captions say
+    transform = ImageTransform(size, train=False)
+
+    def factory(rank: int, world_size: int) -> PairDataset:
+        return PairDataset(shards, transform=lambda img, rng: transform(img), seed=seed, rank=rank,
+                           world_size=world_size)
+
+    result = train(tcfg, factory, tokenizer=tokenizer if init is None else None)
+    return Path(result.final_dir)
+
+
+def _image_size(model_dir: Path) -> int:
+    data = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(data["med"]["vision"]["image_size"])
+
+
+def _capfilt(cfg: AblationConfig, out: Path, world: Path, base: Path) -> tuple[Path, Path]:
+    """Finetune filter + captioner from `base`, caption and filter the web set."""
+    from tasks.caption import CaptionConfig, run_caption
+    from tasks.common import ExecutionConfig
+    from tasks.filter import FilterConfig, run_filter
+
+    human = list_shards(world / "human")
+    first = cfg.seeds[0]
+    filt = _train(cfg, "finetune-filter", human, out / "models" / "filter", first, init=base)
+    capt = _train(cfg, "finetune-captioner", human, out / "models" / "captioner", first, init=base)
+    execution = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
+    web = list_shards(world / "web")
+    caption_cfg = CaptionConfig(strategy=cfg.caption_strategy, top_p=cfg.top_p, num_captions=cfg.num_captions,
+                                seed=cfg.world_seed, execution=execution)
+    captions = run_caption(web, out / "caption", capt, caption_cfg)
+    filtered = run_filter(web, out / "filter", filt, FilterConfig(threshold=cfg.threshold, execution=execution),
+                          caption_dir=Path(captions.output))
+    return Path(captions.output), Path(filtered.output)
+
+
+def _select(tables: list[pa.Table], source: str | None = None) -> pa.Table:
+    t = pa.concat_tables([x.select(_PAIR_COLUMNS) for x in tables]) if tables else None
+    if t is None:
+        raise ValueError("no rows to select from")
+    return t if source is None else t.filter(pc.equal(t["source"], source))
+
+
+_PAIR_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]
+
+
+def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, rows: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Write each row's training shards to ``OUT/datasets/<row>/`` (pairs, ok rows only).
+
+    Returns rows per source for every dataset. A dataset whose ``dataset.json`` exists
+    is left as it is (its inputs are fixed for an output folder), so reruns are free.
+    """
+    def read(paths: list[Path], kind: str) -> pa.Table:
+        t = pa.concat_tables([read_table(p, kind, columns=_PAIR_COLUMNS) for p in paths])
+        return t.filter(pc.equal(t["status"], "ok"))
+
+    sizes: dict[str, dict[str, int]] = {}
+    pending = [r for r in rows if not (out / "datasets" / r / DATASET_FILE).is_file()]
+    if pending:
+        human = read(list_shards(world / "human"), "pairs")
+        web = read(list_shards(world / "web"), "pairs")
+        synthetic = read(list_shards(caption_dir), "pairs")
+        kept = read(list_shards(filter_dir / "kept"), "scored")
+        kept_web = kept.filter(pc.equal(kept["source"], "web"))
+        kept_syn = kept.filter(pc.equal(kept["source"], "synthetic"))
+        parts = {
+            "no_cf": [human, web],
+            "filter": [human, kept_web],
+            "captioner": [human, web, synthetic],
+            "cf": [human, kept_web, kept_syn],
+            "human": [human],
+        }
+        for row in pending:
+            _write_dataset(out / "datasets" / row, pa.concat_tables(parts[row]))
+    for row in rows:
+        sizes[row] = json.loads((out / "datasets" / row / DATASET_FILE).read_text())
+    return sizes
+
+
+def _write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        write_shard(table.slice(start, rows_per_shard), folder / shard_name(i), "pairs")
+    counts = {s: int(n) for s, n in zip(*np.unique(table["source"].to_pylist(), return_counts=True))}
+    counts["total"] = table.num_rows
+    tmp = folder / (DATASET_FILE + ".tmp")
+    tmp.write_text(json.dumps(counts, sort_keys=True))
+    os.replace(tmp, folder / DATASET_FILE)  # written last: marks the dataset complete
+
+
+def _eval(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> EvalResult:
+    ecfg = EvalConfig(rerank_k=cfg.rerank_k, caption_strategy=cfg.eval_caption_strategy, device="cpu")
+    return evaluate_to_file(model, list_shards(world / "test"), out_file, world, cfg=ecfg)
+
+
+def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, Any]:
+    truth = load_truth(world)
+    scored = read_scored_rows(filter_dir)
+    diag = {
+        "filter": filter_noise_detection(scored, truth),
+        "captioner": captioner_correctness(scored.filter(pc.equal(scored["source"], "synthetic")), truth),
+    }
+    path = out / "eval" / "capfilt.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(diag, indent=2, allow_nan=True))
+    return diag
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
+    """Run (or resume) the whole experiment; writes ``table.md`` / ``table.json`` in the out folder."""
+    say = log or (lambda msg: None)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    world = _world(cfg, out)
+    tokenizer = _tokenizer(cfg, world, out)
+    seconds["world"] = time.perf_counter() - t0
+    rows = list(cfg.rows)
+    # CapFilt's base model is the first no-C/F run: same data, same budget, same seed.
+    base_name = f"no_cf-s{cfg.seeds[0]}"
+    t = time.perf_counter()
+    base = _train(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"),
+                  out / "models" / base_name, cfg.seeds[0], tokenizer=tokenizer)
+    seconds["base pretrain"] = time.perf_counter() - t
+    say(f"base model {base} ({seconds['base pretrain']:.0f} s)")
+    t = time.perf_counter()
+    caption_dir, filter_dir = _capfilt(cfg, out, world, base)
+    seconds["capfilt (finetune x2, caption, filter)"] = time.perf_counter() - t
+    capfilt = _capfilt_diagnostics(world, filter_dir, out)
+    say(f"capfilt: filter ROC-AUC {capfilt['filter']['roc_auc']:.3f}, captioner exact {capfilt['captioner']['exact']:.3f}")
+    sizes = build_datasets(out, world, caption_dir, filter_dir, rows)
+    values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
+    for seed in cfg.seeds:
+        for row in rows:
+            t = time.perf_counter()
+            model = _train(cfg, "pretrain", list_shards(out / "datasets" / row), out / "models" / f"{row}-s{seed}",
+                           seed, tokenizer=tokenizer)
+            res = _eval(cfg, model, world, out / "eval" / f"{row}-s{seed}.json")
+            seconds[f"{row}-s{seed}"] = time.perf_counter() - t
+            for label, section, key in METRICS:
+                values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
+            say(f"{row} seed {seed}: TR@1 {res.retrieval['TR@1']:.1f} IR@1 {res.retrieval['IR@1']:.1f} "
+                f"({seconds[f'{row}-s{seed}']:.0f} s)")
+    seconds["total"] = time.perf_counter() - t0
+    result = AblationResult(config=dataclasses.asdict(cfg), values=values, dataset_rows=sizes, capfilt=capfilt,
+                            seconds=seconds)
+    _write_atomic(out / "table.json", result.to_json())
+    _write_atomic(out / "table.md", format_table(result))
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; NaNs ignored)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def beats(a: Sequence[float], b: Sequence[float]) -> bool:
+    """True when mean(a) exceeds mean(b) by more than the sum of both seed spreads."""
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    return ma - mb > sa + sb
+
+
+def format_table(result: AblationResult) -> str:
+    """The miniature Table 1 in Markdown: mean ± std over seeds, the paper's numbers beside."""
+    labels = [m[0] for m in METRICS]
+    n_seeds = len(result.config["seeds"])
+    lines = [
+        f"Mean ± standard deviation over {n_seeds} seed(s) of the final pretraining "
+        f"(retrieval R@k in %, scene hits; B@4 / CIDEr x100; 'exact caps' = generated test captions that "
+        f"describe their scene exactly).",
+        "",
+        "| training data | rows (human/web/synthetic) | " + " | ".join(labels) + " | paper TR@1 / IR@1 | paper B@4 / CIDEr |",
+        "|---|---|" + "---|" * len(labels) + "---|---|",
+    ]
+    for row, metrics in result.values.items():
+        size = result.dataset_rows.get(row, {})
+        sizes = "/".join(str(size.get(s, 0)) for s in ("human", "web", "synthetic"))
+        cells = []
+        for label in labels:
+            m, s = mean_spread(metrics[label])
+            cells.append("n/a" if math.isnan(m) else f"{m:.1f} ± {s:.1f}")
+        paper = PAPER_TABLE1.get(row)
+        p_ret = f"{paper['TR@1']} / {paper['IR@1']}" if paper else "-"
+        p_cap = f"{paper['BLEU-4']} / {paper['CIDEr']}" if paper else "-"
+        lines.append(f"| {ROW_LABELS[row]} | {sizes} | " + " | ".join(cells) + f" | {p_ret} | {p_cap} |")
+    lines += ["", _diagnostics(result), "", _verdicts(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _diagnostics(result: AblationResult) -> str:
+    f, c = result.capfilt.get("filter", {}), result.capfilt.get("captioner", {})
+    def pct(x: Any) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+    return (
+        f"CapFilt (one run, seed {result.config['seeds'][0]}): filter ROC-AUC on web noise "
+        f"{f.get('roc_auc', float('nan')):.3f}, kept web precision {pct(f.get('precision'))}, recall of clean web "
+        f"{pct(f.get('recall'))}, noise rejected {pct(f.get('noise_rejected'))}; keep rate by web kind: "
+        + ", ".join(f"{k.removeprefix('keep_rate_')} {pct(v)}" for k, v in f.items() if k.startswith("keep_rate_"))
+        + f". Captioner: {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "
+        f"{pct(c.get('exact_among_kept'))} of the kept ones exact."
+    )
+
+
+def _verdicts(result: AblationResult) -> str:
+    v = result.values
+    lines = ["Checks (\"beats\" = mean difference larger than the sum of both seed spreads):"]
+    for other in ("no_cf", "human", "filter", "captioner"):
+        if "cf" in v and other in v:
+            for metric in ("TR@1", "IR@1"):
+                ok = beats(v["cf"][metric], v[other][metric])
+                diff = mean_spread(v["cf"][metric])[0] - mean_spread(v[other][metric])[0]
+                lines.append(f"- C+F vs {other} on {metric}: {diff:+.1f} -> {'beats' if ok else 'does not beat'}")
+    auc = result.capfilt.get("filter", {}).get("roc_auc", float("nan"))
+    lines.append(f"- filter ROC-AUC {auc:.3f} -> {'>= 0.9' if auc >= 0.9 else 'below 0.9'}")
+    return "\n".join(lines)
