@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from prefect import task
 
 from data.images import decode_image
 from data.shards import file_fingerprint, list_shards, read_table, settings_hash
@@ -504,11 +503,19 @@ def evaluate_run(
     return out_file
 
 
-@task(name="evaluate", retries=1)
-def evaluate_task(run_dir: str, truth_dir: str | None = None, model_name: str = "final") -> str:
-    """Prefect task: `evaluate_run_folder` with default settings; returns the JSON's path."""
+def evaluate_folder_to_path(run_dir: str, truth_dir: str | None = None, model_name: str = "final") -> str:
+    """`evaluate_run_folder` with default settings; returns the JSON's path (the Prefect task's body)."""
     evaluate_run_folder(Path(run_dir), Path(truth_dir) if truth_dir else None, model_name=model_name)
     return str(Path(run_dir) / EVAL_FILE)
+
+
+def __getattr__(name: str) -> Any:
+    """`evaluate_task`: the Prefect task wrapping `evaluate_folder_to_path` (Prefect imported on first use)."""
+    if name == "evaluate_task":
+        from tasks.common import prefect_task
+
+        return prefect_task(evaluate_folder_to_path, name="capfilt-evaluate")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def summary_rows(result: EvalResult) -> list[tuple[str, float]]:
@@ -531,7 +538,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_run",
     "evaluate_run_folder",
-    "evaluate_task",
+    "evaluate_folder_to_path",
     "evaluate_to_file",
     "filter_noise_detection",
     "read_test_set",

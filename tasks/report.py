@@ -28,9 +28,6 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
 from data.images import decode_image  # noqa: E402
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table  # noqa: E402
 
@@ -585,6 +582,8 @@ def publish_report(run_dir: str) -> str:
 
     Call it inside a flow or task run (Prefect attaches the artifact to that run).
     """
+    from prefect.artifacts import create_markdown_artifact
+
     path = write_report(Path(run_dir))
     create_markdown_artifact(
         key="capfilt-report", markdown=artifact_markdown(Path(run_dir)), description=f"capfilt run report {run_dir}"
@@ -592,5 +591,10 @@ def publish_report(run_dir: str) -> str:
     return str(path)
 
 
-report_task = task(name="report", retries=1)(publish_report)
-"""The Prefect task: `report_task(run_dir)` inside a flow."""
+def __getattr__(name: str) -> Any:
+    """`report_task`: the Prefect task wrapping `publish_report` (Prefect imported on first use)."""
+    if name == "report_task":
+        from tasks.common import prefect_task
+
+        return prefect_task(publish_report, name="capfilt-report")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
