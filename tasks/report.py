@@ -43,6 +43,7 @@ TIME_KEYS = ("seconds", "wall_s", "elapsed_s", "duration_s", "time_s")
 FILTER_PARTS = ("kept", "rejected", "failed")
 DEFAULT_THRESHOLD = 0.5
 LOSS_PARTS = ("itc", "itm", "lm")
+MAIN_COUNTS = ("input", "kept", "rejected", "failed")  # the accounting table's own columns
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ReportConfig:
     dpi: int = 110
     max_caption_chars: int = 60  # captions longer than this are cut in the grid
     max_loss_series: int = 6  # loss curves per training run
+    loss_columns: int = 4  # training runs per row of the loss figure
 
 
 # --------------------------------------------------------------------------- blocks
@@ -299,10 +301,13 @@ def _accounting_section(run_dir: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Stage by stage accounting")]
     if not accounts:
         return blocks + [Text("No completion records yet.")]
-    keys = sorted({k for a in accounts for k in a.counts}, key=lambda k: (k != "input", k))
-    rows = [[a.stage, a.shards] + [a.counts.get(k, "") for k in keys] for a in accounts]
-    blocks.append(Text("Rows by outcome, summed over each stage's completion records."))
-    blocks.append(Table(["stage", "shards"] + keys, rows))
+    rows = []
+    for a in accounts:
+        main = [a.counts.get(k, "") for k in MAIN_COUNTS]
+        details = ", ".join(f"{k} {v}" for k, v in sorted(a.counts.items()) if k not in MAIN_COUNTS)
+        rows.append([a.stage, a.shards, *main, details])
+    blocks.append(Text("Rows by outcome, summed over each stage's completion records (kept + rejected + failed = input)."))
+    blocks.append(Table(["stage", "shards", *MAIN_COUNTS, "details"], rows))
     flow_times = read_stage_times(run_dir)
     trows = []
     for a in accounts:
@@ -334,8 +339,8 @@ def _reject_reasons(scored: pa.Table | None) -> list[Block]:
 
 
 def _is_loss_key(name: str) -> bool:
-    """Loss series in a metrics line: ``loss``, ``loss_itc``, ``itc``, ``itm_loss`` ..."""
-    return "loss" in name or name.split("_")[0] in LOSS_PARTS
+    """Loss series in a metrics line: ``loss``, ``loss_itc``, ``itm_loss``, ``itc``, ``itm``, ``lm``."""
+    return "loss" in name or name in LOSS_PARTS
 
 
 def _loss_section(run_dir: Path, cfg: ReportConfig) -> list[Block]:
@@ -343,14 +348,18 @@ def _loss_section(run_dir: Path, cfg: ReportConfig) -> list[Block]:
     blocks: list[Block] = [Heading("Training")]
     if not runs:
         return blocks + [Text("No training metrics (`models/*/metrics.jsonl`) yet.")]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), squeeze=False)
+    ncols = min(len(runs), cfg.loss_columns)
+    nrows = (len(runs) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
     summary = []
-    for ax, (name, rows) in zip(axes[0], runs.items(), strict=True):
+    for ax, (name, rows) in zip(axes.flat, runs.items()):
         keys = [k for k in rows[0] if _is_loss_key(k) and isinstance(rows[0][k], (int, float))]
         keys = sorted(keys, key=lambda k: (k != "loss", k))[: cfg.max_loss_series]
         steps = [r.get("step", i) for i, r in enumerate(rows)]
         for k in keys:
-            ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k)
+            ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k, marker="." if len(rows) < 20 else None)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -359,6 +368,7 @@ def _loss_section(run_dir: Path, cfg: ReportConfig) -> list[Block]:
         first, last = rows[0], rows[-1]
         main = keys[0] if keys else None
         summary.append([name, steps[-1], first.get(main, ""), last.get(main, ""), main or ""])
+    fig.tight_layout()
     blocks.append(Figure(_save_figure(fig, run_dir, "report-loss.png", cfg.dpi), "training loss curves"))
     blocks.append(Table(["model", "last step", "first loss", "last loss", "series"], summary))
     return blocks

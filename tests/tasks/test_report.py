@@ -121,7 +121,8 @@ def test_write_report_has_every_section_and_plots(run_dir: Path) -> None:
     for section in ("Stage by stage accounting", "Time and throughput", "Training", "Filter",
                     "Rejected by reason", "Keep rate per shard", "Caption lengths", "Examples", "Evaluation"):
         assert f"## {section}" in md or f"### {section}" in md, section
-    assert "| filter | 2 | 16 |" in md  # shards, input
+    assert "| filter | 2 | 16 | 12 | 4 | 0 |" in md  # shards, input, kept, rejected, failed
+    assert "| caption | 2 | 8 |  |  | 0 | generated 8 |" in md
     assert "| web | itm_below_threshold | 4 |" in md
     assert "| TR@1 | 55.5 |" in md
     assert "| caption | 8.000 | 8 | 1.000 |" in md  # 8 rows in 8 s
