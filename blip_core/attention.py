@@ -51,12 +51,27 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        """Attend from `x` (B, T, D) to `keys`/`values` (B, H, S, Dh); `mask` (B|1, 1, T|1, S) bool, True = attend."""
-        q = self._heads(self.query(x))  # (B, H, T, Dh)
+        """Attend from `x` (B, T, D) to `keys`/`values` (B / G, H, S, Dh); `mask` (B|1, 1, T|1, S) bool, True = attend.
+
+        When keys/values have fewer rows than `x` (G text rows per image, image-major),
+        the G rows' queries are stacked and attend to their image's keys together:
+        exact for unmasked cross-attention, and the image's keys are never copied.
+        """
+        b, t, d = x.shape
+        rows, h, dh = keys.shape[0], self.num_heads, self.head_dim
+        q = self.query(x)  # (B, T, D)
+        if rows == b:
+            q = q.view(b, t, h, dh).transpose(1, 2)  # (B, H, T, Dh)
+        else:
+            if mask is not None or is_causal or b % rows:
+                raise ValueError(f"{b} query rows cannot share {rows} key rows under a mask")
+            q = q.view(rows, b // rows, t, h, dh).permute(0, 3, 1, 2, 4).reshape(rows, h, -1, dh)  # (B/G, H, G*T, Dh)
         p = self.dropout if self.training else 0.0
         ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=p, is_causal=is_causal)
-        b, _, t, _ = ctx.shape
-        ctx = ctx.transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
+        if rows == b:
+            ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        else:
+            ctx = ctx.view(rows, h, b // rows, t, dh).permute(0, 2, 3, 1, 4).reshape(b, t, d)
         out = F.dropout(self.dense(ctx), p, self.training)
         return self.norm(out + x)
 

@@ -52,10 +52,8 @@ class _CachedDecoder:
     def __init__(self, model: MED, image_embeds: Tensor, rows_per_image: int, max_length: int):
         dec, t = model.text_decoder, model.config.text
         self.model = model
-        self.image_kv = [
-            (k.repeat_interleave(rows_per_image, 0), v.repeat_interleave(rows_per_image, 0))
-            for k, v in dec.image_kv(image_embeds)  # projected once per image
-        ]
+        # projected once per image; each image's rows (beams / captions) share them
+        self.image_kv = dec.image_kv(image_embeds)
         rows = image_embeds.shape[0] * rows_per_image
         head_dim = t.hidden_size // t.num_heads
         self.caches = [KVCache.empty(rows, t.num_heads, max_length, head_dim, image_embeds) for _ in dec.layers]

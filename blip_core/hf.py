@@ -167,6 +167,32 @@ def load_hf_weights(model: MED, folder: Path, kind: str) -> None:
         raise ValueError(f"{folder}: weights missing for a {KINDS[kind]}: {missing[:5]}")
 
 
+def to_hf_model(model: MED, kind: str = "retrieval") -> Any:
+    """An in-memory transformers BLIP model (eval mode) holding `model`'s weights for `kind`."""
+    import transformers
+
+    cfg = hf_config(model.config, kind)
+    with torch.device("meta"):
+        hf_model = getattr(transformers, KINDS[kind])(cfg)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    state = {hf: ours[name].detach().to("cpu", torch.float32) for name, hf in key_map(model, kind).items()}
+    if kind == "captioning":  # tied in HF as well: the same tensors under the decoder's names
+        head = "text_decoder.cls.predictions."
+        state[f"{head}decoder.bias"] = state[f"{head}bias"]
+        state[f"{head}decoder.weight"] = state[f"{_TEXT_PREFIX[kind]}embeddings.word_embeddings.weight"]
+    result = hf_model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or any(not k.endswith("position_ids") for k in result.missing_keys):
+        raise RuntimeError(f"HF layout mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    for name, buf in list(hf_model.named_buffers()):  # non-persistent position ids stay on meta
+        if buf.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"HF buffer {name} was not materialised")
+            owner = hf_model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
+    hf_model.tie_weights()
+    return hf_model.eval()
+
+
 def export_hf(model: MED, tokenizer: Any | None, folder: str | Path, kind: str = "retrieval") -> Path:
     """Write `folder` as a transformers `BlipForImageTextRetrieval` or `BlipForConditionalGeneration`.
 
@@ -174,20 +200,8 @@ def export_hf(model: MED, tokenizer: Any | None, folder: str | Path, kind: str =
     image-processor config go alongside, so transformers' own classes load the folder.
     Rewriting the same folder is safe (files are replaced).
     """
-    import transformers
-
     folder = Path(folder)
-    cfg = hf_config(model.config, kind)
-    hf_model = getattr(transformers, KINDS[kind])(cfg)
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    state = {hf: ours[name].detach().to("cpu", torch.float32) for name, hf in key_map(model, kind).items()}
-    if kind == "captioning":  # the tied decoder bias is one tensor in HF too
-        state["text_decoder.cls.predictions.decoder.bias"] = state["text_decoder.cls.predictions.bias"]
-        state["text_decoder.cls.predictions.decoder.weight"] = state[f"{_TEXT_PREFIX[kind]}embeddings.word_embeddings.weight"]
-    result = hf_model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"HF layout mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
-    hf_model.save_pretrained(str(folder))
+    to_hf_model(model, kind).save_pretrained(str(folder))
     _save_image_processor(model.config.vision.image_size, folder)
     if tokenizer is not None:
         tokenizer.save(folder)

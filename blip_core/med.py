@@ -63,9 +63,9 @@ class MED(nn.Module):
         """(B, 1 + N, Dv) -> L2-normalised ITC features (B, E)."""
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Unimodal text encoder (no cross-attention): (B, T) ids -> (B, T, D)."""
-        return self.text_encoder(input_ids, attention_mask)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, first_only: bool = False) -> Tensor:
+        """Unimodal text encoder (no cross-attention): (B, T) ids -> (B, T, D), or (B, 1, D) with `first_only`."""
+        return self.text_encoder(input_ids, attention_mask, first_only=first_only)
 
     def text_features(self, text_embeds: Tensor) -> Tensor:
         """(B, T, D) -> L2-normalised ITC features (B, E)."""
@@ -83,14 +83,15 @@ class MED(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         image_index: Tensor | None = None,
+        first_only: bool = False,
     ) -> Tensor:
-        """Image-grounded encoder hidden states (B, T, D).
+        """Image-grounded encoder hidden states (B, T, D), or (B, 1, D) with `first_only`.
 
         `image_index` (B,) maps each text row to a row of `image_embeds`, so an image with
         several captions is encoded, and its cross-attention keys/values projected, once.
         """
         kv = _expand(self.text_encoder.image_kv(image_embeds), image_index)
-        return self.text_encoder(input_ids, attention_mask, image_kv=kv)
+        return self.text_encoder(input_ids, attention_mask, image_kv=kv, first_only=first_only)
 
     def itm_logits(
         self,
@@ -100,7 +101,7 @@ class MED(nn.Module):
         image_index: Tensor | None = None,
     ) -> Tensor:
         """ITM logits (B, 2) from the first token; callers pass `[ENC]`-first ids."""
-        hidden = self.grounded_text(image_embeds, input_ids, attention_mask, image_index)
+        hidden = self.grounded_text(image_embeds, input_ids, attention_mask, image_index, first_only=True)
         return self.itm_head(hidden[:, 0])
 
     def decoder_hidden(
@@ -149,7 +150,7 @@ class MED(nn.Module):
         divide by `clamped_temp()` for the training logits.
         """
         img = self.image_features(self.encode_image(pixel_values))
-        txt = self.text_features(self.encode_text(input_ids, attention_mask))
+        txt = self.text_features(self.encode_text(input_ids, attention_mask, first_only=True))
         return img @ txt.t()
 
     @torch.no_grad()
@@ -161,8 +162,17 @@ class MED(nn.Module):
 
 
 def _expand(kv: ImageKV, image_index: Tensor | None) -> ImageKV:
-    """Gather per-image keys/values to text rows (a no-op without `image_index`)."""
+    """Per-image keys/values for the text rows of `image_index`.
+
+    Left per image (shared by consecutive rows, no copy) when rows come image-major in
+    equal groups, i.e. `image_index == arange(B_img).repeat_interleave(G)`; gathered otherwise.
+    """
     if image_index is None:
+        return kv
+    images = kv[0][0].shape[0]
+    groups = image_index.shape[0] // images
+    regular = torch.arange(images, device=image_index.device).repeat_interleave(groups)
+    if groups * images == image_index.shape[0] and torch.equal(image_index, regular):
         return kv
     return [(k.index_select(0, image_index), v.index_select(0, image_index)) for k, v in kv]
 

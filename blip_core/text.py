@@ -83,11 +83,19 @@ class TextLayer(nn.Module):
         is_causal: bool,
         image_kv: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
+        first_only: bool = False,
     ) -> Tensor:
-        """`x` (B, T, D) -> (B, T, D). With `cache`, keys/values of `x` are appended to it first."""
+        """`x` (B, T, D) -> (B, T, D), or (B, 1, D) for the first token only (bidirectional layers).
+
+        With `cache`, keys/values of `x` are appended to it first.
+        """
         k, v = self.self_attn.project_kv(x)
         if cache is not None:
             k, v = cache.append(k, v)
+        if first_only:
+            if is_causal or self.causal:
+                raise ValueError("first_only is for bidirectional layers")
+            x = x[:, :1]  # every token is a key, only the first is a query
         x = self.self_attn(x, k, v, mask=mask, is_causal=is_causal)
         if image_kv is not None:
             x = self.cross_attn(x, *image_kv)
@@ -116,18 +124,23 @@ class TextTransformer(nn.Module):
         attention_mask: Tensor | None = None,
         image_kv: ImageKV | None = None,
         caches: list[KVCache] | None = None,
+        first_only: bool = False,
     ) -> Tensor:
         """`input_ids` (B, T) -> hidden states (B, T, D).
 
-        `image_kv=None` is the unimodal mode (no cross-attention). With `caches` (decoding),
-        `input_ids` are the new tokens only and positions continue after the cached ones.
+        `image_kv=None` is the unimodal mode (no cross-attention). `image_kv` with fewer
+        rows than `input_ids` is shared by consecutive text rows (G per image). With `caches`
+        (decoding), `input_ids` are the new tokens only and positions continue after the
+        cached ones. `first_only` returns (B, 1, D): the last layer computes only the first
+        token, all that ITM and ITC read (exact: nothing else depends on the others there).
         """
         start = caches[0].length if caches else 0
         x = self.embeddings(input_ids, start)
         mask, is_causal = self._mask(attention_mask, input_ids.shape[1], start)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             kv = image_kv[i] if image_kv is not None else None
-            x = layer(x, mask, is_causal, kv, caches[i] if caches else None)
+            x = layer(x, mask, is_causal, kv, caches[i] if caches else None, first_only and i == last)
         return x
 
     def _mask(self, attention_mask: Tensor | None, queries: int, start: int) -> tuple[Tensor | None, bool]:

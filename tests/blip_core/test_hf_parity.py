@@ -86,6 +86,13 @@ def test_itm_and_itc_match(pair):
     hf = pair["hf_r"](input_ids=ids, pixel_values=pair["pixels"], attention_mask=mask)
     ours = pair["ours_r"].itm_probability(pair["pixels"], ids, mask)
     torch.testing.assert_close(ours, hf.itm_score.softmax(-1)[:, 1], atol=1e-5, rtol=0)
+    # two captions per image, each image encoded once
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    two = torch.cat([ids, ids.flip(0)])[torch.tensor([0, 3, 1, 4, 2, 5])]
+    two_mask = torch.cat([mask, mask.flip(0)])[torch.tensor([0, 3, 1, 4, 2, 5])]
+    hf = pair["hf_r"](input_ids=two, pixel_values=pair["pixels"][index], attention_mask=two_mask)
+    ours = pair["ours_r"].itm_probability(pair["pixels"], two, two_mask, image_index=index)
+    torch.testing.assert_close(ours, hf.itm_score.softmax(-1)[:, 1], atol=1e-5, rtol=0)
     ids[:, 0] = CLS
     hf = pair["hf_r"](input_ids=ids, pixel_values=pair["pixels"], attention_mask=mask, use_itm_head=False)
     torch.testing.assert_close(pair["ours_r"].itc_similarity(pair["pixels"], ids, mask), hf.itm_score,

@@ -76,9 +76,19 @@ def test_cached_decoding_matches_full_forward(model):
 def test_image_index_scores_each_image_once(model):
     ids = _ids(model, 4)
     pixels = torch.randn(2, 3, 32, 32)
-    index = torch.tensor([0, 0, 1, 1])
-    expanded = model.itm_probability(pixels[index], ids)
-    torch.testing.assert_close(model.itm_probability(pixels, ids, image_index=index), expanded)
+    for index in (torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 0, 1])):  # shared keys / gathered keys
+        expanded = model.itm_probability(pixels[index], ids)
+        torch.testing.assert_close(model.itm_probability(pixels, ids, image_index=index), expanded)
+
+
+def test_first_only_is_the_first_row_of_the_full_output(model):
+    ids = _ids(model, 3)
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    image = model.encode_image(torch.randn(3, 3, 32, 32))
+    full = model.grounded_text(image, ids, mask)
+    torch.testing.assert_close(model.grounded_text(image, ids, mask, first_only=True), full[:, :1])
+    torch.testing.assert_close(model.encode_text(ids, mask, first_only=True), model.encode_text(ids, mask)[:, :1])
 
 
 def test_other_image_sizes_resize_position_embeddings(model):
