@@ -463,6 +463,7 @@ def _pick_examples(scored: pa.Table, n: int) -> list[str]:
     rejected = [i for i in both if not web_keep.get(i, True)]
     kept = [i for i in both if web_keep.get(i, True)]
     picks = rejected[: n // 2] + kept[: n - min(len(rejected), n // 2)]
+    picks += [i for i in rejected if i not in picks][: n - len(picks)]  # too few kept: more rejected
     return picks[:n]
 
 
