@@ -86,7 +86,9 @@ def itc_loss(
 
 def _draw(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One column per row with probability softmax(sim) over non-positives; (idx, valid) both (B,)."""
-    weights = (F.softmax(_at_least_fp32(sim), dim=1) + HARD_NEGATIVE_EPS).masked_fill(positives, 0.0)  # (B, B)
+    # NaN similarities (a diverged step) must not crash sampling: the loss check reports them.
+    probs = torch.nan_to_num(F.softmax(_at_least_fp32(sim), dim=1), nan=0.0, posinf=0.0, neginf=0.0)
+    weights = (probs + HARD_NEGATIVE_EPS).masked_fill(positives, 0.0)  # (B, B)
     valid = ~positives.all(dim=1)  # rows with at least one negative candidate
     # Rows without a candidate draw from a dummy uniform row; their draw is masked out of the loss.
     weights = torch.where(valid.view(-1, 1), weights, torch.ones_like(weights))
