@@ -85,7 +85,11 @@ class WebIngestConfig:
     retries: int = 0  # img2dataset's per-URL retries
     image_size: int = 256
     resize_mode: str = "no"  # img2dataset resize_mode; "no" keeps the original size
-    encode_format: str = "jpg"
+    # With resize_mode "no": store the downloaded bytes untouched (our decoder checks them,
+    # so an HTML page or a truncated file fails as "undecodable: ..."). False, or any
+    # resize: img2dataset decodes and re-encodes (bad bytes fail as "failed_to_resize").
+    keep_original_bytes: bool = True
+    encode_format: str = "jpg"  # img2dataset's encode format (also the name of its bytes column)
     encode_quality: int | None = None  # None: 95 for jpg/webp, 3 (compression) for png
     skip_reencode: bool = True  # keep original bytes when already in encode_format
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -178,6 +182,7 @@ def img2dataset_args(url_parquet: Path, output: Path, cfg: WebIngestConfig, mode
         "encode_format": cfg.encode_format,
         "encode_quality": quality,
         "skip_reencode": cfg.skip_reencode,
+        "disable_all_reencoding": cfg.keep_original_bytes and cfg.resize_mode == "no",
         "incremental_mode": mode,
         "enable_wandb": False,
         "extract_exif": False,

@@ -31,9 +31,11 @@ from data.shards import list_shards, read_completion, read_table
 from data.synth import SynthConfig, generate_world, load_truth, write_url_list
 
 WORLD = SynthConfig(seed=1, human_images=4, web_images=30, test_images=2, rows_per_shard=16, broken_per_kind=2)
-CFG = WebIngestConfig(rows_per_shard=16, processes=1, threads=4, timeout_s=5, encode_format="png")
+CFG = WebIngestConfig(rows_per_shard=16, processes=1, threads=4, timeout_s=5)
+# img2dataset decodes and re-encodes (PNG in, PNG out) instead of keeping the bytes.
+REENCODE = WebIngestConfig(rows_per_shard=16, processes=2, threads=4, timeout_s=5, encode_format="png", keep_original_bytes=False)
 # What each URL-list row must end as: ok, or failed with this kind.
-EXPECTED_KIND = {"missing": "failed_to_download", "corrupt": "failed_to_resize", "html": "failed_to_resize"}
+EXPECTED_KIND = {"missing": "failed_to_download", "corrupt": "undecodable", "html": "undecodable"}
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -68,9 +70,10 @@ def test_every_url_is_accounted_for(served: dict) -> None:
     assert got == expected
     stats = served["stats"]
     assert stats.input == 36 and stats.ok == 30 and stats.failed == 6
-    assert stats.failures == {"failed_to_download": 2, "failed_to_resize": 4}
+    assert stats.failures == {"failed_to_download": 2, "undecodable": 4}
     assert stats.ok + sum(stats.failures.values()) == stats.input
     assert all("404" in r["error"] for r in rows if expected[r["key"]] == "failed_to_download")
+    assert all("HTML" in r["error"] for r in rows if r["key"].startswith("web-html"))
     records = [read_completion(p) for p in list_shards(served["out"])]
     assert sum(r.counts["input"] for r in records if r) == 36
 
@@ -84,7 +87,7 @@ def test_ingested_rows_keep_bytes_ids_and_captions(served: dict) -> None:
             assert row["jpg"] is None and row["sha256"] is None
             continue
         original = synth[row["key"]]
-        assert row["sha256"] == original["sha256"]  # PNG passed through unchanged
+        assert row["sha256"] == original["sha256"]  # the served bytes, unchanged
         assert (row["image_id"], row["caption"]) == (original["image_id"], original["caption"])
         assert Image.open(io.BytesIO(row["jpg"])).size == (row["width"], row["height"]) == (32, 32)
 
@@ -115,8 +118,9 @@ def test_import_of_img2dataset_parquet_output_matches(served: dict, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_import_of_img2dataset_webdataset_output(served: dict, tmp_path: Path) -> None:
-    args = img2dataset_args(served["out"] / "_img2dataset" / "input.parquet", tmp_path / "wds", CFG, "incremental")
+def test_import_of_img2dataset_webdataset_output_reencoded(served: dict, tmp_path: Path) -> None:
+    """img2dataset decoding itself (2 processes, webdataset tars): bad bytes fail there."""
+    args = img2dataset_args(served["out"] / "_img2dataset" / "input.parquet", tmp_path / "wds", REENCODE, "incremental")
     args["output_format"] = "webdataset"
     run_img2dataset(args, tmp_path / "wds.log")
     assert list((tmp_path / "wds").glob("*.tar"))
@@ -145,7 +149,7 @@ def test_retry_failed_downloads_only_failures_and_merges_without_duplicates(serv
     assert all(status[f"web-missing-{j}"] == "ok" for j in range(2))
     assert all(status[f"web-corrupt-{j}"] == "failed" for j in range(2))
     assert (stats.input, stats.ok, stats.failed) == (36, 32, 4)
-    assert stats.failures == {"failed_to_resize": 4}
+    assert stats.failures == {"undecodable": 4}
     retried_shards = [read_completion(p) for p in list_shards(out)]
     assert any(r and r.extra.get("retries") == 1 for r in retried_shards)
     assert sum(r.counts["input"] for r in retried_shards if r) == 36
@@ -162,7 +166,7 @@ def test_rows_img2dataset_never_wrote_become_failed(tmp_path: Path) -> None:
             KEY_COLUMN: ["a", "b", "c"],
             "status": ["success", "success", "failed_to_download"],
             "error_message": [None, None, "timed out"],
-            "png": [good.getvalue(), b"<html>not an image</html>", None],
+            "jpg": [good.getvalue(), b"<html>not an image</html>", None],  # bytes column: encode_format
         }
     )
     pq.write_table(raw, tmp_path / "00000.parquet")
