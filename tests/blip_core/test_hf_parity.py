@@ -152,3 +152,16 @@ def test_export_loads_in_transformers_and_round_trips(pair, tmp_path):
     # the round trip reproduces the HF half bit for bit
     for name, p in back_c.text_decoder.layers.named_parameters():
         assert torch.equal(p, dict(ours_c.text_decoder.layers.named_parameters())[name]), name
+
+
+def test_export_with_tokenizer_is_a_folder_transformers_processor_loads(tmp_path):
+    from blip_core import MED, build_tokenizer, preset
+
+    tok = build_tokenizer(["a red square", "two blue circles on green"], vocab_size=100)
+    model = MED(preset("tiny").with_tokenizer(tok)).eval()
+    export_hf(model, tok, tmp_path, kind="captioning")
+    processor = transformers.BlipProcessor.from_pretrained(tmp_path)
+    ids = processor(text="a red square", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == tok.cls_id and ids[0, -1].item() == tok.sep_id
+    loaded = load(tmp_path)
+    assert loaded.tokenizer is not None and loaded.model.config == model.config
