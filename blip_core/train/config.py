@@ -35,11 +35,10 @@ _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune-captioner": dict(lr=1e-5, schedule="cosine", warmup_steps=0, epochs=5, max_words=30, text_max_length=40, min_scale=0.5),
 }
 
-# Fields that may change between a run and its resume: bookkeeping, plus the run length
-# (extending `max_steps` / `epochs` continues training; a cosine schedule then re-spans).
+# Fields that may change between a run and its resume (bookkeeping only). Everything
+# else, the run length included (a cosine schedule spans it), must match the checkpoint.
 OPERATIONAL_FIELDS = frozenset(
-    {"out_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_last", "num_workers", "device",
-     "compile", "max_steps", "epochs", "init"}
+    {"out_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_last", "num_workers", "device", "compile"}
 )
 
 

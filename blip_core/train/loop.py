@@ -87,20 +87,24 @@ def _resume_point(cfg: TrainConfig, root: Path) -> Path | None:
 
 
 def _epoch_plan(cfg: TrainConfig, dataset: ResumableDataset, info: DistInfo) -> list[int]:
-    """Optimizer steps in each epoch (the same on every rank: the smallest rank's)."""
+    """Optimizer steps in each epoch (the same on every rank: the smallest rank's).
+
+    Stops listing epochs once `max_steps` is covered, so a huge `epochs` costs nothing.
+    """
     per_step = cfg.batch_size * cfg.grad_accum
-    plan = []
+    plan: list[int] = []
     for epoch in range(cfg.epochs):
         dataset.set_epoch(epoch)
         plan.append(all_reduce_min(len(dataset) // per_step, info))
-    if sum(plan) == 0:
-        dataset.set_epoch(0)
-        where = getattr(dataset, "shards", None)
-        raise EmptyDatasetError(
-            f"dataset{f' over {[str(p) for p in where]}' if where else ''} yields {len(dataset)} samples "
-            f"per rank, fewer than one step of batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}; "
-            f"add data or lower the batch size"
-        )
+        if plan[0] == 0:
+            where = getattr(dataset, "shards", None)
+            raise EmptyDatasetError(
+                f"dataset{f' over {[str(p) for p in where]}' if where else ''} yields {len(dataset)} samples "
+                f"per rank, fewer than one step of batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}; "
+                f"add data or lower the batch size"
+            )
+        if cfg.max_steps is not None and sum(plan) >= cfg.max_steps:
+            break
     return plan
 
 

@@ -198,11 +198,13 @@ def test_two_process_ddp_replicas_agree_and_lm_only_matches_single_process(tmp_p
 def test_resume_with_other_options_names_them(tmp_path: Path, tokenizer) -> None:
     train(_cfg(tmp_path / "r", max_steps=2, checkpoint_every=1), _toy(32), tokenizer=tokenizer)
     with pytest.raises(CheckpointError, match="resume"):
-        train(_cfg(tmp_path / "r", max_steps=4), _toy(32), tokenizer=tokenizer)  # no resume=True
+        train(_cfg(tmp_path / "r", max_steps=2), _toy(32), tokenizer=tokenizer)  # no resume=True
     with pytest.raises(CheckpointMismatchError, match=r"batch_size: checkpoint 8 vs now 4"):
-        train(_cfg(tmp_path / "r", max_steps=4, batch_size=4, resume=True), _toy(32), tokenizer=tokenizer)
-    more = train(_cfg(tmp_path / "r", max_steps=4, resume=True, log_every=1), _toy(32), tokenizer=tokenizer)
-    assert more.steps == 4
+        train(_cfg(tmp_path / "r", max_steps=2, batch_size=4, resume=True), _toy(32), tokenizer=tokenizer)
+    with pytest.raises(CheckpointMismatchError, match=r"max_steps: checkpoint 2 vs now 4"):
+        train(_cfg(tmp_path / "r", max_steps=4, resume=True), _toy(32), tokenizer=tokenizer)
+    again = train(_cfg(tmp_path / "r", max_steps=2, resume=True, log_every=5), _toy(32), tokenizer=tokenizer)
+    assert again.steps == 2 and again.last_checkpoint.name == "step-00000002"
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_last_good_checkpoint(tmp_path: Path, tokenizer) -> None:
@@ -226,6 +228,11 @@ def _poison_from_epoch(epoch: int, index: int):
             return s
 
     return lambda rank, world: Poisoned(16, 32, seed=1, rank=rank, world_size=world, block=8)
+
+
+def test_huge_epoch_count_with_max_steps_is_cheap(tmp_path: Path, tokenizer) -> None:
+    result = train(_cfg(tmp_path / "h", "finetune-captioner", epochs=10**9, max_steps=3), _toy(16), tokenizer=tokenizer)
+    assert result.steps == 3
 
 
 def test_empty_dataset_and_bad_queue_size_are_clear(tmp_path: Path, tokenizer) -> None:
