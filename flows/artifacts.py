@@ -28,10 +28,11 @@ def artifact_key(*parts: str) -> str:
 def stage_row(stage: str, shard_stats: Iterable[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """One table row for a stage: summed counts, shards done / skipped, time and images/s."""
     totals = dict.fromkeys(COUNT_COLUMNS, 0)
-    shards = skipped = images = 0
+    shards = skipped = cached = images = 0
     for stats in shard_stats:
         shards += 1
         skipped += bool(stats.get("skipped"))
+        cached += bool(stats.get("cached"))
         images += int(stats.get("images", 0))
         for name in COUNT_COLUMNS:
             totals[name] += int(stats.get("counts", {}).get(name, 0))
@@ -39,7 +40,8 @@ def stage_row(stage: str, shard_stats: Iterable[dict[str, Any]], wall_seconds: f
         "stage": stage,
         **totals,
         "shards": shards,
-        "skipped_shards": skipped,
+        "skipped_shards": skipped,  # complete before: the stage function skipped them
+        "cached_shards": cached,  # Prefect returned the earlier result without running the task
         "seconds": round(wall_seconds, 2),
         "images_per_s": round(images / wall_seconds, 1) if wall_seconds > 0 and images else 0.0,
     }

@@ -14,6 +14,7 @@ skips complete shards itself; training continues from its newest checkpoint.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
 
 REPORT_NAME = "report.md"
+STAGES_LOG = "stages.jsonl"
 
 
 class _Run:
@@ -41,13 +43,20 @@ class _Run:
                  "filter_shard_task", "assemble_task", "evaluate_task")  # fmt: skip
         self.tasks = {name: getattr(steps, name).with_options(result_storage=store) for name in names}
         self.rows: list[dict[str, Any]] = []
+        self.tokenizer_shards: list[str] = []  # captions a scratch model's vocabulary is built from
 
     def job(self, step: str, **kwargs: Any) -> StepJob:
         return StepJob(step=step, run_dir=str(self.root), **kwargs)
 
-    def record(self, row: dict[str, Any]) -> None:
+    def record(self, row: dict[str, Any], did_work: bool = True) -> None:
+        """Keep a stage's row for the summary and publish its table; when the stage did
+        work in this run, append the row to ``stages.jsonl`` too (the report reads stage
+        times there, last line winning; the run lock makes this flow its only writer)."""
         self.rows.append(row)
         artifacts.publish_stage_table(self.root.name, row)
+        if did_work:
+            with open(self.root / STAGES_LOG, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------- data
@@ -59,41 +68,52 @@ def _expand(items: list[str]) -> list[str]:
     return [str(p) for p in expand_inputs(items)] if items else []
 
 
-def ingest_stage(run: _Run) -> dict[str, list[str] | str | None]:
-    """Shards per split (human, web, test) and the truth folder, under RUN/ingest."""
+def ingest_stage(run: _Run) -> dict[str, Any]:
+    """Shards per split (human, web, test) and the truth folder.
+
+    With a synthetic world: generate it into RUN/world, link its human / test shards
+    and truth into RUN/ingest and RUN/truth, and fetch its web images through
+    img2dataset from a local server. Otherwise use the configured paths, fetching
+    `data.web_urls` with img2dataset into RUN/ingest/web.
+    """
     cfg, root = run.config, run.root
-    start = time.perf_counter()
-    splits: dict[str, list[str] | str | None] = {"human": _expand(cfg.data.human), "web": _expand(cfg.data.web),
-                                                 "test": _expand(cfg.data.test), "truth": cfg.data.truth}  # fmt: skip
+    splits: dict[str, Any] = {"human": _expand(cfg.data.human), "web": _expand(cfg.data.web),
+                              "test": _expand(cfg.data.test), "truth": cfg.data.truth}  # fmt: skip
+    results: list[dict[str, Any]] = []
     world = root / "world"
     if cfg.data.world is not None:
         job = run.job("world", settings={"world": cfg.data.world.model_dump(), "as_urls": cfg.data.serve_local},
                       params={"out": str(world)})  # fmt: skip
-        run.tasks["world_task"](job=job, config=cfg)
-        _ingest(run, "truth", "link", [str(world / "truth")], dst=root / "truth", pattern="*")
+        results.append(run.tasks["world_task"](job=job, config=cfg))
+        results.append(_ingest(run, "truth", "link", [str(world / "truth")], dst=root / "truth", pattern="*"))
         splits["truth"] = str(root / "truth")
         for split in ("human", "test") + (() if cfg.data.serve_local else ("web",)):
-            splits[split] = _ingest(run, split, "link", [str(world / split)])
+            results.append(_ingest(run, split, "link", [str(world / split)]))
+            splits[split] = results[-1]["shards"]
         if cfg.data.serve_local:
             # the URL list holds the local server's port: key the step on the world's web shards
-            splits["web"] = _ingest(run, "web", "urls", [str(world / "web_urls.parquet")], www=str(world / "www"),
-                                    key_inputs=[str(world / "web")])  # fmt: skip
+            results.append(_ingest(run, "web", "urls", [str(world / "web_urls.parquet")], www=str(world / "www"),
+                                   key_inputs=[str(world / "web")]))  # fmt: skip
+            splits["web"] = results[-1]["shards"]
     elif cfg.data.web_urls:
-        splits["web"] = _ingest(run, "web", "urls", [cfg.data.web_urls], www=None)
-    rows = sum(_rows(p) for split in ("human", "web", "test") for p in splits[split] or [])  # type: ignore[union-attr]
-    run.record({"stage": "ingest", "input": rows, "shards": sum(len(splits[s] or []) for s in ("human", "web", "test")),
-                "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+        results.append(_ingest(run, "web", "urls", [cfg.data.web_urls]))
+        splits["web"] = results[-1]["shards"]
+    counts = {split: sum(_rows(p) for p in splits[split]) for split in ("human", "web", "test")}
+    shards = sum(len(splits[s]) for s in ("human", "web", "test"))
+    run.record({"stage": "ingest", "input": sum(counts.values()), **counts, "shards": shards,
+                "seconds": round(sum(r["seconds"] for r in results), 2)})  # fmt: skip
     return splits
 
 
-def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | None = None,
-            dst: Path | None = None, pattern: str = "part-*", key_inputs: list[str] | None = None) -> list[str]:  # fmt: skip
+def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | None = None, dst: Path | None = None,
+            pattern: str = "part-*", key_inputs: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     dst = dst or run.root / "ingest" / split
     params = {"split": split, "mode": mode, "sources": sources, "dst": str(dst), "www": www, "pattern": pattern,
               "processes": run.config.data.ingest_processes, "threads": run.config.data.ingest_threads}  # fmt: skip
-    settings = {"mode": mode, "split": split, "ingest_rows": run.config.data.world.shard_rows if run.config.data.world else None}
+    world = run.config.data.world
+    settings = {"mode": mode, "split": split, "rows_per_shard": world.shard_rows if world else None}
     job = run.job(f"ingest-{split}", inputs=key_inputs or sources, settings=settings, params=params)
-    return run.tasks["ingest_task"](job=job, config=run.config)["shards"]
+    return run.tasks["ingest_task"](job=job, config=run.config)
 
 
 def _rows(path: str) -> int:
@@ -111,12 +131,10 @@ def _train_job(run: _Run, step: str, mode: str, name: str, data: list[str], init
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
     out = str(run.root / "models" / name)
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
-              "steps": stage_cfg.steps, "batch_size": stage_cfg.batch_size, "lr": stage_cfg.lr,
-              "weight_decay": stage_cfg.weight_decay, "warmup_fraction": stage_cfg.warmup_fraction,
-              "image_size": stage_cfg.image_size, "checkpoint_every": stage_cfg.checkpoint_every,
-              "seed": stage_cfg.seed, "device": run.config.device,
-              "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
-    settings = {"mode": mode, "preset": run.config.model.preset, **stage_cfg.model_dump()}
+              **stage_cfg.model_dump(), "device": run.config.device, "vocab_size": run.config.model.vocab_size,
+              "tokenizer_dir": str(run.root / "models" / "tokenizer"), "tokenizer_shards": run.tokenizer_shards}  # fmt: skip
+    settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
+                **stage_cfg.model_dump()}  # fmt: skip
     inputs = data + ([init] if init else [])
     index = round_index if round_index and round_index > 1 else None
     return run.job(step, index=index, inputs=inputs, settings=settings, params={"out": out, "kwargs": kwargs})
@@ -125,6 +143,15 @@ def _train_job(run: _Run, step: str, mode: str, name: str, data: list[str], init
 def _submit_train(run: _Run, job: StepJob) -> PrefectFuture:
     with gpu_annotation(run.config):
         return run.tasks["train_task"].submit(job=job, config=run.config)
+
+
+def _trained(run: _Run, future: PrefectFuture) -> str:
+    """Wait for a training task; record its row (time is the training's own, also when cached)."""
+    result = future.result()
+    run.record({"stage": f"train {Path(result['model']).parent.relative_to(run.root / 'models')}",
+                "seconds": round(result["seconds"], 2), "steps": result["result"].get("steps")},
+               did_work=not result["result"].get("finished_before"))  # fmt: skip
+    return result["model"]
 
 
 def _model_name(round_index: int, role: str) -> str:
@@ -148,9 +175,10 @@ def shard_stage(stage: str, jobs: list[StepJob], config: RunConfig) -> list[dict
         progress.advance()
     results, errors = [], []
     for future in futures:
+        future.wait()
         state = future.state
         if state.is_completed():
-            results.append(future.result())
+            results.append({**future.result(), "cached": state.name == "Cached"})
         else:
             errors.append(state)
     if errors:
@@ -163,7 +191,8 @@ def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, An
     start = time.perf_counter()
     sub = shard_stage.with_options(task_runner=build_task_runner(run.config.runner), flow_run_name=f"{stage}")
     results = sub(stage=stage, jobs=jobs, config=run.config)
-    run.record(artifacts.stage_row(stage, results, time.perf_counter() - start))
+    did_work = any(not (r["cached"] or r.get("skipped")) for r in results)
+    run.record(artifacts.stage_row(stage, results, time.perf_counter() - start), did_work=did_work)
     return results
 
 
@@ -217,8 +246,8 @@ def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
     job = run.job("assemble", inputs=human + kept, settings=run.config.assemble.model_dump(),
                   params={"human": human, "kept": kept, "out_dir": str(run.root / "assemble")})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
-    row = artifacts.stage_row("assemble", [result], time.perf_counter() - start)
-    run.record(row)
+    row = artifacts.stage_row("assemble", result["shard_stats"], time.perf_counter() - start)
+    run.record(row, did_work=not all(s.get("skipped") for s in result["shard_stats"]))
     return result["shards"]
 
 
@@ -233,16 +262,16 @@ def _finish(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], summary: dict[str, Any]) -> None:
     cfg = run.config
-    model_name = Path(final_model).resolve().relative_to(run.root / "models").as_posix()
-    params = {"model_name": model_name, "truth": splits["truth"]}
-    # evaluate_run also reads the newest filter / caption folders: their names are settings hashes
-    scored = {k: summary.get(k) for k in ("filter", "caption")}
+    params = {"model": final_model, "test": list(splits["test"]), "truth": splits["truth"], "out": str(run.root / "eval"),
+              "filter_dir": summary.get("filter_dir"), "caption_dir": summary.get("caption_dir")}  # fmt: skip
     inputs = [final_model, *splits["test"], *([splits["truth"]] if splits["truth"] else [])]
-    job = run.job("evaluate", inputs=inputs, settings={**cfg.evaluate.model_dump(exclude={"batch_size", "report"}), **scored},
-                  params=params)  # fmt: skip
-    start = time.perf_counter()
-    summary["metrics"] = run.tasks["evaluate_task"](job=job, config=cfg)["metrics"]
-    run.record({"stage": "evaluate", "seconds": round(time.perf_counter() - start, 2)})
+    # the filter / caption folders are named by their settings hash: their names are their identity
+    settings = {**cfg.evaluate.model_dump(exclude={"batch_size", "report"}), "filter": params["filter_dir"],
+                "caption": params["caption_dir"]}  # fmt: skip
+    job = run.job("evaluate", inputs=inputs, settings=settings, params=params)
+    result = run.tasks["evaluate_task"](job=job, config=cfg)
+    summary["metrics"] = result["metrics"]
+    run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
     if cfg.evaluate.report:
         from tasks.report import report_task
 
@@ -266,48 +295,53 @@ def _bootstrap(run: _Run) -> dict[str, Any]:
     cfg, log = run.config, get_run_logger()
     summary: dict[str, Any] = {"run_dir": str(run.root)}
     splits = ingest_stage(run)
-    summary["ingest"] = {k: v for k, v in splits.items()}
+    summary["ingest"] = splits
     if not cfg.runs_stage("pretrain"):
         return _finish(run, summary)
-    human, web = list(splits["human"] or []), list(splits["web"] or [])
+    human, web = splits["human"], splits["web"]
+    run.tokenizer_shards = human + web
     pretrained = cfg.model.pretrained
     if pretrained is None:
-        pretrained = _submit_train(run, _train_job(run, "pretrain", "pretrain", "pretrain", human + web, None)).result()["model"]
-    summary["pretrain"] = pretrained
-    final_model = pretrained
+        pretrained = _trained(run, _submit_train(run, _train_job(run, "pretrain", "pretrain", "pretrain", human + web, None)))
+    summary["pretrained_model"] = final_model = pretrained
     for round_index in range(1, cfg.rounds + 1):
         log.info("bootstrap round %d of %d", round_index, cfg.rounds)
-        if not cfg.runs_stage("finetune"):
+        if not _capfilt_round(run, round_index, pretrained, splits, summary):
             break
-        futures = {}
-        for role, mode, given in (("filter", "finetune-filter", cfg.model.filter), ("captioner", "finetune-captioner", cfg.model.captioner)):
-            if given is None or round_index > 1:
-                job = _train_job(run, mode, mode, _model_name(round_index, role), human, pretrained, round_index)
-                futures[role] = _submit_train(run, job)  # the two finetunes run concurrently
-        models = {role: fut.result()["model"] for role, fut in futures.items()}
-        filter_model = models.get("filter", cfg.model.filter)
-        captioner = models.get("captioner", cfg.model.captioner)
-        summary.update(filter=filter_model, captioner=captioner)
-        if not cfg.runs_stage("caption"):
-            break
-        caption_dir = caption_stage(run, web, captioner)
-        summary["caption"] = caption_dir
-        if not cfg.runs_stage("filter"):
-            break
-        filter_dir = filter_stage(run, web, filter_model, caption_dir)
-        summary["filter"] = filter_dir
-        if not cfg.runs_stage("assemble"):
-            break
-        dataset = assemble_stage(run, human, filter_dir)
-        summary["assemble"] = str(Path(dataset[0]).parent) if dataset else None
-        if not cfg.runs_stage("final"):
-            break
-        final_job = _train_job(run, "final", "pretrain", _model_name(round_index, "final"), dataset, None, round_index)
-        final_model = _submit_train(run, final_job).result()["model"]
-        summary["final"] = pretrained = final_model
+        summary["final_model"] = pretrained = final_model = summary.pop("_final")
     if cfg.runs_stage("evaluate"):
         _evaluate_and_report(run, final_model, splits, summary)
     return _finish(run, summary)
+
+
+def _capfilt_round(run: _Run, round_index: int, pretrained: str, splits: dict[str, Any], summary: dict[str, Any]) -> bool:
+    """One bootstrap round from `pretrained`; False when `stop_after` ends the run inside it."""
+    cfg, human, web = run.config, splits["human"], splits["web"]
+    if not cfg.runs_stage("finetune"):
+        return False
+    given = {"filter": cfg.model.filter, "captioner": cfg.model.captioner}
+    futures = {}
+    for role, mode in (("filter", "finetune-filter"), ("captioner", "finetune-captioner")):
+        if given[role] is None or round_index > 1:
+            job = _train_job(run, mode, mode, _model_name(round_index, role), human, pretrained, round_index)
+            futures[role] = _submit_train(run, job)  # the two finetunes run concurrently
+    models = {**given, **{role: _trained(run, future) for role, future in futures.items()}}
+    summary.update(filter_model=models["filter"], captioner_model=models["captioner"])
+    if not cfg.runs_stage("caption"):
+        return False
+    summary["caption_dir"] = caption_stage(run, web, models["captioner"])
+    if not cfg.runs_stage("filter"):
+        return False
+    summary["filter_dir"] = filter_stage(run, web, models["filter"], summary["caption_dir"])
+    if not cfg.runs_stage("assemble"):
+        return False
+    dataset = assemble_stage(run, human, summary["filter_dir"])
+    summary["dataset_dir"] = str(Path(dataset[0]).parent) if dataset else None
+    if not cfg.runs_stage("final"):
+        return False
+    job = _train_job(run, "final", "pretrain", _model_name(round_index, "final"), dataset, None, round_index)
+    summary["_final"] = _trained(run, _submit_train(run, job))
+    return True
 
 
 def run_bootstrap(config: RunConfig) -> dict[str, Any]:

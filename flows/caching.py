@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from data.shards import file_fingerprint, read_completion, settings_hash
 
 # Bump when a step's meaning changes in a way its settings do not show.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PREFECT_DIR = ".prefect"
 _FINGERPRINT_PATTERNS = ("*.parquet", "*.safetensors", "*.json", "*.txt", "*.png")
 

@@ -62,6 +62,7 @@ class ModelConfig(_Model):
     """The MED size and any released checkpoints to start from instead of training."""
 
     preset: Literal["tiny", "base", "large"] = "tiny"
+    vocab_size: int = Field(512, ge=16, description="WordPiece vocabulary built from the captions (scratch models)")
     pretrained: str | None = Field(None, description="start from this checkpoint (ours or HF BLIP); skips pretrain")
     filter: str | None = Field(None, description="use this filter checkpoint; skips the filter finetune")
     captioner: str | None = Field(None, description="use this captioner checkpoint; skips the captioner finetune")
@@ -75,7 +76,10 @@ class TrainStageConfig(_Model):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, le=1)
-    image_size: int | None = Field(None, ge=8, description="None: the preset's image size")
+    schedule: Literal["step", "cosine"] = "cosine"
+    queue_size: int | None = Field(None, ge=1, description="ITC momentum queue (a multiple of the batch); None: BLIP's")
+    augment: bool = Field(False, description="random crop + flip (off for the shapes world: a flip changes 'left of')")
+    image_size: int | None = Field(None, ge=8, description="None: the preset's (scratch) or the init model's size")
     checkpoint_every: int = Field(200, ge=1)
     seed: int = 0
 
@@ -217,8 +221,11 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 def _tiny_train(steps: int, finetune_steps: int, batch: int) -> dict[str, Any]:
-    pre = {"steps": steps, "batch_size": batch, "lr": 2e-3, "checkpoint_every": max(1, steps // 3)}
-    fin = {"steps": finetune_steps, "batch_size": batch, "lr": 2e-3, "checkpoint_every": max(1, finetune_steps // 2)}
+    # settings of the miniature prototype (shared/MINIATURE.md): AdamW 2e-3, 5% warmup, cosine
+    pre = {"steps": steps, "batch_size": batch, "lr": 2e-3, "warmup_fraction": 0.05, "queue_size": 4 * batch,
+           "checkpoint_every": max(1, steps // 3)}  # fmt: skip
+    fin = {"steps": finetune_steps, "batch_size": batch, "lr": 5e-4, "warmup_fraction": 0.0, "queue_size": 4 * batch,
+           "checkpoint_every": max(1, finetune_steps // 2)}  # fmt: skip
     return {"pretrain": pre, "finetune_filter": fin, "finetune_captioner": fin, "final": pre}
 
 
@@ -236,9 +243,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
         "run_dir": "runs/demo-quick",
-        "data": {"world": {"n_human": 200, "n_web": 400, "n_test": 100, "shard_rows": 100}},
+        "data": {"world": {"n_human": 200, "n_web": 300, "n_test": 60, "shard_rows": 100}},
         "model": {"preset": "tiny"},
-        "train": _tiny_train(steps=30, finetune_steps=15, batch=32),
+        "train": _tiny_train(steps=20, finetune_steps=10, batch=32),
         "caption": {"batch_size": 128},
         "filter": {"batch_size": 128},
         "assemble": {"shard_rows": 500},
@@ -253,10 +260,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "ingest_processes": 8, "ingest_threads": 32},
         "model": {"preset": "base"},
         "train": {
-            "pretrain": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000},
-            "finetune_filter": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384, "checkpoint_every": 2000},
-            "finetune_captioner": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384, "checkpoint_every": 2000},
-            "final": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000},
+            "pretrain": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000,
+                         "schedule": "step", "augment": True},
+            "finetune_filter": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384,
+                                "checkpoint_every": 2000, "augment": True},
+            "finetune_captioner": {"steps": 20_000, "batch_size": 32, "lr": 1e-5, "image_size": 384,
+                                   "checkpoint_every": 2000, "augment": True},
+            "final": {"steps": 100_000, "batch_size": 96, "lr": 3e-4, "image_size": 224, "checkpoint_every": 2000,
+                      "schedule": "step", "augment": True},
             "nproc_per_node": 8,
         },
         "caption": {"batch_size": 128, "repetition_penalty": 1.1},

@@ -215,19 +215,18 @@ def ingest_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 @task(name="train", **_TASK_OPTIONS)
 def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Train one model (pretrain / finetune-filter / finetune-captioner / final) into
-    ``models/<name>``; the trainer resumes from its newest checkpoint on a rerun."""
-    from tasks.train import train_stage
+    ``models/<name>/final``; the trainer resumes from its newest checkpoint on a rerun."""
+    from flows.training import train_model
 
-    maybe_fault(job.step)
+    maybe_fault(job.step, job.index)
     p = job.params
     start = time.perf_counter()
     with gpu_slot(config):
-        result = train_stage(**p["kwargs"])
+        result = train_model(**p["kwargs"])
     seconds = time.perf_counter() - start
-    _log().info("%s: trained into %s in %.1f s", job.step, p["out"], seconds)
-    record_outputs(job, [p["out"]])
-    summary = result if isinstance(result, dict) else (dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {})
-    return {"model": p["out"], "seconds": seconds, "result": _jsonable(summary)}
+    _log().info("%s: model %s (%s steps) in %.1f s", job.label, result["final"], result["steps"], seconds)
+    record_outputs(job, [result["final"]])
+    return {"model": result["final"], "seconds": seconds, "result": _jsonable(result)}
 
 
 @task(name="assemble", **_TASK_OPTIONS)
@@ -244,23 +243,21 @@ def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     stats = run_assemble(inputs, Path(p["out_dir"]), cfg)
     shards = sorted(str(x) for x in Path(stats.output).glob("part-*.parquet"))
     record_outputs(job, shards)
-    return {**_stats_dict(stats), "shards": shards}
+    return {"output": str(stats.output), "shard_stats": [_stats_dict(s) for s in stats.shards], "shards": shards}
 
 
 @task(name="evaluate", **_TASK_OPTIONS)
 def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Evaluate the final model on the test set into ``eval/metrics.json``."""
-    from tasks.evaluate import EVAL_FILE, EvalConfig, evaluate_run
+    from tasks.evaluate import evaluate_run
 
     maybe_fault("evaluate")
-    p = job.params
-    cfg = EvalConfig(rerank_k=config.evaluate.itm_top_k, batch_size=config.evaluate.batch_size)
-    truth = Path(p["truth"]) if p.get("truth") else None
+    start = time.perf_counter()
     with gpu_slot(config):
-        result = evaluate_run(Path(job.run_dir), truth, cfg=cfg, model_name=p["model_name"])
-    path = Path(job.run_dir) / EVAL_FILE
+        path = evaluate_run(**job.params, itm_top_k=config.evaluate.itm_top_k,
+                            batch_size=config.evaluate.batch_size, device=config.device)  # fmt: skip
     record_outputs(job, [str(path)])
-    return {"metrics": str(path), "retrieval": result.retrieval, "captioning": result.captioning}
+    return {"metrics": str(path), "seconds": time.perf_counter() - start}
 
 
 def _jsonable(value: Any) -> Any:
