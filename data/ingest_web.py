@@ -62,6 +62,7 @@ WORK_DIR = "_img2dataset"
 KEY_COLUMN = "capfilt_key"  # our key, carried through img2dataset as an additional column
 NOT_EMITTED = "not_emitted"
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+_FORMAT_ALIASES = {"json": "jsonl"}
 _IMAGE_SUFFIXES = ("jpg", "png", "webp", "jpeg")
 _LOG_TAIL_CHARS = 3000
 _SERVER_START_S = 15.0
@@ -137,6 +138,7 @@ def read_list_table(path: Path, fmt: str | None) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: list not found")
     fmt = fmt or _FORMATS.get(path.suffix.lower())
+    fmt = _FORMAT_ALIASES.get(fmt or "", fmt)
     if fmt == "parquet":
         return pq.read_table(path)
     if fmt == "csv":
@@ -144,7 +146,13 @@ def read_list_table(path: Path, fmt: str | None) -> pa.Table:
     if fmt == "tsv":
         return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter="\t"))
     if fmt == "jsonl":
-        return pa_json.read_json(path)
+        try:
+            return pa_json.read_json(path)
+        except pa.ArrowInvalid:  # a JSON array of objects rather than JSON Lines
+            loaded = json.loads(path.read_text())
+            if not isinstance(loaded, list):
+                raise ValueError(f"{path}: expected JSON Lines or a JSON array of objects") from None
+            return pa.Table.from_pylist(loaded)
     raise ValueError(f"{path}: cannot tell the list's format from {path.suffix!r}; pass one of csv, tsv, jsonl, parquet")
 
 

@@ -183,7 +183,7 @@ def test_rows_img2dataset_never_wrote_become_failed(tmp_path: Path) -> None:
     assert set(whole_shard_missing.column("status").to_pylist()) == {"failed"}
 
 
-@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "parquet"])
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "json", "parquet"])
 def test_url_lists_in_each_format_with_custom_columns(tmp_path: Path, suffix: str) -> None:
     rows = [{"link": f"http://127.0.0.1:9/{i}.png", "alt": f"caption {i}", "id": i} for i in range(3)]
     path = tmp_path / f"list.{suffix}"
@@ -191,6 +191,8 @@ def test_url_lists_in_each_format_with_custom_columns(tmp_path: Path, suffix: st
         pq.write_table(pa.Table.from_pylist(rows), path)
     elif suffix == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == "json":  # a JSON array, not JSON Lines
+        path.write_text(json.dumps(rows))
     else:
         sep = "," if suffix == "csv" else "\t"
         path.write_text("link" + sep + "alt" + sep + "id\n" + "".join(f"{r['link']}{sep}{r['alt']}{sep}{r['id']}\n" for r in rows))
