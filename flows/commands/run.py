@@ -1,9 +1,102 @@
-"""capfilt CLI commands for this area (see docs/ARCHITECTURE.md)."""
+"""capfilt CLI commands for running the bootstrap: `capfilt demo`, `capfilt run`, `capfilt serve`."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import typer
+
+# Offline defaults (see shared PITFALLS): no telemetry, no update checks, quiet tokenizers.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _offline_env() -> None:
+    for name, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def _headline(metrics_path: Path) -> list[str]:
+    """A few numbers read from the run's eval/metrics.json (nothing when it is absent)."""
+    data = json.loads(metrics_path.read_text())
+    lines = []
+    for section in ("retrieval", "captioning"):
+        values = data.get(section) or {}
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in values.items() if isinstance(v, (int, float)))
+        if shown:
+            lines.append(f"  {section}: {shown}")
+    return lines
+
+
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="Fewer images and steps (about 3 minutes; used in tests)."),
+    out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo or runs/demo-quick); reuse it to resume."),
+) -> None:
+    """Run the whole CapFilt bootstrap on the built-in synthetic world (tiny MED, CPU).
+
+    Generates the world, serves its web images on 127.0.0.1 and ingests them with
+    img2dataset, then pretrains, finetunes filter and captioner, captions, filters,
+    assembles D', pretrains the final model and evaluates it. A second call on the same
+    folder resumes where the first stopped.
+    """
+    _offline_env()
+    from flows.demo import run_demo
+
+    result = run_demo(quick=quick, out=out)
+    typer.echo(f"\nrun folder: {result.run_dir}")
+    if result.report is not None:
+        typer.echo(f"report:     {result.report}  (also {result.report.with_suffix('.html')})")
+    else:
+        typer.echo("report:     not written (the run stopped before the report stage)")
+    if result.metrics is not None:
+        typer.echo(f"metrics:    {result.metrics}")
+        for line in _headline(result.metrics):
+            typer.echo(line)
+    typer.echo("\nask the run folder questions with SQL:")
+    for command in result.query_commands():
+        typer.echo(f"  {command}")
+
+
+def run(
+    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML run config (may name a preset)."),
+    run_dir: str = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+) -> None:
+    """Run (or resume) the bootstrap described by a YAML run config, in this process."""
+    _offline_env()
+    from flows.bootstrap import run_bootstrap
+    from flows.config import ConfigError, load_yaml
+
+    try:
+        cfg = load_yaml(config, run_dir=run_dir)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    summary = run_bootstrap(cfg)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=2, default=str))
+
+
+def serve(
+    quick: bool = typer.Option(False, "--quick", help="Serve the demo deployment with the demo-quick preset."),
+    full_config: Path = typer.Option(None, "--full-config", exists=True, dir_okay=False,
+                                     help="YAML config for the `full` deployment (default: the gpu preset)."),  # fmt: skip
+    limit: int = typer.Option(None, "--limit", help="At most this many concurrent flow runs."),
+) -> None:
+    """Serve the `demo` and `full` deployments (needs PREFECT_API_URL, e.g. `prefect server start`).
+
+    Trigger a run with `prefect deployment run capfilt-bootstrap/demo`.
+    """
+    _offline_env()
+    from flows.serve import serve_deployments
+
+    serve_deployments(quick=quick, full_config=full_config, limit=limit)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
+    app.command("demo")(demo)
+    app.command("run")(run)
+    app.command("serve")(serve)

@@ -1,0 +1,73 @@
+"""Cache keys agree with the run folder: stable across runs, sensitive to inputs, settings and lost outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from data.shards import CompletionRecord, write_completion, write_shard
+from flows.caching import StepJob, job_cache_key, output_complete, record_outputs, results_dir, step_cache_key
+from flows.faults import InjectedFault, maybe_fault
+
+
+def _shard(path: Path, caption: str = "a red circle") -> Path:
+    table = pa.table({"key": ["k0"], "image_id": ["i0"], "source": ["web"], "caption": [caption], "status": ["ok"]})
+    write_shard(table, path, kind="pairs")
+    write_completion(path, CompletionRecord(shard=path.name, kind="pairs", counts={"input": 1}, input_fingerprint="x",
+                                            settings_hash="y"))
+    return path
+
+
+def _job(run: Path, src: Path, **settings: object) -> StepJob:
+    return StepJob(step="caption", index=3, run_dir=str(run), inputs=[str(src)], settings={"top_p": 0.9, **settings})
+
+
+def test_key_is_stable_and_free_of_run_ids(tmp_path: Path) -> None:
+    src = _shard(tmp_path / "in" / "part-00003.parquet")
+    first, second = job_cache_key(_job(tmp_path, src)), job_cache_key(_job(tmp_path, src))
+    assert first == second and first.startswith("caption-00003-")
+    assert job_cache_key(_job(tmp_path, src, top_p=0.8)) != first  # a semantic setting
+    _shard(src, caption="a blue square")  # new input bytes
+    assert job_cache_key(_job(tmp_path, src)) != first
+
+
+def test_cached_result_is_dropped_when_outputs_are_gone(tmp_path: Path) -> None:
+    src = _shard(tmp_path / "in" / "part-00000.parquet")
+    out = _shard(tmp_path / "caption" / "h" / "part-00000.parquet")
+    job = _job(tmp_path, src)
+    key = job_cache_key(job)
+    stored = results_dir(tmp_path) / key
+    stored.parent.mkdir(parents=True)
+    stored.write_text("{}")  # what Prefect persisted for this key
+    record_outputs(job, [str(out)])
+    assert step_cache_key(None, {"job": job}) == key and stored.exists()  # outputs complete: keep
+    out.unlink()
+    assert not output_complete(out)
+    assert step_cache_key(None, {"job": job}) == key and not stored.exists()  # output lost: recompute
+
+
+def test_output_complete_needs_record_with_matching_size(tmp_path: Path) -> None:
+    out = _shard(tmp_path / "part-00000.parquet")
+    assert output_complete(out)
+    out.write_bytes(out.read_bytes()[:-10])  # truncated after its record was written
+    assert not output_complete(out)
+    model = tmp_path / "model"
+    model.mkdir()
+    assert not output_complete(model)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"0")
+    assert output_complete(model)
+
+
+def test_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPFILT_FAULT", "caption:2, pretrain")
+    maybe_fault("caption", 1)
+    maybe_fault("filter", 2)
+    with pytest.raises(InjectedFault, match="caption shard 2"):
+        maybe_fault("caption", 2)
+    with pytest.raises(InjectedFault, match="pretrain"):
+        maybe_fault("pretrain")
+    monkeypatch.delenv("CAPFILT_FAULT")
+    maybe_fault("caption", 2)
