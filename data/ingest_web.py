@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,10 +95,11 @@ class WebIngestConfig:
     encode_quality: int | None = None  # None: 95 for jpg/webp, 3 (compression) for png
     skip_reencode: bool = True  # keep original bytes when already in encode_format
     max_pixels: int = DEFAULT_MAX_PIXELS
+    run_timeout_s: float | None = None  # stop an img2dataset run that takes longer (None: no limit)
 
     def download_settings(self) -> dict:
         """The settings that decide what a shard holds (not how fast it is made)."""
-        skip = {"processes", "threads"}
+        skip = {"processes", "threads", "run_timeout_s"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -200,22 +202,38 @@ def img2dataset_args(url_parquet: Path, output: Path, cfg: WebIngestConfig, mode
 _CHILD = "import json, sys\nfrom img2dataset import download\ndownload(**json.load(open(sys.argv[1])))\n"
 
 
-def run_img2dataset(args: dict, log: Path) -> None:
+def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None) -> None:
     """Run `img2dataset.download(**args)` in a child process; its output goes to `log`.
 
-    Raises RuntimeError with the log's tail when img2dataset exits non-zero.
+    The child gets its own process group; past `timeout_s` the whole group (img2dataset
+    spawns a logger and a pool) is killed. Raises RuntimeError with the log's tail when
+    img2dataset exits non-zero or times out; a rerun resumes from its finished shards.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     args_path = log.with_suffix(".args.json")
     args_path.write_text(json.dumps(args, indent=2))
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     with open(log, "w") as handle:
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(args_path)], stdout=handle, stderr=subprocess.STDOUT, env=env, check=False
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(args_path)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
-    if proc.returncode != 0:
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"img2dataset ran past {timeout_s} s and was stopped; log {log}") from None
+        except BaseException:  # interrupted: leave no downloader behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    if code != 0:
         tail = log.read_text()[-_LOG_TAIL_CHARS:]
-        raise RuntimeError(f"img2dataset failed (exit {proc.returncode}); log {log}:\n{tail}")
+        raise RuntimeError(f"img2dataset failed (exit {code}); log {log}:\n{tail}")
 
 
 @dataclass
@@ -310,7 +328,8 @@ def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bo
     fingerprints = [_slice_fingerprint(rows) for rows in slices]
     todo = [i for i, fp in enumerate(fingerprints) if not is_complete(out / shard_name(i), fp, settings)]
     if todo:
-        run_img2dataset(img2dataset_args(work / "input.parquet", work / "raw", cfg, "incremental"), work / "raw.log")
+        args = img2dataset_args(work / "input.parquet", work / "raw", cfg, "incremental")
+        run_img2dataset(args, work / "raw.log", cfg.run_timeout_s)
     stats = IngestStats()
     for index, (rows, fp) in enumerate(zip(slices, fingerprints)):
         path = out / shard_name(index)
@@ -365,7 +384,8 @@ def _retry_failed(out: Path, work: Path, cfg: WebIngestConfig, settings: str) ->
         # A fresh folder in "incremental" mode: img2dataset's "overwrite" mode deletes the
         # temporary folder it has just made and then loops on the missing files.
         shutil.rmtree(retry / "raw", ignore_errors=True)
-        run_img2dataset(img2dataset_args(retry / "input.parquet", retry / "raw", cfg, "incremental"), retry / "raw.log")
+        args = img2dataset_args(retry / "input.parquet", retry / "raw", cfg, "incremental")
+        run_img2dataset(args, retry / "raw.log", cfg.run_timeout_s)
         for raw in sorted((retry / "raw").glob("*.parquet")):
             results.update(read_raw_results(raw, cfg.encode_format))
     retried = {row[KEY_COLUMN]: row for row in failed}

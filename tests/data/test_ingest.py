@@ -252,3 +252,11 @@ def test_human_jsonl_and_blip_list_of_paths(tmp_path: Path) -> None:
     rows = _rows(tmp_path / "b")
     assert [r["caption"] for r in rows] == ["one", "two", "three"]
     assert rows[0]["image_id"] == rows[1]["image_id"] != rows[2]["image_id"]
+
+
+def test_an_img2dataset_run_past_its_limit_is_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({KEY_COLUMN: ["a"], "url": ["http://127.0.0.1:9/a.png"], "caption": ["x"]}), path)
+    args = img2dataset_args(path, tmp_path / "raw", CFG, "incremental")
+    with pytest.raises(RuntimeError, match="ran past 0.5 s"):
+        run_img2dataset(args, tmp_path / "raw.log", timeout_s=0.5)  # importing img2dataset alone takes longer
