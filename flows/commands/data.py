@@ -78,6 +78,7 @@ def ingest_web_command(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Download only previously failed rows again."),
     serve: Path = typer.Option(None, help="Serve this folder on 127.0.0.1 while ingesting (local lists)."),
     port: int = typer.Option(8000, help="Port for --serve (must match the list's URLs)."),
+    run_timeout: float = typer.Option(0, help="Stop an img2dataset run after this many seconds (0: no limit)."),
 ) -> None:
     """Download a URL list through img2dataset into pairs shards; every URL is accounted for."""
     cfg = WebIngestConfig(
@@ -95,6 +96,7 @@ def ingest_web_command(
         image_size=image_size,
         resize_mode=resize_mode,
         encode_format=encode_format,
+        run_timeout_s=run_timeout or None,
     )
     server = serve_folder(serve, port) if serve is not None else contextlib.nullcontext()
     with server:
