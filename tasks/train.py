@@ -1,0 +1,161 @@
+"""The training stage: `train_stage(out_dir, shards, mode, ...)` over pair shards.
+
+Wires `data.dataset.PairDataset` (streamed row groups, deterministic order, exact
+resume) and `blip_core.image.ImageTransform` into `blip_core.train.train`. Writes
+under `out_dir`:
+
+- ``tokenizer/`` when training from scratch (built once from the shards' captions and
+  reused by every rerun, so token ids never change under a resumed run);
+- ``checkpoints/step-NNNNNNNN/``, ``metrics.jsonl`` (see `blip_core.train.loop`);
+- ``final/``: the model, loadable with `blip_core.load`, plus ``training.json``.
+
+A rerun is the resume: it continues from the newest complete checkpoint, and returns
+at once when ``final/training.json`` records the same semantic settings. Different
+settings with checkpoints present raise `CheckpointMismatchError` naming the fields.
+`train_task` is the Prefect task around it (Prefect is imported on first use only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blip_core.image import ImageTransform
+from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
+from blip_core.train import TrainConfig, train
+from data.dataset import PairDataset
+from data.shards import list_shards, read_table
+from tasks.common import prefect_task
+
+TOKENIZER_DIR = "tokenizer"
+FINAL_DIR = "final"
+
+
+@dataclass
+class TrainStageResult:
+    """What a training stage produced; `skipped` when a matching final model already existed."""
+
+    final_dir: str
+    steps: int
+    skipped: bool
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def expand_shards(paths: Sequence[str | Path]) -> list[Path]:
+    """Shard files as given, folders expanded to their ``part-*.parquet``; raises if none."""
+    shards: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            shards.extend(list_shards(path))
+        elif path.is_file():
+            shards.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such shard file or folder")
+    if not shards:
+        raise FileNotFoundError(f"no part-*.parquet shards in {[str(p) for p in paths]}")
+    return shards
+
+
+def stage_tokenizer(folder: Path, shards: Sequence[Path], vocab_size: int) -> Tokenizer:
+    """Load the tokenizer in `folder`, or build it from the shards' captions and save it there atomically."""
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_folder(folder)
+    captions: list[str] = []
+    for shard in shards:
+        captions += [c for c in read_table(shard, "pairs", columns=["caption"]).column("caption").to_pylist() if c]
+    tokenizer = build_tokenizer([*captions, DEFAULT_PROMPT], vocab_size=vocab_size)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return tokenizer
+
+
+# Inputs smaller than BLIP's pretraining size mark a toy/test model: finetune it at its own size.
+_BLIP_PRETRAIN_SIZE = 224
+
+
+def init_image_size(init: str | Path) -> int:
+    """The input size a saved model (ours or a Hugging Face BLIP folder) was built for."""
+    path = Path(init) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; --init must be a model folder")
+    raw = json.loads(path.read_text())
+    if "med" in raw:
+        return int(raw["med"]["vision"]["image_size"])
+    return int(raw.get("vision_config", {}).get("image_size", 384))
+
+
+def _finished(final: Path, cfg: TrainConfig) -> bool:
+    record = final / "training.json"
+    if not (final / "config.json").is_file() or not record.is_file():
+        return False
+    try:
+        saved = TrainConfig.from_dict(json.loads(record.read_text())["train_config"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return not cfg.semantic_diff(saved)
+
+
+def train_stage(
+    out_dir: str | Path,
+    shards: Sequence[str | Path],
+    mode: str,
+    init: str | Path | None = None,
+    preset: str = "tiny",
+    *,
+    augment: bool = True,
+    vocab_size: int = 1000,
+    tokenizer_dir: str | Path | None = None,
+    **overrides: Any,
+) -> TrainStageResult:
+    """Train (or resume, or find finished) one model of `mode` into `out_dir`; see the module doc.
+
+    `shards`: pair shard files or folders. `init`: a checkpoint folder (ours or Hugging
+    Face BLIP) to start from; without it a `preset` model is trained from scratch with
+    the tokenizer in `tokenizer_dir` (default ``out_dir/tokenizer``, built if absent).
+    `overrides`: any `TrainConfig` field (max_steps, batch_size, lr, queue_size, ...).
+    Without `image_size`, finetuning follows BLIP (384 px, position embeddings
+    interpolated) unless `init` is a model below 224 px, which keeps its own size.
+    Under torchrun every rank calls this with the same arguments.
+    """
+    out = Path(out_dir)
+    files = expand_shards(shards)
+    if init is not None and not overrides.get("image_size"):
+        own = init_image_size(init)
+        if own < _BLIP_PRETRAIN_SIZE:  # BLIP finetunes at 384 px; a tiny model stays at its size
+            overrides["image_size"] = own
+    cfg = TrainConfig.for_mode(
+        mode, **{"out_dir": str(out), "preset": preset, "init": str(init) if init else None, "resume": True, **overrides}
+    )
+    final = out / FINAL_DIR
+    if _finished(final, cfg):
+        return TrainStageResult(str(final), int(json.loads((final / "training.json").read_text())["steps"]), True)
+    tokenizer = None
+    if init is None:
+        tokenizer = stage_tokenizer(Path(tokenizer_dir) if tokenizer_dir else out / TOKENIZER_DIR, files, vocab_size)
+    transform = ImageTransform(cfg.resolved_image_size(), train=augment, scale=(cfg.min_scale, 1.0))
+
+    def dataset(rank: int, world_size: int) -> PairDataset:
+        return PairDataset(
+            files, transform=transform, seed=cfg.seed, rank=rank, world_size=world_size, shuffle=True,
+            block_size=cfg.batch_size, equalize=world_size > 1,
+        )  # fmt: skip
+
+    result = train(cfg, dataset, tokenizer=tokenizer)
+    return TrainStageResult(str(result.final_dir), result.steps, False, dict(result.last_metrics))
+
+
+def __getattr__(name: str) -> Any:
+    """`train_task`: the Prefect task wrapping `train_stage` (Prefect is imported on first use)."""
+    if name == "train_task":
+        return prefect_task(train_stage, name="capfilt-train", retries=1)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,75 @@
+"""train_stage on the synthetic world: losses fall, reruns skip, finetunes start from the pretrained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip_core import load
+from blip_core.train import CheckpointMismatchError
+from blip_core.train.metrics import read_metrics
+from data.synth import SynthConfig, generate_world
+from tasks.train import expand_shards, train_stage
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, SynthConfig(seed=1, human_images=320, web_images=8, test_images=16, rows_per_shard=160))
+    return out
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_pretrain_on_synthetic_pairs_drives_losses_down_then_finetunes(world: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    common = dict(batch_size=16, queue_size=64, warmup_steps=3, log_every=2, checkpoint_every=20, progress=False,
+                  device="cpu", grad_clip=5.0)  # fmt: skip
+    pre = train_stage(tmp_path / "pretrain", [world / "human"], "pretrain", preset="tiny", max_steps=40, lr=2e-3,
+                      **common)  # fmt: skip
+    assert not pre.skipped and pre.steps == 40
+    rows = read_metrics(tmp_path / "pretrain" / "metrics.jsonl")
+    first, last = rows[:4], rows[-4:]
+    for part in ("itc", "itm", "lm"):
+        assert _mean(last, part) < _mean(first, part), part
+    assert (tmp_path / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
+    loaded = load(pre.final_dir)
+    assert loaded.model.config.vision.image_size == 32
+
+    again = train_stage(tmp_path / "pretrain", [world / "human"], "pretrain", preset="tiny", max_steps=40, lr=2e-3,
+                        **common)  # fmt: skip
+    assert again.skipped and again.final_dir == pre.final_dir
+    with pytest.raises(CheckpointMismatchError, match="lr"):
+        train_stage(tmp_path / "pretrain", [world / "human"], "pretrain", preset="tiny", max_steps=40, lr=1e-3,
+                    **common)  # fmt: skip
+
+    # the test split has 5 captions per image: retrieval positives share the image id
+    filt = train_stage(tmp_path / "filter", [world / "test"], "finetune-filter", init=pre.final_dir, max_steps=3,
+                       lr=1e-4, **{**common, "queue_size": 16})  # fmt: skip
+    cap = train_stage(tmp_path / "captioner", [world / "human"], "finetune-captioner", init=pre.final_dir,
+                      max_steps=3, lr=1e-4, **common)  # fmt: skip
+    for result, parts in ((filt, {"itc", "itm"}), (cap, {"lm"})):
+        assert parts <= set(result.last_metrics)
+        record = json.loads((Path(result.final_dir) / "training.json").read_text())
+        assert record["train_config"]["init"] == pre.final_dir
+        assert load(result.final_dir).tokenizer.vocab_size == loaded.tokenizer.vocab_size
+    assert json.loads((Path(cap.final_dir) / "training.json").read_text())["train_config"]["prompt"] == "a picture of "
+
+
+def test_missing_shards_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        expand_shards([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no part-"):
+        expand_shards([tmp_path / "empty"])
+
+
+def test_train_task_is_a_prefect_task() -> None:
+    import tasks.train as stage
+
+    assert stage.train_task.fn is train_stage
