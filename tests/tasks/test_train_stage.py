@@ -73,3 +73,21 @@ def test_train_task_is_a_prefect_task() -> None:
     import tasks.train as stage
 
     assert stage.train_task.fn is train_stage
+
+
+def test_capfilt_train_cli(world: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--mode", "--data", "--out", "--init", "--preset", "--resume", "--steps", "--queue-size"):
+        assert option in help_text
+    args = ["train", "--mode", "finetune-captioner", "--data", str(world / "human"), "--out", str(tmp_path / "cli"),
+            "--steps", "2", "--batch-size", "8", "--no-progress", "--device", "cpu"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output[done.output.index("{"):])["steps"] == 2
+    bad = runner.invoke(app, [*args[:2], "sideways", *args[3:]])
+    assert bad.exit_code != 0 and "--mode must be one of" in bad.output
