@@ -192,7 +192,8 @@ def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, An
     sub = shard_stage.with_options(task_runner=build_task_runner(run.config.runner), flow_run_name=f"{stage}")
     results = sub(stage=stage, jobs=jobs, config=run.config)
     did_work = any(not (r["cached"] or r.get("skipped")) for r in results)
-    run.record(artifacts.stage_row(stage, results, time.perf_counter() - start), did_work=did_work)
+    row = {**artifacts.stage_row(stage, results, time.perf_counter() - start), "runner": run.config.runner.kind}
+    run.record(row, did_work=did_work)
     return results
 
 
