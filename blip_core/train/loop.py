@@ -124,8 +124,8 @@ def _batches(dataset: ResumableDataset, epoch: int, position: int, cfg: TrainCon
     return iter(loader)
 
 
-class _Stepper:
-    """Runs one optimizer step (grad_accum micro-batches) on the state."""
+class TrainStep:
+    """One optimizer step (grad_accum micro-batches) on a `TrainState`: what the loop and bench/train_step.py run."""
 
     def __init__(self, cfg: TrainConfig, state: TrainState, info: DistInfo, steps_per_epoch: int, total: int) -> None:
         self.cfg, self.state, self.info = cfg, state, info
@@ -257,7 +257,7 @@ def _run(
     dataset = factory(info.rank, info.world_size)
     plan = _epoch_plan(cfg, dataset, info)
     total = min(sum(plan), cfg.max_steps) if cfg.max_steps else sum(plan)
-    stepper = _Stepper(cfg, state, info, plan[0], total)
+    stepper = TrainStep(cfg, state, info, plan[0], total)
     stepper.last_checkpoint = resume_from
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
