@@ -46,6 +46,8 @@ _NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
 _SEED_BYTES = 8
 _SEED_MASK = (1 << 63) - 1
 STAGE_FILE = "stage.json"
+_MAX_AUTO_WORKERS = 8
+_CPU_CORES_PER_WORKER = 4
 
 # ----------------------------------------------------------------------------- stats
 
@@ -112,7 +114,7 @@ class ExecutionConfig:
     """How a stage runs; never part of the settings hash (results do not depend on it)."""
 
     batch_size: int = 32  # images per model call
-    num_workers: int = 2  # DataLoader processes decoding images (0 = decode in-process)
+    num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto (see `resolve_workers`)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16; enters the hash resolved
     progress: bool = True  # tqdm bars with images/s and keep rate
@@ -130,6 +132,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_workers(requested: int, device: torch.device) -> int:
+    """-1 (auto): on CUDA, up to 8 decoding processes (one core left to the main process);
+    on CPU, a worker only where cores are to spare (it competes with the model's threads)."""
+    if requested >= 0:
+        return requested
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
+    return 0 if cores <= _CPU_CORES_PER_WORKER else min(_MAX_AUTO_WORKERS // 2, cores // _CPU_CORES_PER_WORKER)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -334,7 +347,7 @@ def image_batches(
     """
     if not batches:
         return
-    workers = max(0, execution.num_workers)
+    workers = resolve_workers(execution.num_workers, device)
     loader = DataLoader(
         _DecodedImages(jpg, transform, image_size),
         batch_sampler=batches,

@@ -369,7 +369,7 @@ def run_filter(
     loaded = _load(model, device)
     plan = plan_outputs(expand_inputs(inputs))
     caption_paths = [_captions_for(caption_dir, name) for _, name in plan]
-    caption_hashes = [_caption_hash(p) for p in caption_paths]
+    caption_hashes = [caption_hash(p) for p in caption_paths]
     folder, digest = stage_dir(out_dir, filter_settings(loaded.fingerprint, cfg, device, caption_hashes))
     stats = StageStats(stage="filter", output=folder, settings_hash=digest)
     for (src, name), captions in zip(plan, caption_paths):
@@ -377,11 +377,15 @@ def run_filter(
     return stats
 
 
-def _caption_hash(path: Path | None) -> str | None:
+def caption_hash(path: Path | None) -> str | None:
+    """The caption stage's settings hash recorded for a caption shard (None without one)."""
     if path is None:
         return None
     record = read_completion(path)
     return record.settings_hash if record else None
+
+
+_caption_hash = caption_hash  # the name flows/steps.py imported first
 
 
 def __getattr__(name: str) -> Any:

@@ -105,3 +105,26 @@ def test_cli_takes_several_inputs_after_one_flag(tmp_path: Path, inputs) -> None
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["totals"]["kept"] == 8 and summary["shards"] == 2 and summary["stage"] == "assemble"
+
+
+def test_capfilt_end_to_end_on_the_synthetic_world(tmp_path: Path) -> None:
+    """caption -> filter -> assemble from Python on `data.synth` shards: totals chain up."""
+    from stage_helpers import tiny_model
+
+    from data.synth import SynthConfig, generate_world
+    from tasks.caption import CaptionConfig, run_caption
+    from tasks.filter import FilterConfig, run_filter
+
+    generate_world(tmp_path / "world", SynthConfig(human_images=6, web_images=12, test_images=2, rows_per_shard=5))
+    web, human = tmp_path / "world" / "web", tmp_path / "world" / "human"
+    model = tiny_model(tmp_path / "model")
+    quick = ExecutionConfig(batch_size=4, num_workers=0, progress=False)
+    captions = run_caption([web], tmp_path / "caption", model, CaptionConfig(max_length=10, min_length=3, execution=quick))
+    web_rows_total = captions.totals["input"]
+    assert captions.totals["captions"] == captions.totals["kept"] and len(captions.shards) == 3
+    filtered = run_filter([web], tmp_path / "filter", model, FilterConfig(execution=quick), caption_dir=captions.output)
+    assert filtered.totals["input"] == web_rows_total + captions.totals["captions"]
+    dataset = run_assemble([human, filtered.output / "kept"], tmp_path / "assemble", AssembleConfig(rows_per_shard=7, execution=EXEC))
+    human_rows = sum(len(read_table(p, "pairs")) for p in list_shards(human))
+    assert dataset.totals["input"] == human_rows + filtered.totals["kept"]
+    assert dataset.totals["kept"] == sum(len(read_table(p, "dataset")) for p in list_shards(dataset.output))
