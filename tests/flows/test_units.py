@@ -1,0 +1,58 @@
+"""Small pieces of the flow package: task runner selection, stage rows, the demo's server."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.artifacts import artifact_key, stage_row
+from flows.config import load_config
+from flows.demo import demo_config, local_image_server
+from flows.runners import build_task_runner, gpu_annotation
+
+
+def test_runner_is_one_setting() -> None:
+    threads = build_task_runner(load_config({"preset": "demo", "runner": {"max_workers": 3}}).runner)
+    assert isinstance(threads, ThreadPoolTaskRunner)
+    from prefect_dask import DaskTaskRunner
+
+    dask = build_task_runner(load_config({"preset": "gpu"}).runner)
+    assert isinstance(dask, DaskTaskRunner)
+    remote = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask", "dask_address": "tcp://h:8786"}}).runner)
+    assert isinstance(remote, DaskTaskRunner)
+
+
+def test_gpu_annotation_claims_dask_resources() -> None:
+    import dask
+
+    gpu = load_config({"preset": "gpu"})
+    with gpu_annotation(gpu):
+        assert dask.get_annotations().get("resources") == {"GPU": 1}
+    with gpu_annotation(load_config({"preset": "demo"})):
+        assert "resources" not in dask.get_annotations()
+
+
+def test_stage_row_sums_and_rates() -> None:
+    shards = [
+        {"counts": {"input": 10, "kept": 6, "rejected": 3, "failed": 1}, "images": 10, "skipped": False},
+        {"counts": {"input": 5, "kept": 5, "rejected": 0, "failed": 0}, "images": 0, "skipped": True, "cached": True},
+    ]
+    row = stage_row("filter", shards, wall_seconds=2.0)
+    assert (row["input"], row["kept"], row["rejected"], row["failed"]) == (15, 11, 3, 1)
+    assert row["skipped_shards"] == 1 and row["cached_shards"] == 1 and row["images_per_s"] == 5.0
+    assert artifact_key("capfilt", "Run_2", "filter") == "capfilt-run-2-filter"
+
+
+def test_demo_config_and_local_server(tmp_path: Path) -> None:
+    assert demo_config(quick=True).run_dir == "runs/demo-quick"
+    assert demo_config(out=tmp_path / "r").run_dir == str(tmp_path / "r")
+    (tmp_path / "img.png").write_bytes(b"png bytes")
+    port_file = tmp_path / "www.port"
+    with local_image_server(tmp_path, port_file) as base:
+        assert base.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{base}/img.png", timeout=5) as response:
+            assert response.read() == b"png bytes"
+    with local_image_server(tmp_path, port_file) as again:
+        assert again == base  # same port on a rerun: the URL list stays identical
