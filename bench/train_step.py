@@ -109,7 +109,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         lines.append(
             f"| {r['preset']} | {r['mode']} | {r['device']} | {r['image_size']} | {r['batch']} | {r['params_m']:.1f} | "
-            f"{r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_gib']:.2f} | {tf} | {mfu} |"
+            f"{r['step_s']:.3f} | {r['samples_per_s']:.3g} | {r['peak_gib']:.2f} | {tf} | {mfu} |"
         )
     return "\n".join(lines)
 
