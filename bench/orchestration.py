@@ -146,7 +146,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(_measure(args.shards[0], args.workers)))
         return
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # fmt: skip
     rows = []
     for shards in args.shards:
         done = subprocess.run([sys.executable, __file__, "--child", "--shards", str(shards), "--workers", str(args.workers)],

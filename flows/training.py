@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +97,15 @@ def train_model(
     vocab_size: int,
     tokenizer_dir: str,
     tokenizer_shards: list[str],
+    nproc_per_node: int = 1,
 ) -> dict[str, Any]:
-    """Train (or resume, or find finished) one model into `out`; returns its final folder and steps."""
+    """Train (or resume, or find finished) one model into `out`; returns its final folder and steps.
+
+    With `nproc_per_node` > 1 the same call is relaunched under ``torchrun`` (DDP, one
+    process per GPU); every rank runs this function and the trainer splits the data.
+    """
+    if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun({k: v for k, v in locals().items() if k != "nproc_per_node"}, nproc_per_node)
     from blip_core.image import ImageTransform
     from blip_core.train import TrainConfig, train
     from data.dataset import PairDataset
@@ -130,3 +139,25 @@ def train_model(
     result = train(cfg, factory, tokenizer=tokenizer)
     return {"final": str(result.final_dir), "steps": result.steps, "resumed": resumed,
             "last_metrics": {k: float(v) for k, v in result.last_metrics.items()}}  # fmt: skip
+
+
+def _launch_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:
+    """Run `train_model(**kwargs)` on `nproc` local processes with torchrun; output in ``out/torchrun.log``."""
+    out = Path(kwargs["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    args_file = out / "launch.json"
+    args_file.write_text(json.dumps(kwargs, indent=1))
+    log = out / "torchrun.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "flows.training", str(args_file)]  # fmt: skip
+    with open(log, "w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun training into {out} failed (exit {done.returncode}); see {log}")
+    final = out / FINAL
+    steps = json.loads((final / "training.json").read_text()).get("steps")
+    return {"final": str(final), "steps": steps, "resumed": False, "processes": nproc}
+
+
+if __name__ == "__main__":  # one torchrun rank: `python -m flows.training ARGS.json`
+    train_model(**json.loads(Path(sys.argv[1]).read_text()))

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import typer
 
-# Offline defaults (see shared PITFALLS): no telemetry, no update checks, quiet tokenizers.
+# Offline defaults (see shared PITFALLS): no telemetry, no update checks, quiet tokenizers,
+# and time for Prefect's temporary server to start on a busy machine (its default is 20 s).
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
