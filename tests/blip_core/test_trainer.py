@@ -125,10 +125,16 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(tmp_path: Path, token
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc = _run(out, *args, "--resume")  # killed the moment a checkpoint folder starts to be written
-    _wait_for(out / "checkpoints" / ".tmp-step-00000012", proc)
+    proc = _run(out, *args, "--resume")  # killed the moment a checkpoint is renamed into place
+    _wait_for(out / "checkpoints" / "step-00000012", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # what a kill in the middle of writing leaves: a half-built checkpoint and a cut metrics line
+    partial = out / "checkpoints" / ".tmp-step-00000016"
+    partial.mkdir(exist_ok=True)
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "lo')
     _finish(_run(out, *args, "--resume"))
 
     ref_ckpt, got_ckpt = latest_checkpoint(tmp_path / "ref" / "checkpoints"), latest_checkpoint(out / "checkpoints")
@@ -300,3 +306,21 @@ def test_mode_defaults_follow_blip() -> None:
     assert pre.weight_decay == 0.05 and pre.momentum == 0.995 and pre.queue_size == 57_600 and pre.alpha == 0.4
     with pytest.raises(TypeError, match="unknown TrainConfig fields"):
         TrainConfig.for_mode("pretrain", learning_rate=1.0)
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path: Path, tokenizer) -> None:
+    plain = train(_cfg(tmp_path / "a", max_steps=2), _toy(16), tokenizer=tokenizer)
+    recomputed = train(_cfg(tmp_path / "b", max_steps=2, activation_checkpointing=True), _toy(16), tokenizer=tokenizer)
+    for name, p in plain.model.state_dict().items():
+        torch.testing.assert_close(recomputed.model.state_dict()[name], p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_finetune_from_a_hugging_face_blip_folder(tmp_path: Path, tokenizer) -> None:
+    from blip_core.hf import export_hf
+
+    torch.manual_seed(0)
+    export_hf(MED(preset("tiny").with_tokenizer(tokenizer)), tokenizer, tmp_path / "hf", kind="retrieval")
+    cfg = _cfg(tmp_path / "ft", "finetune-filter", init=str(tmp_path / "hf"), image_size=32, max_steps=2)
+    result = train(cfg, _toy(16))
+    assert result.steps == 2 and {"itc", "itm"} <= set(result.last_metrics)
+    assert load(result.final_dir).format == "capfilt-med"
