@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from blip_core.image import ImageTransform
 from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
 from blip_core.train import TrainConfig, train
+from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
 from data.shards import list_shards, read_table
 from tasks.common import prefect_task
@@ -139,9 +141,26 @@ def train_stage(
     final = out / FINAL_DIR
     if _finished(final, cfg):
         return TrainStageResult(str(final), int(json.loads((final / "training.json").read_text())["steps"]), True)
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(cfg.device)  # a no-op outside torchrun
+    try:
+        return _train(cfg, files, init, augment, vocab_size, Path(tokenizer_dir) if tokenizer_dir else out / TOKENIZER_DIR, info)
+    finally:
+        if joined_here and info.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig, files: list[Path], init: str | Path | None, augment: bool, vocab_size: int, tok_dir: Path, info: DistInfo
+) -> TrainStageResult:
     tokenizer = None
     if init is None:
-        tokenizer = stage_tokenizer(Path(tokenizer_dir) if tokenizer_dir else out / TOKENIZER_DIR, files, vocab_size)
+        # rank 0 builds (build_tokenizer's ids may differ between processes); the others load its files
+        if info.is_main:
+            tokenizer = stage_tokenizer(tok_dir, files, vocab_size)
+        barrier(info)
+        if not info.is_main:
+            tokenizer = Tokenizer.from_folder(tok_dir)
     transform = ImageTransform(cfg.resolved_image_size(), train=augment, scale=(cfg.min_scale, 1.0))
 
     def dataset(rank: int, world_size: int) -> PairDataset:

@@ -91,3 +91,34 @@ def test_capfilt_train_cli(world: Path, tmp_path: Path) -> None:
     assert json.loads(done.output[done.output.index("{"):])["steps"] == 2
     bad = runner.invoke(app, [*args[:2], "sideways", *args[3:]])
     assert bad.exit_code != 0 and "--mode must be one of" in bad.output
+
+
+@pytest.mark.slow
+def test_train_stage_under_torchrun_shares_one_tokenizer(world: Path, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from tasks.train import train_stage\n"
+        "r = train_stage(sys.argv[1], [sys.argv[2]], 'pretrain', preset='tiny', max_steps=3, batch_size=8,\n"
+        "                queue_size=16, warmup_steps=1, progress=False, device='cpu')\n"
+        "print('steps', r.steps)\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), str(tmp_path / "ddp"), str(world / "human")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("steps 3") == 2
+    assert load(tmp_path / "ddp" / "final").tokenizer.vocab_size == load(
+        tmp_path / "ddp" / "checkpoints" / "step-00000003").tokenizer.vocab_size
+    assert not (tmp_path / "ddp" / "tokenizer.tmp").exists()
