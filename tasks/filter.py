@@ -174,7 +174,7 @@ def _score(
     transform = _transform(model)
     jpg = web.column("jpg").combine_chunks()
     batches = index_batches(order, cfg.execution.batch_size)
-    start = 0
+    start, passed, judged = 0, 0, 0
     with inference_context(device, precision):
         for pixels, image_errors in image_batches(jpg, batches, transform, transform.image_size, cfg.execution, device):
             stop = start + len(image_errors)
@@ -197,8 +197,12 @@ def _score(
                     mask[rows, :width].to(device),
                     image_index=torch.from_numpy(image_index).to(device),
                 )  # (c, 2)
-                scores[caps[good]] = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
+                batch_scores = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
+                scores[caps[good]] = batch_scores
+                passed += int((batch_scores >= cfg.threshold).sum())
+                judged += len(batch_scores)
             bar.update(len(image_errors))
+            bar.set_postfix(keep=f"{passed / max(judged, 1):.0%}", refresh=False)
             start = stop
     return _Scores(scores, errors)
 
@@ -308,7 +312,6 @@ def filter_shard(
         with progress_bar(int(web_ok.sum()), f"filter {name}", cfg.execution.progress) as bar:
             scores = _score(loaded, web, texts, owner, status_ok & nonempty, cfg, device, precision, bar)
             keep, failed, reasons = _decide(scores, is_syn, owner, status_ok, nonempty, cfg)
-            bar.set_postfix(keep=f"{keep.mean() if len(keep) else 0:.0%}")
         # synthetic rows carry their image: take it from the web row (read once)
         syn_full = syn.append_column("jpg", web.column("jpg").take(pa.array(owner[n_web:])))
         for column in ("url", "width", "height", "sha256"):

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from stage_helpers import caption, jpeg, tiny_model, web_shards, write_pairs
 
 import blip_core
