@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from blip_core.losses import (
+    IGNORE_INDEX,
     diagonal_positives,
     id_positives,
     itc_loss,
@@ -23,7 +24,6 @@ from blip_core.losses import (
     lm_loss,
     lm_targets,
     sample_hard_negatives,
-    IGNORE_INDEX,
 )
 from blip_core.med import MED
 from blip_core.tokenizer import Tokenizer
