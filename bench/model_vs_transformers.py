@@ -10,7 +10,7 @@ batched outputs are checked image by image against transformers run on that imag
 with `torch.manual_seed(seed_i)`: ours must give exactly those token ids.
 
 Usage: PYTHONPATH=. python bench/model_vs_transformers.py [--presets tiny base] [--device cpu]
-       [--dtype float32|bfloat16] [--itm-images N] [--caption-images N]
+       [--dtype float32|bfloat16] [--itm-images N ...] [--caption-images N ...] [--threads T]
 """
 
 from __future__ import annotations
@@ -108,11 +108,16 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "base"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--itm-images", type=int, nargs="+", default=[64, 4], help="per preset")
-    ap.add_argument("--caption-images", type=int, nargs="+", default=[32, 4], help="per preset")
+    ap.add_argument("--itm-images", type=int, nargs="+", default=[256, 4], help="per preset")
+    ap.add_argument("--caption-images", type=int, nargs="+", default=[64, 4], help="per preset")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both sides (0: torch's default). On a shared CPU use 1: with "
+                         "oversubscribed cores, small matmuls wait on each other's threads")
     ap.add_argument("--repeats", type=int, default=3, help="best of N alternating timed runs (the first warms up)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     table = []
     for i, name in enumerate(args.presets):
         itm_n = args.itm_images[min(i, len(args.itm_images) - 1)]
