@@ -37,6 +37,7 @@ from tasks.common import (
     image_batches,
     index_batches,
     inference_context,
+    load_stage_model,
     ok_mask,
     plan_outputs,
     prefect_task,
@@ -78,13 +79,7 @@ class CaptionConfig:
 
 
 def _load(model: Any, device: torch.device) -> Any:
-    if isinstance(model, (str, Path)):
-        import blip_core
-
-        model = blip_core.load(Path(model), device=str(device))
-    if model.tokenizer is None:
-        raise FileNotFoundError("model folder has no tokenizer files (tokenizer.json / vocab.txt); save one next to the weights")
-    return model
+    return load_stage_model(model, device, role="captioner", wrong_format="hf-retrieval")
 
 
 def caption_settings(fingerprint: str, cfg: CaptionConfig, device: torch.device) -> dict[str, Any]:

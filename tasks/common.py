@@ -198,6 +198,32 @@ def derive_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:_SEED_BYTES], "little") & _SEED_MASK
 
 
+# ----------------------------------------------------------------------------- models
+
+
+def load_stage_model(model: Any, device: torch.device, role: str, wrong_format: str) -> Any:
+    """A `blip_core.LoadedModel` for a stage (loading it when given a folder).
+
+    Refuses a model without tokenizer files, and a transformers export of the other half
+    of BLIP (`wrong_format`: a captioning folder has no ITM head, a retrieval folder no
+    decoder), whose missing weights would silently be random.
+    """
+    if isinstance(model, (str, Path)):
+        import blip_core
+
+        model = blip_core.load(Path(model), device=str(device))
+    if model.tokenizer is None:
+        raise FileNotFoundError(
+            f"the {role} model has no tokenizer files (tokenizer.json / vocab.txt); save one next to the weights"
+        )
+    if model.format == wrong_format:
+        raise ValueError(
+            f"the {role} model is a transformers {wrong_format.removeprefix('hf-')} export, which lacks the "
+            f"weights the {role} needs; pass our checkpoint or the other BLIP folder"
+        )
+    return model
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

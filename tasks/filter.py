@@ -44,6 +44,7 @@ from tasks.common import (
     image_batches,
     index_batches,
     inference_context,
+    load_stage_model,
     ok_mask,
     plan_outputs,
     prefect_task,
@@ -78,14 +79,7 @@ class _Scores:
 
 
 def _load(model: Any, device: torch.device) -> Any:
-    """A LoadedModel, loading it from a folder when given a path."""
-    if isinstance(model, (str, Path)):
-        import blip_core
-
-        model = blip_core.load(Path(model), device=str(device))
-    if model.tokenizer is None:
-        raise FileNotFoundError("model folder has no tokenizer files (tokenizer.json / vocab.txt); save one next to the weights")
-    return model
+    return load_stage_model(model, device, role="filter", wrong_format="hf-captioning")
 
 
 def _captions_for(caption_dir: Path | None, name: str) -> Path | None:

@@ -164,3 +164,23 @@ def test_img2dataset_parquet_is_read_as_is(tmp_path: Path, loaded) -> None:
     assert stats.totals["input"] == n and stats.totals["kept"] + stats.totals["rejected"] == 3
     scored = [r for r in _rows(stats.output, "kept") + rejected if r["itm_score"] is not None]
     assert len(scored) == 2 and np.all(np.isfinite([r["itm_score"] for r in scored]))
+
+
+def test_refuses_a_captioning_export_as_filter(tmp_path: Path, loaded, inputs) -> None:
+    blip_core.export_hf(loaded.model, loaded.tokenizer, tmp_path / "hf-cap", kind="captioning")
+    with pytest.raises(ValueError, match="captioning export"):
+        run_filter(inputs[0], tmp_path / "out", tmp_path / "hf-cap", FilterConfig(execution=EXEC))
+
+
+def test_transformers_retrieval_folder_gives_the_same_scores(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    hf_dir = blip_core.export_hf(loaded.model, loaded.tokenizer, tmp_path / "hf-itm", kind="retrieval")
+    ours = run_filter(webs, tmp_path / "a", loaded, FilterConfig(execution=EXEC), caption_dir=cap)
+    theirs = run_filter(webs, tmp_path / "b", hf_dir, FilterConfig(execution=EXEC), caption_dir=cap)
+    assert theirs.output.name != ours.output.name  # another judge fingerprint, another folder
+
+    def scores(folder: Path) -> dict[str, float]:
+        return {r["key"]: r["itm_score"] for o in ("kept", "rejected") for r in _rows(folder, o)}
+
+    a, b = scores(ours.output), scores(theirs.output)
+    assert a.keys() == b.keys() and max(abs((a[k] or 0) - (b[k] or 0)) for k in a) < 1e-5
