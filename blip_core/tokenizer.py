@@ -11,13 +11,13 @@ code serves bert-base-uncased (``[DEC]`` = 30522) and a vocabulary trained here.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer as _RawTokenizer
-from tokenizers import models, normalizers, pre_tokenizers, trainers
+from tokenizers import normalizers, pre_tokenizers
 from transformers import BertTokenizer
 
 Mode = Literal["text", "itm", "decoder"]
@@ -107,21 +107,24 @@ class Tokenizer:
 
 
 def build_tokenizer(captions: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1) -> Tokenizer:
-    """Train a lowercase WordPiece vocabulary on `captions` (milliseconds for thousands).
+    """A lowercase WordPiece vocabulary of whole words plus single characters, from `captions`.
 
-    For worlds without bert-base-uncased (this machine has no model hub). The vocabulary
-    holds BERT's five special tokens first (`[PAD]` = 0), then the learned pieces, then
-    `[DEC]` and `[ENC]`, the same order as BLIP's extended bert-base-uncased. The
-    captioner prompt is part of the corpus so it is a few whole words, not pieces.
+    For worlds without bert-base-uncased (this machine has no model hub). Deterministic:
+    the same captions give the same ids in every process (the `tokenizers` trainer breaks
+    frequency ties by hash order, which differs between processes, so it is not used).
+    Ids: BERT's five special tokens (`[PAD]` = 0), every character and its `##`
+    continuation (so no word is unknown), the most frequent words (ties by spelling),
+    then `[DEC]` and `[ENC]`, the order of BLIP's extended bert-base-uncased. The
+    captioner prompt is part of the corpus, so it is whole words, not pieces.
     """
-    raw = _RawTokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=_BERT_SPECIALS
-    )
-    raw.train_from_iterator([*captions, DEFAULT_PROMPT], trainer=trainer)
-    vocab = dict(sorted(raw.get_vocab().items(), key=lambda kv: kv[1]))
-    for token in (DEC_TOKEN, ENC_TOKEN):
-        vocab[token] = len(vocab)
-    return Tokenizer(BertTokenizer(vocab=vocab, do_lower_case=True))
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in [*captions, DEFAULT_PROMPT]:
+        counts.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({ch for word in counts for ch in word})
+    pieces = [*_BERT_SPECIALS, *chars, *(f"##{ch}" for ch in chars)]
+    room = max(vocab_size - len(pieces) - 2, 0)
+    ranked = sorted((w for w, n in counts.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens = [*pieces, *ranked[:room], DEC_TOKEN, ENC_TOKEN]
+    return Tokenizer(BertTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, do_lower_case=True))

@@ -63,3 +63,22 @@ def test_missing_folder_names_the_path(tmp_path: Path) -> None:
 def test_bad_mode_is_refused(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         tok.encode(CAPTIONS, mode="decode")  # type: ignore[arg-type]
+
+
+def test_vocabulary_is_the_same_in_every_process() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from blip_core.tokenizer import build_tokenizer;"
+        "t = build_tokenizer(['a red circle', 'a blue square', 'two shapes', 'click here'] * 3, vocab_size=80);"
+        "print(sorted(t.bert.get_vocab().items(), key=lambda kv: kv[1]))"
+    )
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(3)}
+    assert len(runs) == 1
+
+
+def test_unseen_words_fall_back_to_characters(tok: Tokenizer) -> None:
+    ids, _ = tok.encode(["a reed circel"])
+    assert tok.unk_id not in ids.tolist()[0]
+    assert tok.decode(ids) == ["a reed circel"]
