@@ -82,6 +82,7 @@ class EvalResult:
     retrieval: dict[str, float]  # scene hits (id hits when no truth is given)
     retrieval_id: dict[str, float]  # same-image hits
     captioning: dict[str, float]  # BLEU-4 / CIDEr x 100, plus scene correctness with truth
+    retrieval_itc: dict[str, float] = field(default_factory=dict)  # scene (or id) hits, ITC ranking alone
     filter_detection: dict[str, Any] | None = None
     captioner: dict[str, Any] | None = None
     fingerprint: str = ""  # of model + test shards + settings: a rerun with the same is skipped
@@ -299,8 +300,10 @@ def evaluate_model(
         scene = {i: truth.scenes[i].to_json() if i in truth.scenes else f"id:{i}" for i in test.image_ids}
         by_scene = relevance_matrix([scene[i] for i in test.image_ids], [scene[i] for i in test.text_image_ids])
         out["retrieval"] = retrieval_recall(i2t, by_scene, t2i).as_dict()
+        out["retrieval_itc"] = retrieval_recall(sim, by_scene).as_dict()
     else:
         out["retrieval"] = out["retrieval_id"]
+        out["retrieval_itc"] = retrieval_recall(sim, by_id).as_dict()
     captions = _captions(model, tokenizer, test, cfg)
     cands = dict(zip(test.image_ids, captions, strict=True))
     scores = caption_scores(test.references(), cands)
@@ -347,6 +350,7 @@ def evaluate(
         retrieval=metrics["retrieval"],
         retrieval_id=metrics["retrieval_id"],
         captioning=metrics["captioning"],
+        retrieval_itc=metrics["retrieval_itc"],
         settings=_semantic(cfg),
         examples=metrics["examples"],
     )

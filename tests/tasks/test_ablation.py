@@ -41,7 +41,7 @@ def test_config_rejects_unknown_rows_and_bad_queue() -> None:
 
 
 def _result() -> AblationResult:
-    values = {row: {m: [] for m in ("TR@1", "IR@1", "TR@5", "IR@5", "B@4", "CIDEr", "exact caps %")}
+    values = {row: {m: [] for m in ("TR@1", "IR@1", "TR@5", "IR@5", "ITC TR@1", "ITC IR@1", "B@4", "CIDEr", "exact caps %")}
               for row in ("no_cf", "cf", "human")}
     for row, base in (("no_cf", 50.0), ("cf", 70.0), ("human", 60.0)):
         for m in values[row]:

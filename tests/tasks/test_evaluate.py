@@ -97,6 +97,7 @@ def test_evaluate_tiny_model(world: Path, model_dir: Path, tmp_path: Path) -> No
     for k, v in res.retrieval_id.items():
         assert res.retrieval[k] >= v - 1e-9, k
     assert {"BLEU-4", "CIDEr", "scene_exact", "scene_true"} <= set(res.captioning)
+    assert set(res.retrieval_itc) == set(res.retrieval)
     assert res.filter_detection is not None and res.filter_detection["roc_auc"] == 1.0
     assert res.captioner is not None and res.captioner["exact"] == 0.5
     assert len(res.examples) == 5 and res.model_fingerprint
