@@ -184,3 +184,31 @@ def test_transformers_retrieval_folder_gives_the_same_scores(tmp_path: Path, loa
 
     a, b = scores(ours.output), scores(theirs.output)
     assert a.keys() == b.keys() and max(abs((a[k] or 0) - (b[k] or 0)) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_real_img2dataset_output_goes_straight_into_the_filter(tmp_path: Path, loaded) -> None:
+    """img2dataset downloads from a local server (one URL 404s); its raw Parquet is the input."""
+    from data.ingest_web import run_img2dataset, serve_folder
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(3):
+        (www / f"{i}.jpg").write_bytes(jpeg(i, size=40))
+    with serve_folder(www) as base:
+        urls = [f"{base}/{i}.jpg" for i in range(3)] + [f"{base}/missing.jpg"]
+        pq.write_table(pa.table({"url": urls, "caption": [caption(i) for i in range(4)]}), tmp_path / "urls.parquet")
+        args = {
+            "url_list": str(tmp_path / "urls.parquet"), "input_format": "parquet", "url_col": "url",
+            "caption_col": "caption", "output_folder": str(tmp_path / "raw"), "output_format": "parquet",
+            "processes_count": 1, "thread_count": 4, "image_size": 32, "resize_mode": "no",
+            "enable_wandb": False, "timeout": 5, "retries": 0,
+        }
+        run_img2dataset(args, tmp_path / "img2dataset.log", timeout_s=180)
+    stats = run_filter([tmp_path / "raw"], tmp_path / "out", loaded, FilterConfig(execution=EXEC))
+    assert stats.totals["input"] == 4 and stats.totals["failed"] == 1
+    assert stats.totals["kept"] + stats.totals["rejected"] == 3
+    (failed,) = _rows(stats.output, "failed")
+    assert failed["url"].endswith("missing.jpg") and "404" in failed["error"]
+    scored = _rows(stats.output, "kept") + _rows(stats.output, "rejected")
+    assert all(r["itm_score"] is not None and r["source"] == "web" for r in scored)
