@@ -195,8 +195,8 @@ def _score(
                 scores[caps[good]] = batch_scores
                 passed += int((batch_scores >= cfg.threshold).sum())
                 judged += len(batch_scores)
-            bar.update(len(image_errors))
             bar.set_postfix(keep=f"{passed / max(judged, 1):.0%}", refresh=False)
+            bar.update(len(image_errors))
             start = stop
     return _Scores(scores, errors)
 

@@ -42,8 +42,9 @@ def _report(stats: StageStats) -> None:
         "shards": len(stats.shards),
         "skipped": len(stats.shards) - len(done),
         "totals": stats.totals,
-        "images_per_second": round(stats.images_per_second, 2),
     }
+    if stats.images:
+        summary["images_per_second"] = round(stats.images_per_second, 2)
     typer.echo(json.dumps(summary, indent=2))
 
 
