@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -62,6 +63,8 @@ from data.shards import (
 WORK_DIR = "_img2dataset"
 KEY_COLUMN = "capfilt_key"  # our key, carried through img2dataset as an additional column
 NOT_EMITTED = "not_emitted"
+BAD_URL = "bad_url"  # failure kind of a URL that is never fetched (empty, or not http/https)
+_FETCHABLE_SCHEMES = ("http", "https")  # urllib would also read file://, ftp:// and data: URLs
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _FORMAT_ALIASES = {"json": "jsonl"}
 _IMAGE_SUFFIXES = ("jpg", "png", "webp", "jpeg")
@@ -263,10 +266,35 @@ def read_raw_results(raw_parquet: Path, encode_format: str) -> dict[str, RawResu
     return results
 
 
+def url_problem(url: str | None) -> str | None:
+    """Why `url` must not be fetched (empty, relative, or a scheme other than http/https), or None.
+
+    img2dataset fetches with urllib, which reads ``file://`` (any local file), ``ftp://`` and
+    ``data:`` URLs too; a URL list must never make ingestion read the machine's own files.
+    """
+    text = (url or "").strip()
+    if not text:
+        return "empty URL"
+    scheme = urlsplit(text).scheme.lower()
+    if scheme not in _FETCHABLE_SCHEMES:
+        return f"scheme {scheme or '(none)'!r} is not http or https; such URLs are never fetched"
+    return None
+
+
+def _fetchable(table: pa.Table) -> pa.Table:
+    """The list as img2dataset gets it: refused URLs blanked (it fails those without any I/O),
+    rows kept in place so its shard N still holds our shard N's rows."""
+    urls = [None if url_problem(u) else u for u in table.column("url").to_pylist()]
+    return table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
+
+
 def _raw_row(expected: dict, result: RawResult | None, why_missing: str) -> RawRow:
     key = expected[KEY_COLUMN]
     row = RawRow(key=key, image_id=expected["image_id"], caption=expected["caption"], data=None, url=expected["url"])
-    if result is None:
+    problem = url_problem(expected["url"])
+    if problem is not None:
+        row.error = f"{BAD_URL}: {problem}"
+    elif result is None:
         row.error = f"{NOT_EMITTED}: {why_missing}"
     elif result.status == "success":
         row.data = result.data
@@ -306,7 +334,7 @@ def _prepare_work(url_list: Path, out: Path, cfg: WebIngestConfig) -> tuple[Path
     input_path = work / "input.parquet"
     if not input_path.is_file():
         tmp = input_path.with_name(input_path.name + ".tmp")
-        pq.write_table(table, tmp)
+        pq.write_table(_fetchable(table), tmp)
         os.replace(tmp, input_path)
     manifest_path.write_text(json.dumps(manifest, indent=2))
     n_shards = -(-table.num_rows // max(1, cfg.rows_per_shard))
@@ -380,7 +408,7 @@ def _retry_failed(out: Path, work: Path, cfg: WebIngestConfig, settings: str) ->
     results: dict[str, RawResult] = {}
     if failed:
         retry.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(failed), retry / "input.parquet")
+        pq.write_table(_fetchable(pa.Table.from_pylist(failed)), retry / "input.parquet")
         # A fresh folder in "incremental" mode: img2dataset's "overwrite" mode deletes the
         # temporary folder it has just made and then loops on the missing files.
         shutil.rmtree(retry / "raw", ignore_errors=True)
