@@ -107,6 +107,17 @@ def _load_ours(folder: Path, raw: dict[str, Any], image_size: int | None) -> MED
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"{folder / WEIGHTS_FILE}: missing {missing[:5]}, unexpected {extra[:5]}")
+    shapes = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (config says {tuple(shapes[k].shape)})"
+        for k, v in weights.items()
+        if v.shape != shapes[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE}: tensors do not match {folder / CONFIG_FILE}: {wrong[:3]}; "
+            "the config and the weights come from different models"
+        )
     model.load_state_dict(weights, strict=False)  # aliases of shared weights are absent by design
     return model
 
