@@ -27,7 +27,6 @@ from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
 
-REPORT_NAME = "report.md"
 STAGES_LOG = "stages.jsonl"
 
 

@@ -84,11 +84,12 @@ def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
 
         settings = caption_settings(loaded.fingerprint, caption_config(config), device)
     elif stage == "filter":
-        from tasks.filter import _caption_hash, filter_settings
+        from data.shards import read_completion
+        from tasks.filter import filter_settings
 
         caption_dir = job.params.get("captions")
-        names = job.params["names"]
-        hashes = [_caption_hash(Path(caption_dir) / n) if caption_dir else None for n in names]
+        records = [read_completion(Path(caption_dir) / n) if caption_dir else None for n in job.params["names"]]
+        hashes = [record.settings_hash if record else None for record in records]  # the captions' identity
         settings = filter_settings(loaded.fingerprint, filter_config(config), device, hashes)
     else:
         raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
