@@ -68,6 +68,17 @@ class _CachedDecoder:
         for cache in self.caches:
             cache.reorder(rows)
 
+    def keep_images(self, images: Tensor, rows_per_image: int) -> None:
+        """Drop every image not in `images` (indices into the current images) and its rows."""
+        self.image_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.image_kv]
+        self.reorder(_rows_of(images, rows_per_image))
+
+
+def _rows_of(images: Tensor, rows_per_image: int) -> Tensor:
+    """Row indices (image-major) of `images`."""
+    offsets = torch.arange(rows_per_image, device=images.device)
+    return (images[:, None] * rows_per_image + offsets).reshape(-1)
+
 
 def _start_ids(model: MED, rows: int, prompt_ids: Tensor | None, device: torch.device) -> Tensor:
     """(R, P): bos followed by the prompt tokens (the same prompt for every row)."""
@@ -142,22 +153,38 @@ def _greedy_or_sample(
     generators: list[torch.Generator] | None,
     sample: bool,
 ) -> Tensor:
-    seqs = start
-    unfinished = torch.ones(start.shape[0], dtype=torch.bool, device=start.device)
+    """Greedy or nucleus decoding; images whose captions all ended leave the batch.
+
+    Dropping finished images is exact: their tokens are final, and every other image
+    draws from its own generator (with the global RNG, used without `seeds`, all rows
+    stay so the draws follow transformers' order).
+    """
+    g, dev = s.num_captions, start.device
+    seqs = start  # (R, L) every row; `active` rows are the ones still decoding
+    unfinished = torch.ones(start.shape[0], dtype=torch.bool, device=dev)
+    images = torch.arange(start.shape[0] // g, device=dev)  # images still in the batch
+    rows = _rows_of(images, g)
+    may_drop = not sample or generators is not None
     logits = decoder.step(start)
     while True:
-        scores = _process(logits, seqs, s, eos)
+        scores = _process(logits, seqs.index_select(0, rows), s, eos)
         if sample:
-            probs = _warp(scores, s).softmax(dim=-1)
-            nxt = _sample(probs, generators, s.num_captions)
+            gens = None if generators is None else [generators[i] for i in images.tolist()]
+            nxt = _sample(_warp(scores, s).softmax(dim=-1), gens, g)
         else:
             nxt = scores.argmax(dim=-1)
-        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        unfinished &= nxt != eos
+        nxt = torch.where(unfinished[rows], nxt, torch.full_like(nxt, pad))
+        step = torch.full_like(unfinished, pad, dtype=seqs.dtype).index_copy(0, rows, nxt)
+        seqs = torch.cat([seqs, step[:, None]], dim=1)
+        unfinished[rows] &= nxt != eos
         if seqs.shape[1] >= s.max_length or not bool(unfinished.any()):
             return seqs
-        logits = decoder.step(nxt[:, None])
+        done = ~unfinished[rows].view(-1, g).any(dim=1)  # per image in the batch
+        if may_drop and int(done.sum()) * 4 >= len(images):  # shrink when a quarter has ended
+            keep = (~done).nonzero().squeeze(1)
+            decoder.keep_images(keep, g)
+            images, rows = images[keep], _rows_of(images[keep], g)
+        logits = decoder.step(seqs[rows, -1:])
 
 
 def _beam_search(decoder: _CachedDecoder, start: Tensor, s: DecodeSettings, eos: int, pad: int) -> Tensor:
