@@ -4,7 +4,8 @@ Each comma-separated item is `step` (fail that step) or `step:index` (fail only 
 `index` of a shard stage). The check runs at the start of the Prefect task, before any
 output is written, so it models a crash between finished and unfinished work; the
 fault stays while the variable is set, so removing it (the "fix") is what lets a
-rerun resume.
+rerun resume. `CAPFILT_FAULT_FILE=PATH` reads the same spec from a file at each check,
+so a long-lived process (a served deployment) can be fixed by deleting the file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 
 FAULT_ENV = "CAPFILT_FAULT"
+FAULT_FILE_ENV = "CAPFILT_FAULT_FILE"
 
 
 class InjectedFault(RuntimeError):
@@ -21,6 +23,10 @@ class InjectedFault(RuntimeError):
 def maybe_fault(step: str, index: int | None = None) -> None:
     """Raise InjectedFault when `CAPFILT_FAULT` names `step` (or `step:index`)."""
     spec = os.environ.get(FAULT_ENV, "")
+    fault_file = os.environ.get(FAULT_FILE_ENV)
+    if fault_file and os.path.isfile(fault_file):
+        with open(fault_file) as handle:
+            spec = ",".join(filter(None, [spec, handle.read().strip()]))
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, where = item.partition(":")
         if name != step:

@@ -1,11 +1,13 @@
 """End to end through a real Prefect server: serve the demo deployment, trigger it with
-`prefect deployment run`, wait for Completed, check the run folder; every process this
-test starts is stopped at the end."""
+`prefect deployment run`; the run fails partway on an injected fault, the fault is
+fixed, `prefect flow-run retry` resumes it to Completed without touching what had
+finished; every process this test starts is stopped at the end."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,12 +56,23 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
 
 
-def test_served_demo_deployment_runs_to_completed(tmp_path: Path) -> None:
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of the stage outputs (shards, records, model weights)."""
+    out = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.suffix in (".parquet", ".json", ".safetensors") and ".prefect" not in path.parts:
+            out[str(path.relative_to(root))] = (path.stat().st_ino, path.stat().st_mtime_ns)
+    return out
+
+
+def test_served_demo_deployment_fails_then_retry_completes(tmp_path: Path) -> None:
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
+    fault = tmp_path / "fault.txt"
+    fault.write_text("filter:1")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+           "TOKENIZERS_PARALLELISM": "false", "CAPFILT_FAULT_FILE": str(fault)}  # fmt: skip
     run_dir = tmp_path / "run"
     config = {"preset": "demo-quick", "run_dir": str(run_dir),
               "data": {"world": {"n_human": 80, "n_web": 80, "n_test": 20, "shard_rows": 40}},
@@ -89,8 +102,25 @@ def test_served_demo_deployment_runs_to_completed(tmp_path: Path) -> None:
             assert procs[1].poll() is None, f"capfilt serve exited:\n{serve_log.read_text()[-3000:]}"
             time.sleep(1)
         output = result.stdout + result.stderr
-        assert "Completed" in output, f"{output[-3000:]}\n--- serve log ---\n{serve_log.read_text()[-5000:]}"
-        assert result.returncode == 0
+        assert "Failed" in output and result.returncode != 0, f"{output[-3000:]}\n{serve_log.read_text()[-5000:]}"
+        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", output)
+        assert flow_run, output[-3000:]
+        before = _snapshot(run_dir)
+        assert any(k.endswith("kept/part-00000.parquet") for k in before)
+        assert not any(k.endswith("kept/part-00001.parquet") for k in before)
+
+        fault.unlink()  # the fix; then retry the same failed flow run
+        retry = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run.group(1)], env=env,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        deadline, state = time.monotonic() + RUN_TIMEOUT_S, "SCHEDULED"
+        while state not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.monotonic() < deadline:
+            time.sleep(2)
+            inspect = subprocess.run([str(BIN / "prefect"), "flow-run", "inspect", flow_run.group(1), "-o", "json"],
+                                     env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            state = json.loads(inspect.stdout)["state"]["type"]
+        output = retry.stdout + retry.stderr
+        assert state == "COMPLETED", f"{state}\n{output[-3000:]}\n--- serve log ---\n{serve_log.read_text()[-5000:]}"
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -98,3 +128,7 @@ def test_served_demo_deployment_runs_to_completed(tmp_path: Path) -> None:
     assert list((run_dir / "ingest" / "web").glob("part-*.parquet")), "web images came through img2dataset"
     assert list((run_dir / "assemble").glob("*/part-*.parquet"))
     assert all(proc.poll() is not None for proc in procs)
+    after = _snapshot(run_dir)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v and not k.startswith("eval"))
+    assert changed == [], f"the retry rewrote finished outputs: {changed}"
+    assert any(k.endswith("kept/part-00001.parquet") for k in after)
