@@ -110,17 +110,17 @@ class AblationConfig:
     test_captions: int = 5
     web_rates: tuple[float, float, float, float] = (0.25, 0.35, 0.20, 0.20)  # correct, weak, swapped, junk
     # pretraining (every row, same budget)
-    pretrain_steps: int = 600
-    batch_size: int = 128
+    pretrain_steps: int = 800
+    batch_size: int = 64
     lr: float = 2e-3
-    warmup_steps: int = 30
-    queue_size: int = 512  # momentum features per modality (a multiple of batch_size)
+    warmup_steps: int = 40
+    queue_size: int = 128  # momentum features per modality (a multiple of batch_size)
     # BLIP's momentum distillation (EMA 0.995, alpha 0.4) is tuned for 20 epochs of 14M
     # images; a few hundred steps need a faster EMA and a smaller distillation weight.
-    momentum: float = 0.995
-    alpha: float = 0.4
+    momentum: float = 0.99
+    alpha: float = 0.0
     # CapFilt: finetune filter and captioner on the human pairs
-    finetune_steps: int = 200
+    finetune_steps: int = 300
     finetune_lr: float = 5e-4
     threshold: float = 0.5
     caption_strategy: str = "nucleus"
@@ -330,44 +330,71 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
 # --------------------------------------------------------------------------- the experiment
 
 
+class _Timings:
+    """Wall seconds of each piece, kept in ``OUT/timings.json`` across invocations.
+
+    A piece's time is recorded when it is computed; a resumed run keeps the times of
+    pieces it found complete, so the file always tells what a fresh run costs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, name: str, seconds: float, computed: bool) -> float:
+        if computed or name not in self.values:
+            self.values[name] = round(seconds, 1)
+            _write_atomic(self.path, json.dumps(self.values, indent=2))
+        return self.values[name]
+
+
+def _model_done(folder: Path) -> bool:
+    return (folder / "final" / "config.json").is_file()
+
+
 def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     """Run (or resume) the whole experiment; writes ``table.md`` / ``table.json`` in the out folder."""
     say = log or (lambda msg: None)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timings = _Timings(out / "timings.json")
+    t = time.perf_counter()
     world = _world(cfg, out)
     tokenizer = _tokenizer(cfg, world, out)
-    seconds["world"] = time.perf_counter() - t0
+    timings.record("world + tokenizer", time.perf_counter() - t, computed=False)
     rows = list(cfg.rows)
     # CapFilt's base model is the first no-C/F run: same data, same budget, same seed.
-    base_name = f"no_cf-s{cfg.seeds[0]}"
-    t = time.perf_counter()
-    base = _train(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"),
-                  out / "models" / base_name, cfg.seeds[0], tokenizer=tokenizer)
-    seconds["base pretrain"] = time.perf_counter() - t
-    say(f"base model {base} ({seconds['base pretrain']:.0f} s)")
-    t = time.perf_counter()
+    base_dir = out / "models" / f"no_cf-s{cfg.seeds[0]}"
+    t, fresh = time.perf_counter(), not _model_done(base_dir)
+    base = _train(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"), base_dir,
+                  cfg.seeds[0], tokenizer=tokenizer)
+    took = timings.record(f"train no_cf-s{cfg.seeds[0]}", time.perf_counter() - t, fresh)
+    say(f"base model {base} ({took:.0f} s)")
+    t, fresh = time.perf_counter(), not (_model_done(out / "models" / "filter") and _model_done(out / "models" / "captioner"))
     caption_dir, filter_dir = _capfilt(cfg, out, world, base)
-    seconds["capfilt (finetune x2, caption, filter)"] = time.perf_counter() - t
+    timings.record("capfilt (finetune x2, caption, filter)", time.perf_counter() - t, fresh)
     capfilt = _capfilt_diagnostics(world, filter_dir, out)
     say(f"capfilt: filter ROC-AUC {capfilt['filter']['roc_auc']:.3f}, captioner exact {capfilt['captioner']['exact']:.3f}")
     sizes = build_datasets(out, world, caption_dir, filter_dir, rows)
     values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
     for seed in cfg.seeds:
         for row in rows:
-            t = time.perf_counter()
-            model = _train(cfg, "pretrain", list_shards(out / "datasets" / row), out / "models" / f"{row}-s{seed}",
-                           seed, tokenizer=tokenizer)
-            res = _eval(cfg, model, world, out / "eval" / f"{row}-s{seed}.json")
-            seconds[f"{row}-s{seed}"] = time.perf_counter() - t
+            name = f"{row}-s{seed}"
+            t, fresh = time.perf_counter(), not _model_done(out / "models" / name)
+            model = _train(cfg, "pretrain", list_shards(out / "datasets" / row), out / "models" / name, seed,
+                           tokenizer=tokenizer)
+            if name != base_dir.name:
+                timings.record(f"train {name}", time.perf_counter() - t, fresh)
+            t, fresh = time.perf_counter(), not (out / "eval" / f"{name}.json").is_file()
+            res = _eval(cfg, model, world, out / "eval" / f"{name}.json")
+            timings.record(f"eval {name}", time.perf_counter() - t, fresh)
             for label, section, key in METRICS:
                 values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
             say(f"{row} seed {seed}: TR@1 {res.retrieval['TR@1']:.1f} IR@1 {res.retrieval['IR@1']:.1f} "
-                f"({seconds[f'{row}-s{seed}']:.0f} s)")
-    seconds["total"] = time.perf_counter() - t0
+                f"ITC TR@1 {res.retrieval_itc.get('TR@1', float('nan')):.1f}")
+    seconds = dict(timings.values)
+    seconds["total"] = round(sum(seconds.values()), 1)
     result = AblationResult(config=dataclasses.asdict(cfg), values=values, dataset_rows=sizes, capfilt=capfilt,
                             seconds=seconds)
     _write_atomic(out / "table.json", result.to_json())
@@ -422,6 +449,8 @@ def format_table(result: AblationResult) -> str:
         p_cap = f"{paper['BLEU-4']} / {paper['CIDEr']}" if paper else "-"
         lines.append(f"| {ROW_LABELS[row]} | {sizes} | " + " | ".join(cells) + f" | {p_ret} | {p_cap} |")
     lines += ["", _diagnostics(result), "", _verdicts(result)]
+    if result.seconds.get("total"):
+        lines += ["", f"Wall time (sum of the pieces in timings.json): {result.seconds['total'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
