@@ -302,9 +302,9 @@ def _bootstrap(run: _Run) -> dict[str, Any]:
     human, web = splits["human"], splits["web"]
     run.tokenizer_shards = human + web
     pretrained = cfg.model.pretrained
-    if pretrained is None:
+    if cfg.needs_pretrain():
         pretrained = _trained(run, _submit_train(run, _train_job(run, "pretrain", "pretrain", "pretrain", human + web, None)))
-    summary["pretrained_model"] = final_model = pretrained
+    summary["pretrained_model"] = final_model = pretrained  # None: given filter + captioner, no pretraining
     for round_index in range(1, cfg.rounds + 1):
         log.info("bootstrap round %d of %d", round_index, cfg.rounds)
         if not _capfilt_round(run, round_index, pretrained, splits, summary):

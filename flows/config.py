@@ -187,17 +187,25 @@ class RunConfig(_Model):
         has_data = self.data.world is not None or bool(self.data.web or self.data.web_urls)
         if not has_data:
             raise ValueError("data: give data.world (synthetic), data.web or data.web_urls")
-        needs_human = (self.model.pretrained is None and last >= STAGES.index("pretrain")) or (
-            last >= STAGES.index("finetune") and (self.model.filter is None or self.model.captioner is None)
-        )
+        needs_human = self.needs_finetune() or (last >= STAGES.index("final"))
         if needs_human and self.data.world is None and not self.data.human:
             raise ValueError(
-                "data.human: training stages need human pairs; give data.human, data.world, "
-                "or model.pretrained + model.filter + model.captioner to skip training"
+                "data.human: training stages need human pairs; give data.human or data.world, or give "
+                "model.filter + model.captioner and stop_after 'filter' or 'assemble' to skip training"
             )
         if last >= STAGES.index("evaluate") and self.data.world is None and not self.data.test:
             raise ValueError("data.test: evaluation needs a test set; give data.test or stop_after before 'evaluate'")
         return self
+
+    def needs_finetune(self) -> bool:
+        """True when a filter or captioner will be finetuned (so a pretrained model is needed)."""
+        if not self.runs_stage("finetune"):
+            return False
+        return self.rounds > 1 or self.model.filter is None or self.model.captioner is None
+
+    def needs_pretrain(self) -> bool:
+        """True when the flow pretrains a MED first (no `model.pretrained`, and a finetune needs one)."""
+        return self.model.pretrained is None and self.needs_finetune()
 
     @property
     def root(self) -> Path:

@@ -48,7 +48,13 @@ def test_missing_inputs_are_explained() -> None:
     # caption + filter only, on someone's img2dataset shards with released checkpoints: fine
     cfg = load_config({"data": {"web": ["shards/"]}, "model": {"pretrained": "p", "filter": "f", "captioner": "c"},
                        "stages": {"stop_after": "filter"}})
-    assert cfg.runs_stage("filter") and not cfg.runs_stage("assemble")
+    assert cfg.runs_stage("filter") and not cfg.runs_stage("assemble") and not cfg.needs_pretrain()
+    released = load_config({"data": {"web": ["shards/"]}, "model": {"filter": "f", "captioner": "c"},
+                            "stages": {"stop_after": "assemble"}})  # fmt: skip
+    assert not released.needs_pretrain() and not released.needs_finetune()
+    assert load_config({"preset": "demo"}).needs_pretrain()
+    with pytest.raises(ConfigError, match="data.human"):  # the final pretrain needs human pairs
+        load_config({"data": {"web": ["shards/"]}, "model": {"filter": "f", "captioner": "c"}})
 
 
 def test_yaml_roundtrip(tmp_path: Path) -> None:

@@ -1,0 +1,52 @@
+"""Caption + filter only, on someone's img2dataset shards, with given models: no training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _as_img2dataset(src: Path, dst: Path) -> int:
+    """Rewrite one of our pairs shards in img2dataset's own Parquet layout (00000.parquet)."""
+    t = pq.read_table(src)
+    ok = pc.equal(t.column("status"), "ok")
+    table = pa.table({
+        "key": t.column("key"), "url": t.column("url"), "caption": t.column("caption"),
+        "status": pc.if_else(ok, "success", "failed_to_download"), "error_message": t.column("error"),
+        "width": t.column("width"), "height": t.column("height"), "sha256": t.column("sha256"), "jpg": t.column("jpg"),
+    })  # fmt: skip
+    pq.write_table(table, dst)
+    return table.num_rows
+
+
+def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
+    from data.synth import SynthConfig, generate_world
+    from flows.bootstrap import bootstrap
+    from flows.config import load_config
+
+    generate_world(tmp_path / "world", SynthConfig(human_images=8, web_images=60, test_images=4, rows_per_shard=30))
+    shards = tmp_path / "img2dataset"
+    shards.mkdir()
+    rows = sum(_as_img2dataset(p, shards / f"{i:05d}.parquet")
+               for i, p in enumerate(sorted((tmp_path / "world" / "web").glob("part-*.parquet"))))  # fmt: skip
+    cfg = load_config({
+        "run_dir": str(tmp_path / "run"), "data": {"web": [str(shards)]},
+        "model": {"filter": str(random_tiny_model), "captioner": str(random_tiny_model)},
+        "stages": {"stop_after": "filter"},
+    })  # fmt: skip
+    summary = bootstrap(config=cfg)
+    assert not (tmp_path / "run" / "models").exists()  # nothing was trained
+    stages = {r["stage"]: r for r in summary["stages"]}
+    assert set(stages) == {"ingest", "caption", "filter"}
+    assert stages["caption"]["input"] == rows and stages["caption"]["shards"] == 2
+    filt = stages["filter"]
+    assert filt["input"] == rows + stages["caption"]["kept"]  # web captions + one synthetic per image
+    assert filt["kept"] + filt["rejected"] + filt["failed"] == filt["input"]
+    assert sorted(p.name for p in (Path(summary["filter_dir"]) / "kept").glob("*.parquet")) == [
+        "part-00000.parquet", "part-00001.parquet"]
