@@ -16,6 +16,7 @@ text byte for byte; a complete shard (same input bytes, same settings) is skippe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from tasks.common import (
     read_pairs,
     resolve_device,
     resolve_precision,
+    run_each_shard,
     semantic_settings,
     stage_dir,
 )
@@ -213,9 +215,8 @@ def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfi
     plan = plan_outputs(expand_inputs(inputs))
     folder, digest = stage_dir(out_dir, caption_settings(loaded.fingerprint, cfg, device))
     stats = StageStats(stage="caption", output=folder, settings_hash=digest)
-    for src, name in plan:
-        stats.shards.append(caption_shard(src, folder, loaded, cfg, digest, name=name))
-    return stats
+    jobs = [(src, functools.partial(caption_shard, src, folder, loaded, cfg, digest, name=name)) for src, name in plan]
+    return run_each_shard(stats, jobs)  # a bad input shard does not stop the others
 
 
 def __getattr__(name: str) -> Any:

@@ -96,6 +96,43 @@ class StageStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+class StageIncompleteError(RuntimeError):
+    """Some input shards of a stage failed; every other shard was completed.
+
+    `failures` maps each failed input file to its error; `stats` holds the shards that
+    completed (or were complete already). Rerunning after fixing or removing the named
+    inputs finishes the stage: complete shards are skipped.
+    """
+
+    def __init__(self, stats: StageStats, failures: dict[str, str]) -> None:
+        self.stats = stats
+        self.failures = failures
+        lines = "\n".join(f"  {src}: {error}" for src, error in failures.items())
+        super().__init__(
+            f"{stats.stage}: {len(failures)} of {len(failures) + len(stats.shards)} input shards did not complete "
+            f"(the other {len(stats.shards)} did, in {stats.output}):\n{lines}\n"
+            "Fix or remove these inputs and rerun; complete shards are skipped."
+        )
+
+
+def run_each_shard(stats: StageStats, jobs: Sequence[tuple[Path, Callable[[], ShardStats]]]) -> StageStats:
+    """Run every `(input, job)`, appending each result to `stats`; a job that raises does
+    not stop the others. Raises StageIncompleteError naming the failed inputs at the end.
+
+    Each job writes its shard atomically with its completion record last, so a failed
+    shard leaves nothing a rerun would mistake for a result.
+    """
+    failures: dict[str, str] = {}
+    for src, job in jobs:
+        try:
+            stats.shards.append(job())
+        except Exception as exc:  # noqa: BLE001 - reported below, with the file, after the other shards
+            failures[str(src)] = f"{type(exc).__name__}: {exc}"
+    if failures:
+        raise StageIncompleteError(stats, failures)
+    return stats
+
+
 def check_accounting(counts: dict[str, int], where: str) -> None:
     """Raise when kept + rejected + failed != input: every input row must be accounted for."""
     total = counts["kept"] + counts["rejected"] + counts["failed"]

@@ -21,6 +21,7 @@ caption so a batch pads little; bf16 autocast on CUDA.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from tasks.common import (
     read_pairs,
     resolve_device,
     resolve_precision,
+    run_each_shard,
     semantic_settings,
     stage_dir,
 )
@@ -369,9 +371,11 @@ def run_filter(
     caption_hashes = [caption_hash(p) for p in caption_paths]
     folder, digest = stage_dir(out_dir, filter_settings(loaded.fingerprint, cfg, device, caption_hashes))
     stats = StageStats(stage="filter", output=folder, settings_hash=digest)
-    for (src, name), captions in zip(plan, caption_paths):
-        stats.shards.append(filter_shard(src, captions, folder, loaded, cfg, digest, name=name))
-    return stats
+    jobs = [
+        (src, functools.partial(filter_shard, src, captions, folder, loaded, cfg, digest, name=name))
+        for (src, name), captions in zip(plan, caption_paths)
+    ]
+    return run_each_shard(stats, jobs)  # a bad input shard does not stop the others
 
 
 def caption_hash(path: Path | None) -> str | None:
