@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.schema import SCORED, conform
+from data.schema import SCORED, SchemaError, conform
 from data.shards import (
     CompletionRecord,
     file_fingerprint,
@@ -79,7 +79,10 @@ class _Plan:
 
 
 def _is_scored(path: Path) -> bool:
-    names = set(pq.read_schema(path).names)
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
     return {f.name for f in SCORED} <= names
 
 
