@@ -80,7 +80,7 @@ def bench(name: str, device: str, dtype: torch.dtype, itm_images: int, caption_i
             device, repeats,
         )
     diff = (p_ours.float() - logits.float().softmax(-1)[:, 1]).abs().max().item()
-    rows.append((name, "ITM (2 captions/image)", itm_images / t_hf, itm_images / t_ours, f"max |dp| {diff:.1e}"))
+    rows.append((name, "ITM (2 captions/image)", itm_images / t_hf, itm_images / t_ours, f"max abs diff {diff:.1e}"))
 
     # nucleus captioning
     pixels = torch.randn(caption_images, 3, size, size, generator=g).to(device, dtype)

@@ -112,7 +112,7 @@ def med_config_from_hf(config: dict[str, Any], special_ids: dict[str, int] | Non
     v, t = hf.vision_config, hf.text_config
     ids = special_ids or {}
     vision = VisionConfig(
-        image_size=int(v.image_size), patch_size=int(v.patch_size), hidden_size=v.hidden_size,
+        image_size=_square(v.image_size, "image_size"), patch_size=_square(v.patch_size, "patch_size"), hidden_size=v.hidden_size,
         num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
         intermediate_size=v.intermediate_size, layer_norm_eps=v.layer_norm_eps,
     )
@@ -122,12 +122,21 @@ def med_config_from_hf(config: dict[str, Any], special_ids: dict[str, int] | Non
         max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
         pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, eos_token_id=t.sep_token_id,
         cls_token_id=ids.get("cls", TextConfig.cls_token_id),
+        # without a tokenizer in the folder: BLIP's layout puts [ENC] right after [DEC]
         enc_token_id=ids.get("enc", t.bos_token_id + 1),
     )
     for act in (v.hidden_act, t.hidden_act):
         if act != "gelu":
             raise ValueError(f"BLIP config uses activation {act!r}; only exact 'gelu' is supported")
     return MEDConfig(vision=vision, text=text, embed_dim=getattr(hf, "image_text_hidden_size", 256))
+
+
+def _square(value: Any, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"vision_config.{name}={value}: only square images/patches are supported")
+        value = value[0]
+    return int(value)
 
 
 def _hf_weights(folder: Path) -> dict[str, Tensor]:
