@@ -66,7 +66,7 @@ def pair(request, tmp_path_factory):
     assert (ours_r.format, ours_c.format) == ("hf-retrieval", "hf-captioning")
     size = spec["vision"]["image_size"]
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(5))
-    return dict(hf_r=hf_r, hf_c=hf_c, ours_r=ours_r.model, ours_c=ours_c.model, pixels=pixels, root=root)
+    return dict(hf_r=hf_r, hf_c=hf_c, ours_r=ours_r.model, ours_c=ours_c.model, pixels=pixels, root=root, spec=spec)
 
 
 def _texts():
@@ -165,3 +165,19 @@ def test_export_with_tokenizer_is_a_folder_transformers_processor_loads(tmp_path
     assert ids[0, 0].item() == tok.cls_id and ids[0, -1].item() == tok.sep_id
     loaded = load(tmp_path)
     assert loaded.tokenizer is not None and loaded.model.config == model.config
+
+
+@torch.no_grad()
+def test_other_image_size_matches_transformers_interpolation(pair):
+    spec = pair["spec"]
+    size = spec["vision"]["image_size"] + 2 * spec["vision"]["patch_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(9))
+    ids, mask = _texts()
+    ids, mask = ids[:2], mask[:2]
+    resized = load(pair["root"] / "retrieval", image_size=size).model  # table resized once, at load
+    hf = pair["hf_r"](input_ids=ids, pixel_values=pixels, attention_mask=mask, interpolate_pos_encoding=True)
+    torch.testing.assert_close(resized.itm_probability(pixels, ids, mask), hf.itm_score.softmax(-1)[:, 1],
+                               atol=1e-5, rtol=0)
+    # the checkpoint-sized model interpolates on the fly to the same result
+    torch.testing.assert_close(pair["ours_r"].itm_probability(pixels, ids, mask),
+                               resized.itm_probability(pixels, ids, mask), atol=1e-6, rtol=0)
