@@ -130,7 +130,8 @@ def _train_job(run: _Run, step: str, mode: str, name: str, data: list[str], init
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
     out = str(run.root / "models" / name)
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
-              **stage_cfg.model_dump(), "device": run.config.device, "vocab_size": run.config.model.vocab_size,
+              **stage_cfg.model_dump(), "device": run.config.device, "loader_workers": run.config.loader_workers,
+              "vocab_size": run.config.model.vocab_size,
               "tokenizer_dir": str(run.root / "models" / "tokenizer"), "tokenizer_shards": run.tokenizer_shards,
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
     settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,

@@ -33,7 +33,7 @@ _TASK_OPTIONS: dict[str, Any] = {
 def _execution(config: RunConfig, batch_size: int) -> Any:
     from tasks.common import ExecutionConfig
 
-    return ExecutionConfig(batch_size=batch_size, num_workers=0, device=config.device, progress=False)
+    return ExecutionConfig(batch_size=batch_size, num_workers=config.loader_workers, device=config.device, progress=False)
 
 
 def caption_config(config: RunConfig) -> Any:

@@ -42,6 +42,7 @@ def train_model(
     checkpoint_every: int,
     seed: int,
     device: str,
+    loader_workers: int,
     vocab_size: int,
     tokenizer_dir: str,
     tokenizer_shards: list[str],
@@ -62,7 +63,7 @@ def train_model(
     overrides: dict[str, Any] = {
         "epochs": 1_000_000, "max_steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_steps": round(warmup_fraction * steps), "schedule": schedule, "seed": seed, "device": device,
-        "num_workers": 0, "progress": False, "checkpoint_every": checkpoint_every, "keep_last": 2,
+        "num_workers": loader_workers, "progress": False, "checkpoint_every": checkpoint_every, "keep_last": 2,
     }  # fmt: skip
     if queue_size is not None:
         overrides["queue_size"] = queue_size
