@@ -120,8 +120,10 @@ class AblationConfig:
     momentum: float = 0.99
     alpha: float = 0.0
     # CapFilt: finetune filter and captioner on the human pairs
-    finetune_steps: int = 300
-    finetune_lr: float = 5e-4
+    # the filter and captioner must become accurate on 1,000 human pairs even when the
+    # base model learned little from the noisy web: give them a longer finetune
+    finetune_steps: int = 1000
+    finetune_lr: float = 1e-3
     threshold: float = 0.5
     caption_strategy: str = "nucleus"
     top_p: float = 0.9
