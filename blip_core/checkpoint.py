@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blip_core.config import MEDConfig
@@ -93,7 +94,10 @@ def _load_ours(folder: Path, raw: dict[str, Any], image_size: int | None) -> MED
         raise ValueError(f"{folder / CONFIG_FILE}: format_version {raw.get('format_version')} is not {FORMAT_VERSION}")
     saved = MEDConfig.from_dict(raw["med"])
     config = _resize_for(saved, image_size)
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except SafetensorError as exc:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from exc
     pos = "vision.embeddings.position_embedding"
     if config.vision.grid != saved.vision.grid:
         from blip_core.vit import resize_position_embedding

@@ -22,12 +22,14 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from blip_core.train.distributed import DistInfo, barrier
@@ -131,7 +133,8 @@ def save_module(module: torch.nn.Module, path: Path) -> None:
 
 def load_module(module: torch.nn.Module, path: Path) -> None:
     """Inverse of `save_module`; raises CheckpointError naming the file on a key mismatch."""
-    missing, unexpected = load_model(module, str(path), strict=False)
+    with _damaged_file_named(path):
+        missing, unexpected = load_model(module, str(path), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
@@ -141,7 +144,20 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    with _damaged_file_named(path):
+        return load_file(str(path), device=str(device))
+
+
+@contextmanager
+def _damaged_file_named(path: Path) -> Iterator[None]:
+    """A truncated or foreign (e.g. pickled) tensor file -> CheckpointError naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); this checkpoint is damaged: delete its "
+            "step folder to resume from the one before"
+        ) from exc
 
 
 # -- optimizer --------------------------------------------------------------------------------
