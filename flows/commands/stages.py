@@ -9,6 +9,8 @@ Run standalone with ``python -m flows.commands.stages caption ...``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -31,6 +33,20 @@ def _inputs(ctx: typer.Context, first: list[str]) -> list[str]:
         if item.startswith("-"):
             raise typer.BadParameter(f"unknown option {item!r}")
     return items
+
+
+@contextmanager
+def _one_writer(output: Path) -> Iterator[None]:
+    """Hold OUTPUT's run lock: a second command writing the same stage folder at once is
+    refused (two writers would share the shards' temporary file names)."""
+    from data.run_lock import RunLockedError, run_lock
+
+    try:
+        with run_lock(output):
+            yield
+    except RunLockedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _report(stats: StageStats) -> None:
@@ -79,7 +95,8 @@ def caption(
         min_length=min_length, prompt=prompt, seed=seed,
         execution=_execution(batch_size, workers, device, precision, progress),
     )
-    _report(run_caption(_inputs(ctx, input), output, model, cfg))
+    with _one_writer(output):
+        _report(run_caption(_inputs(ctx, input), output, model, cfg))
 
 
 def filter_(
@@ -104,7 +121,8 @@ def filter_(
         threshold=threshold, top_k=top_k or None, max_text_tokens=max_text_tokens,
         execution=_execution(batch_size, workers, device, precision, progress),
     )
-    _report(run_filter(_inputs(ctx, input), output, model, cfg, caption_dir=captions))
+    with _one_writer(output):
+        _report(run_filter(_inputs(ctx, input), output, model, cfg, caption_dir=captions))
 
 
 def assemble(
@@ -121,7 +139,8 @@ def assemble(
     from tasks.assemble import AssembleConfig, run_assemble
 
     cfg = AssembleConfig(rows_per_shard=rows_per_shard, dedupe=dedupe, execution=ExecutionConfig(progress=progress))
-    _report(run_assemble(_inputs(ctx, input), output, cfg))
+    with _one_writer(output):
+        _report(run_assemble(_inputs(ctx, input), output, cfg))
 
 
 def register(app: typer.Typer) -> None:
