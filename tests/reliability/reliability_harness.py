@@ -120,6 +120,16 @@ def kill_at(argv: list[str], index: int, phase: str) -> int:
     return run_command(argv, KILL_AT=str(index), KILL_PHASE=phase).returncode
 
 
+_HOLD = "import sys, time\nfrom data.run_lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)\n"
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """A process holding `folder`'s run lock until killed (returns once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
 # ----------------------------------------------------------------------------- comparison
 
 
@@ -304,3 +314,31 @@ def summary_line(result: SweepResult) -> str:
     buffer.write(f"{result.stage:<13} kill points {result.kill_points:>4}  faults {result.faults:>3}  reruns {result.reruns:>3}  ")
     buffer.write(f"rows checked {result.rows_checked:>6}  rows lost {result.rows_lost}  problems {len(result.problems)}")
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def run_hostile_pipeline(root: Path, model: Path) -> dict:
+    """The hostile corpus (hostile_corpus.py) through real img2dataset ingestion from a
+    local HTTP server, then caption, filter and assemble with `model`, in a run folder
+    ``root/run`` laid out as the flow lays it out (so `capfilt query` reads it)."""
+    from data.ingest_web import WebIngestConfig, ingest_web, serve_folder
+    from hostile_corpus import write_corpus
+    from tasks.assemble import AssembleConfig, run_assemble
+    from tasks.caption import CaptionConfig, run_caption
+    from tasks.common import ExecutionConfig
+    from tasks.filter import FilterConfig, run_filter
+
+    execution = ExecutionConfig(num_workers=0, progress=False, batch_size=8)
+    run = root / "run"
+    (root / "corpus" / "www").mkdir(parents=True, exist_ok=True)
+    with serve_folder(root / "corpus" / "www") as base_url:
+        url_list, cases = write_corpus(root / "corpus", base_url)
+        ingest = ingest_web(url_list, run / "ingest" / "web", WebIngestConfig(rows_per_shard=12, processes=1, threads=4, timeout_s=5))
+    web = run / "ingest" / "web"
+    captions = run_caption([web], run / "caption", model, CaptionConfig(max_length=12, min_length=3, execution=execution))
+    filtered = run_filter([web], run / "filter", model, FilterConfig(execution=execution), captions.output)
+    assembled = run_assemble([filtered.output / "kept"], run / "assemble", AssembleConfig(rows_per_shard=16, execution=execution))
+    return {"root": root, "run": run, "cases": cases, "ingest": ingest, "captions": captions, "filter": filtered,
+            "assemble": assembled}  # fmt: skip

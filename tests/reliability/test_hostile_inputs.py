@@ -14,36 +14,19 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from hostile_corpus import Case, write_corpus
+from hostile_corpus import Case
+from reliability_harness import run_hostile_pipeline
 from typer.testing import CliRunner
 
 from data.catalog import open_catalog, run_query
-from data.ingest_web import WebIngestConfig, ingest_web, serve_folder
 from data.shards import list_shards, read_completion, read_table
-from tasks.assemble import AssembleConfig, run_assemble
-from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig
-from tasks.filter import FilterConfig, run_filter
 
-EXECUTION = ExecutionConfig(num_workers=0, progress=False, batch_size=8)
-INGEST = WebIngestConfig(rows_per_shard=12, processes=1, threads=4, timeout_s=5)
 EMPTY_CAPTIONS = {"cap-null", "cap-empty", "cap-whitespace"}
 
 
 @pytest.fixture(scope="module")
 def hostile_run(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("hostile")
-    run = root / "run"
-    (root / "corpus" / "www").mkdir(parents=True)
-    with serve_folder(root / "corpus" / "www") as base_url:
-        url_list, cases = write_corpus(root / "corpus", base_url)
-        ingest = ingest_web(url_list, run / "ingest" / "web", INGEST)
-    web = run / "ingest" / "web"
-    captions = run_caption([web], run / "caption", world["model"], CaptionConfig(max_length=12, min_length=3, execution=EXECUTION))
-    filtered = run_filter([web], run / "filter", world["model"], FilterConfig(execution=EXECUTION), captions.output)
-    assembled = run_assemble([filtered.output / "kept"], run / "assemble", AssembleConfig(rows_per_shard=16, execution=EXECUTION))
-    return {"root": root, "run": run, "cases": cases, "ingest": ingest, "captions": captions, "filter": filtered,
-            "assemble": assembled}  # fmt: skip
+    return run_hostile_pipeline(tmp_path_factory.mktemp("hostile"), world["model"])
 
 
 def _rows(folder: Path, kind: str) -> list[dict]:

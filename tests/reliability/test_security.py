@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from reliability_harness import ROOT, env
+from reliability_harness import ROOT, env, hold_lock
 
 import blip_core
 from data.run_lock import RunLockedError
@@ -131,21 +131,12 @@ def test_a_pickle_in_a_training_checkpoint_is_refused_not_run(world: dict[str, P
 # ----------------------------------------------------------------------------- run folder
 
 
-HOLD = "import sys, time\nfrom data.run_lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n"
-
-
-def _hold_lock(run_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_a_second_bootstrap_on_a_locked_run_folder_is_refused(tmp_path: Path) -> None:
     from flows.bootstrap import bootstrap
     from flows.config import preset
 
     run_dir = tmp_path / "run"
-    holder = _hold_lock(run_dir)
+    holder = hold_lock(run_dir)
     try:
         with pytest.raises(RunLockedError, match=f"in use by another capfilt process \\(pid {holder.pid}"):
             bootstrap.fn(preset("demo-quick", run_dir=str(run_dir)))
@@ -180,7 +171,7 @@ def test_capfilt_run_refuses_a_locked_folder_and_writes_only_inside_its_run_fold
     run_dir = (tmp_path / "run").resolve()
     command = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
 
-    holder = _hold_lock(run_dir)
+    holder = hold_lock(run_dir)
     try:
         refused = subprocess.run(command, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
     finally:
