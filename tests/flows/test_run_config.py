@@ -72,3 +72,11 @@ def test_stage_order() -> None:
     assert STAGES[0] == "ingest" and STAGES[-1] == "evaluate"
     cfg = load_config({"preset": "demo-quick", "stages": {"stop_after": "assemble"}})
     assert cfg.runs_stage("assemble") and not cfg.runs_stage("final")
+
+
+def test_shipped_yaml_configs_validate() -> None:
+    root = Path(__file__).resolve().parents[2] / "presets"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        assert load_yaml(path).run_dir
