@@ -59,8 +59,10 @@ from tasks.evaluate import (
     captioner_correctness,
     evaluate_to_file,
     filter_noise_detection,
+    pair_itc_scores,
     read_scored_rows,
 )
+from tasks.metrics import roc_auc
 
 ROWS: tuple[str, ...] = ("no_cf", "filter", "captioner", "cf", "human")
 ROW_LABELS = {
@@ -317,15 +319,30 @@ def _eval(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> Eval
 
 
 def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, Any]:
+    """The filter's noise detection and the captioner's correctness against the truth.
+
+    Besides the filter's ITM verdicts, the ROC-AUC of the same filter model's ITC
+    similarity on the web pairs (``itc_roc_auc``) tells whether a weak ITM head or the
+    model as a whole limits the filter.
+    """
     truth = load_truth(world)
     scored = read_scored_rows(filter_dir)
     diag = {
         "filter": filter_noise_detection(scored, truth),
         "captioner": captioner_correctness(scored.filter(pc.equal(scored["source"], "synthetic")), truth),
     }
+    web = pa.concat_tables([read_table(p, "pairs", columns=["key", "caption", "jpg", "status"])
+                            for p in list_shards(world / "web")])
+    web = web.filter(pc.equal(web["status"], "ok"))
+    keys = web["key"].to_pylist()
+    known = [i for i, k in enumerate(keys) if k in truth.web_kinds]
+    itc = pair_itc_scores(out / "models" / "filter" / "final", [web["jpg"][i].as_py() for i in known],
+                          [web["caption"][i].as_py() or "" for i in known])
+    clean = [not truth.is_noisy(keys[i]) for i in known]
+    diag["filter"]["itc_roc_auc"] = roc_auc(itc, clean)
     path = out / "eval" / "capfilt.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(diag, indent=2, allow_nan=True))
+    _write_atomic(path, json.dumps(diag, indent=2, allow_nan=True))
     return diag
 
 
@@ -462,7 +479,8 @@ def _diagnostics(result: AblationResult) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
     return (
         f"CapFilt (one run, seed {result.config['seeds'][0]}): filter ROC-AUC on web noise "
-        f"{f.get('roc_auc', float('nan')):.3f}, kept web precision {pct(f.get('precision'))}, recall of clean web "
+        f"{f.get('roc_auc', float('nan')):.3f} (ITM score; the same model's ITC similarity: "
+        f"{f.get('itc_roc_auc', float('nan')):.3f}), kept web precision {pct(f.get('precision'))}, recall of clean web "
         f"{pct(f.get('recall'))}, noise rejected {pct(f.get('noise_rejected'))}; keep rate by web kind: "
         + ", ".join(f"{k.removeprefix('keep_rate_')} {pct(v)}" for k, v in f.items() if k.startswith("keep_rate_"))
         + f". Captioner: {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "

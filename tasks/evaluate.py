@@ -273,6 +273,27 @@ def captioner_correctness(synthetic: pa.Table, truth: WorldTruth) -> dict[str, A
     return out
 
 
+@torch.no_grad()
+def pair_itc_scores(model_dir: Path, images: Sequence[bytes], texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """ITC cosine similarity of each (image, text) pair under the model in `model_dir` (N,).
+
+    A diagnostic beside the filter's ITM score: how well the same model's contrastive
+    head alone separates matching from non-matching pairs.
+    """
+    import blip_core
+
+    loaded = blip_core.load(Path(model_dir))
+    model, tok = loaded.model, loaded.tokenizer
+    device, size = _device(model), model.config.vision.image_size
+    out = []
+    for i in range(0, len(texts), batch_size):
+        img = model.image_features(model.encode_image(_pixels(images[i : i + batch_size], size, device)))  # (B, E)
+        ids, mask = _tokens(tok, list(texts[i : i + batch_size]), "text", EvalConfig.max_text_tokens, device)
+        txt = model.text_features(model.encode_text(ids, mask))  # (B, E)
+        out.append((img * txt).sum(-1).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
 def read_scored_rows(filter_dir: Path) -> pa.Table:
     """Kept + rejected rows of a filter output folder (no image bytes)."""
     cols = ["key", "image_id", "source", "caption", "itm_score", "keep", "threshold"]

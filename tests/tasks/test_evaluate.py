@@ -135,3 +135,19 @@ def test_empty_test_set_is_a_clear_error(tmp_path: Path, model_dir: Path) -> Non
     write_shard(pa.Table.from_pylist([], schema=SCORED).select(["key", "image_id", "source", "status"]), empty, "pairs")
     with pytest.raises(ValueError, match="no usable test rows"):
         evaluate(model_dir, [empty])
+
+
+def test_pair_itc_scores_match_the_model(world: Path, model_dir: Path) -> None:
+    from blip_core.image import ImageTransform
+    from data.images import decode_image
+    from tasks.evaluate import pair_itc_scores
+
+    web = read_table(list_shards(world / "web")[0], "pairs").slice(0, 6)
+    images, texts = web["jpg"].to_pylist(), web["caption"].to_pylist()
+    scores = pair_itc_scores(model_dir, images, texts, batch_size=4)
+    loaded = blip_core.load(model_dir)
+    size = loaded.model.config.vision.image_size
+    pixels = torch.stack([ImageTransform(size)(decode_image(b).image) for b in images])
+    ids, mask = loaded.tokenizer.encode(texts, "text", 35)
+    expected = loaded.model.itc_similarity(pixels, ids, mask).diagonal()
+    assert scores.shape == (6,) and torch.allclose(torch.from_numpy(scores), expected, atol=1e-5)
