@@ -142,13 +142,22 @@ def _train_job(run: _Run, step: str, mode: str, name: str, data: list[str], init
 
 
 def _submit_train(run: _Run, job: StepJob) -> PrefectFuture:
-    with gpu_annotation(run.config):
-        return run.tasks["train_task"].submit(job=job, config=run.config)
+    """Start a training task in a thread of the flow (for the two concurrent finetunes)."""
+    return run.tasks["train_task"].submit(job=job, config=run.config)
+
+
+def _train_now(run: _Run, job: StepJob) -> str:
+    """Run a training task in the flow's own thread (Ctrl-C stops it at once)."""
+    return _record_training(run, run.tasks["train_task"](job=job, config=run.config))
 
 
 def _trained(run: _Run, future: PrefectFuture) -> str:
-    """Wait for a training task; record its row (time is the training's own, also when cached)."""
-    result = future.result()
+    """Wait for a training task started with `_submit_train`."""
+    return _record_training(run, future.result())
+
+
+def _record_training(run: _Run, result: dict[str, Any]) -> str:
+    """Record a training task's row (its time is the training's own, also when cached)."""
     run.record({"stage": f"train {Path(result['model']).parent.relative_to(run.root / 'models')}",
                 "seconds": round(result["seconds"], 2), "steps": result["result"].get("steps")},
                did_work=not result["result"].get("finished_before"))  # fmt: skip
@@ -304,7 +313,7 @@ def _bootstrap(run: _Run) -> dict[str, Any]:
     run.tokenizer_shards = human + web
     pretrained = cfg.model.pretrained
     if cfg.needs_pretrain():
-        pretrained = _trained(run, _submit_train(run, _train_job(run, "pretrain", "pretrain", "pretrain", human + web, None)))
+        pretrained = _train_now(run, _train_job(run, "pretrain", "pretrain", "pretrain", human + web, None))
     summary["pretrained_model"] = final_model = pretrained  # None: given filter + captioner, no pretraining
     for round_index in range(1, cfg.rounds + 1):
         log.info("bootstrap round %d of %d", round_index, cfg.rounds)
@@ -342,7 +351,7 @@ def _capfilt_round(run: _Run, round_index: int, pretrained: str, splits: dict[st
     if not cfg.runs_stage("final"):
         return False
     job = _train_job(run, "final", "pretrain", _model_name(round_index, "final"), dataset, None, round_index)
-    summary["_final"] = _trained(run, _submit_train(run, job))
+    summary["_final"] = _train_now(run, job)
     return True
 
 
