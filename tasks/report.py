@@ -53,7 +53,7 @@ class ReportConfig:
     examples: int = 8  # images in the example grid
     histogram_bins: int = 40
     dpi: int = 110
-    max_caption_chars: int = 60  # captions longer than this are cut in the grid
+    max_caption_chars: int = 52  # captions longer than this are cut in the grid
     max_loss_series: int = 6  # loss curves per training run
     loss_columns: int = 4  # training runs per row of the loss figure
 
