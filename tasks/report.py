@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
@@ -438,6 +439,7 @@ def _caption_length_section(run_dir: Path, folders: dict[str, Path], cfg: Report
     bins = np.arange(0, top + 1) + 0.5
     for name, lens in lengths.items():
         ax.hist(lens, bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(lens)})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("words per caption")
     ax.set_ylabel("share")
     ax.set_title("Caption length distributions")
