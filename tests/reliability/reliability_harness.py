@@ -99,7 +99,10 @@ def count_renames(argv: list[str]) -> int:
 
         return call
 
-    saved_argv = sys.argv
+    import torch
+
+    saved_argv, saved_threads = sys.argv, torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed processes (OMP_NUM_THREADS=1): float sums in the same order
     os.replace, os.rename = counted("replace"), counted("rename")
     try:
         sys.argv = list(argv)
@@ -112,6 +115,7 @@ def count_renames(argv: list[str]) -> int:
     finally:
         os.replace, os.rename = real["replace"], real["rename"]
         sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
     return done[0]
 
 
