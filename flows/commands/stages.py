@@ -38,13 +38,15 @@ def _inputs(ctx: typer.Context, first: list[str]) -> list[str]:
 @contextmanager
 def _one_writer(output: Path) -> Iterator[None]:
     """Hold OUTPUT's run lock: a second command writing the same stage folder at once is
-    refused (two writers would share the shards' temporary file names)."""
+    refused (two writers would share the shards' temporary file names). A refusal, or a
+    stage whose failed shards are listed (the others completed), exits 1 with the message."""
     from data.run_lock import RunLockedError, run_lock
+    from tasks.common import StageIncompleteError
 
     try:
         with run_lock(output):
             yield
-    except RunLockedError as exc:
+    except (RunLockedError, StageIncompleteError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
