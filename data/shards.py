@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,21 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a small file (JSON, Markdown, PNG) so readers see the old or the new bytes, never half.
+
+    The temporary name is unique to the writing process and thread, so two writers of
+    the same file never share one; the last rename wins.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_shard(
@@ -110,12 +126,7 @@ def write_completion(shard_path: Path, record: CompletionRecord) -> Path:
         raise FileNotFoundError(f"{shard_path}: cannot mark complete, the shard file does not exist")
     record = dataclasses.replace(record, output_bytes=shard_path.stat().st_size)
     done = completion_path(shard_path)
-    tmp = _tmp_path(done)
-    try:
-        tmp.write_text(json.dumps(dataclasses.asdict(record), indent=2, sort_keys=True))
-        _replace_atomically(tmp, done)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(done, json.dumps(dataclasses.asdict(record), indent=2, sort_keys=True))
     return done
 
 

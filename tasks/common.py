@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.images import decode_image
 from data.schema import SchemaError, conform
-from data.shards import is_complete, read_table, settings_hash, shard_name
+from data.shards import is_complete, read_table, settings_hash, shard_name, write_atomic
 
 # img2dataset's Parquet columns that identify its output (see PITFALLS.md).
 _IMG2DATASET_COLUMNS = frozenset({"key", "status", "error_message", "jpg"})
@@ -212,10 +212,8 @@ def stage_dir(out_dir: Path, settings: dict[str, Any]) -> tuple[Path, str]:
     digest = settings_hash(settings)
     folder = Path(out_dir) / digest
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / STAGE_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"settings_hash": digest, "settings": settings}, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, target)
+    text = json.dumps({"settings_hash": digest, "settings": settings}, indent=2, sort_keys=True, default=str)
+    write_atomic(folder / STAGE_FILE, text)
     return folder, digest
 
 

@@ -181,3 +181,13 @@ def test_settings_hash_is_canonical() -> None:
     assert settings_hash(Cfg(0.5, Path("m"))) == settings_hash({"threshold": 0.5, "path": "m"})
     with pytest.raises(TypeError, match="object"):
         settings_hash({"x": object()})
+
+
+def test_write_atomic_leaves_no_temporary_and_replaces_whole(tmp_path: Path) -> None:
+    from data.shards import write_atomic
+
+    target = tmp_path / "stage.json"
+    write_atomic(target, "old")
+    write_atomic(target, b"new bytes")
+    assert target.read_bytes() == b"new bytes"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage.json"]
