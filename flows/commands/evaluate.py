@@ -79,6 +79,7 @@ def ablation(
     momentum: float = typer.Option(None, help="EMA of the momentum encoders (BLIP: 0.995)."),
     alpha: float = typer.Option(None, help="Momentum-distillation weight (BLIP: 0.4)."),
     queue_size: int = typer.Option(None, help="Momentum features per modality (a multiple of the batch size)."),
+    threshold: float = typer.Option(None, help="Filter keep threshold on the ITM match probability (BLIP: 0.5)."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:
     """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""
@@ -87,7 +88,7 @@ def ablation(
     overrides = {k: v for k, v in dict(
         pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, human_images=human_images,
         web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads, lr=lr,
-        finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size,
+        finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size, threshold=threshold,
     ).items() if v is not None}
     if "batch_size" in overrides:
         overrides.setdefault("queue_size", 4 * overrides["batch_size"])
