@@ -71,6 +71,10 @@ class MEDConfig:
     temp_init: float = 0.07  # initial ITC temperature (learnable, clamped to [temp_min, temp_max])
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # Std of the truncated-normal init of every Linear / Embedding. BERT's 0.02 suits width
+    # 768 (about 1/sqrt(d)); at width 64 it leaves each residual update ~2% of the stream, so
+    # every caption's [CLS] starts identical and ITC sits at log(B) for hundreds of steps.
+    init_std: float = 0.02
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (nested per tower)."""
@@ -124,7 +128,7 @@ def _tiny() -> MEDConfig:
         # the layout `build_tokenizer` gives: BERT's specials first, [DEC] and [ENC] last
         cls_token_id=2, eos_token_id=3, bos_token_id=1022, enc_token_id=1023,
     )
-    return MEDConfig(vision=vision, text=text, embed_dim=64)
+    return MEDConfig(vision=vision, text=text, embed_dim=64, init_std=0.1)  # ~1/sqrt(width)
 
 
 def _base() -> MEDConfig:

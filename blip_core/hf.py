@@ -89,7 +89,7 @@ def hf_config(config: MEDConfig, kind: str) -> Any:
     vision = dict(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps, hidden_act="gelu",
+        layer_norm_eps=v.layer_norm_eps, hidden_act="gelu", initializer_range=config.init_std,
     )
     text = dict(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.hidden_size,
@@ -97,9 +97,12 @@ def hf_config(config: MEDConfig, kind: str) -> Any:
         num_attention_heads=t.num_heads, max_position_embeddings=t.max_position_embeddings,
         layer_norm_eps=t.layer_norm_eps, hidden_act="gelu", is_decoder=True,
         pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, sep_token_id=t.eos_token_id,
-        eos_token_id=t.eos_token_id,
+        eos_token_id=t.eos_token_id, initializer_range=config.init_std,
     )
-    cfg = BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=config.embed_dim)
+    cfg = BlipConfig(
+        text_config=text, vision_config=vision, image_text_hidden_size=config.embed_dim,
+        initializer_range=config.init_std,
+    )
     cfg.architectures = [KINDS[kind]]
     return cfg
 
@@ -128,7 +131,10 @@ def med_config_from_hf(config: dict[str, Any], special_ids: dict[str, int] | Non
     for act in (v.hidden_act, t.hidden_act):
         if act != "gelu":
             raise ValueError(f"BLIP config uses activation {act!r}; only exact 'gelu' is supported")
-    return MEDConfig(vision=vision, text=text, embed_dim=getattr(hf, "image_text_hidden_size", 256))
+    return MEDConfig(
+        vision=vision, text=text, embed_dim=getattr(hf, "image_text_hidden_size", 256),
+        init_std=getattr(hf, "initializer_range", MEDConfig.init_std),
+    )
 
 
 def _square(value: Any, name: str) -> int:

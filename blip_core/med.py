@@ -22,9 +22,6 @@ from blip_core.config import MEDConfig
 from blip_core.text import ImageKV, LMHead, TextEmbeddings, TextLayer, TextTransformer
 from blip_core.vit import VisionTransformer
 
-_INIT_STD = 0.02  # BERT / ViT truncated-normal init
-
-
 class MED(nn.Module):
     """Vision transformer + shared text encoder/decoder + ITC / ITM / LM heads."""
 
@@ -43,9 +40,9 @@ class MED(nn.Module):
         self.text_proj = nn.Linear(tcfg.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(tcfg.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp_init))
-        self.apply(_init_module)
-        nn.init.trunc_normal_(self.vision.embeddings.class_embedding, std=_INIT_STD)
-        nn.init.trunc_normal_(self.vision.embeddings.position_embedding, std=_INIT_STD)
+        self.apply(lambda module: _init_module(module, config.init_std))
+        nn.init.trunc_normal_(self.vision.embeddings.class_embedding, std=config.init_std)
+        nn.init.trunc_normal_(self.vision.embeddings.position_embedding, std=config.init_std)
         with torch.no_grad():  # the tied LM decoder was re-initialised after the embedding
             self.text_encoder.embeddings.word_embeddings.weight[tcfg.pad_token_id].zero_()
 
@@ -177,13 +174,13 @@ def _expand(kv: ImageKV, image_index: Tensor | None) -> ImageKV:
     return [(k.index_select(0, image_index), v.index_select(0, image_index)) for k, v in kv]
 
 
-def _init_module(module: nn.Module) -> None:
+def _init_module(module: nn.Module, std: float) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=_INIT_STD)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.trunc_normal_(module.weight, std=_INIT_STD)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()

@@ -52,3 +52,27 @@ def test_special_ids_outside_the_vocabulary_are_refused():
     cfg.text.bos_token_id = cfg.text.vocab_size
     with pytest.raises(ValueError, match="bos_token_id"):
         MED(cfg)
+
+
+def test_tiny_init_gives_captions_distinct_itc_features() -> None:
+    """At width 64, BERT's 0.02 init makes every caption's [CLS] feature nearly the same
+    (ITC then sits at log(B) for hundreds of steps); the tiny preset's init_std must not."""
+    import dataclasses
+
+    import torch
+
+    from blip_core import MED
+    from blip_core.tokenizer import build_tokenizer
+
+    captions = ["a red circle on the left", "two shapes", "a small blue square above a green triangle", "click here"]
+    tok = build_tokenizer(captions * 2, vocab_size=200)
+    ids, mask = tok.encode(captions, mode="text")
+    spread = {}
+    for std in (0.02, preset("tiny").init_std):
+        torch.manual_seed(0)
+        model = MED(dataclasses.replace(preset("tiny"), init_std=std).with_tokenizer(tok)).eval()
+        with torch.no_grad():
+            feats = model.text_features(model.encode_text(ids, mask))  # (4, E)
+        spread[std] = feats.std(0).mean().item()
+    assert spread[preset("tiny").init_std] > 10 * spread[0.02]
+    assert spread[preset("tiny").init_std] > 0.02
