@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data.shards import list_shards, read_table, shard_name, write_shard
+from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
 from tasks.evaluate import (
     EvalConfig,
@@ -342,7 +342,7 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
     diag["filter"]["itc_roc_auc"] = roc_auc(itc, clean)
     path = out / "eval" / "capfilt.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(diag, indent=2, allow_nan=True))
+    write_atomic(path, json.dumps(diag, indent=2, allow_nan=True))
     return diag
 
 
@@ -363,7 +363,7 @@ class _Timings:
     def record(self, name: str, seconds: float, computed: bool) -> float:
         if computed or name not in self.values:
             self.values[name] = round(seconds, 1)
-            _write_atomic(self.path, json.dumps(self.values, indent=2))
+            write_atomic(self.path, json.dumps(self.values, indent=2))
         return self.values[name]
 
 
@@ -416,15 +416,10 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     seconds["total"] = round(sum(seconds.values()), 1)
     result = AblationResult(config=dataclasses.asdict(cfg), values=values, dataset_rows=sizes, capfilt=capfilt,
                             seconds=seconds)
-    _write_atomic(out / "table.json", result.to_json())
-    _write_atomic(out / "table.md", format_table(result))
+    write_atomic(out / "table.json", result.to_json())
+    write_atomic(out / "table.md", format_table(result))
     return result
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the table

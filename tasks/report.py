@@ -30,7 +30,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from data.images import decode_image  # noqa: E402
-from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table  # noqa: E402
+from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table, write_atomic  # noqa: E402
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -144,15 +144,6 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 
 
 # --------------------------------------------------------------------------- reading the run
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _save_figure(fig: plt.Figure, run_dir: Path, name: str, dpi: int) -> str:
@@ -569,8 +560,8 @@ def write_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
     run_dir = Path(run_dir)
     blocks = report_blocks(run_dir, cfg)
     md_path = run_dir / REPORT_MD
-    _write_atomic(md_path, to_markdown(blocks))
-    _write_atomic(run_dir / REPORT_HTML, to_html(blocks, f"capfilt report: {run_dir.name}"))
+    write_atomic(md_path, to_markdown(blocks))
+    write_atomic(run_dir / REPORT_HTML, to_html(blocks, f"capfilt report: {run_dir.name}"))
     return md_path
 
 
