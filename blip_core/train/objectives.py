@@ -79,6 +79,11 @@ def prepare_batch(
     return batch
 
 
+def same_caption(text_ids: Tensor) -> Tensor:
+    """(B, T) padded ids -> (B, B) bool, true where two rows hold exactly the same caption."""
+    return (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)
+
+
 def lm_target_count(batch: Batch, prompt_length: int) -> Tensor:
     """Number of LM target tokens in the batch (scalar long), for a global normaliser under DDP."""
     targets = lm_targets(batch.dec_ids, batch.dec_mask, prompt_length)[:, 1:]
@@ -164,7 +169,10 @@ class BlipObjectives(nn.Module):
         with torch.no_grad():
             sim_i2t = image_feat @ bank.text_bank[local].T / temp  # (B, B)
             sim_t2i = text_feat @ bank.image_bank[local].T / temp  # (B, B)
-        negs = sample_hard_negatives(sim_i2t, sim_t2i, positives[:, local], generator)
+        # a pair whose caption is the positive's own caption is no negative (the same words
+        # describe both images), so it is never drawn and never labelled "no match"
+        excluded = positives[:, local] | same_caption(batch.text_ids)  # (B, B)
+        negs = sample_hard_negatives(sim_i2t, sim_t2i, excluded, generator)
         rows = torch.arange(b, device=image_feat.device)
         ids = torch.cat([batch.itm_ids, batch.itm_ids[negs["neg_text"]], batch.itm_ids])  # (3B, T)
         mask = torch.cat([batch.text_mask, batch.text_mask[negs["neg_text"]], batch.text_mask])  # (3B, T)

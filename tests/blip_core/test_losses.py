@@ -199,3 +199,23 @@ def test_lm_normalizer_makes_split_batches_add_up() -> None:
     n = int(lm_loss(logits, ids, mask)["lm_tokens"])
     halves = [lm_loss(logits[s], ids[s], mask[s], normalizer=n / 2)["lm"] for s in (slice(0, 2), slice(2, 4))]
     assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_identical_captions_are_never_drawn_as_hard_negatives() -> None:
+    from blip_core.train.objectives import same_caption
+
+    text_ids = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0], [2, 7, 8, 3], [2, 5, 3, 0]])  # rows 0 and 2 alike
+    same = same_caption(text_ids)
+    assert same.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],
+        [True, False, True, False],
+        [False, False, False, True],
+    ]
+    sims = torch.zeros(4, 4)
+    sims[0, 2] = sims[2, 0] = 50.0  # the "hardest" candidate is the duplicate caption
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        negs = sample_hard_negatives(sims, sims, same, gen)
+        assert negs["neg_text"][0] != 2 and negs["neg_text"][2] != 0
+        assert negs["neg_image"][0] != 2 and negs["neg_image"][2] != 0
