@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +60,11 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write a small file (JSON, Markdown, PNG) so readers see the old or the new bytes, never half.
 
-    The temporary name is unique to the writing process and thread, so two writers of
-    the same file never share one; the last rename wins.
+    The temporary name is fixed (``<name>.tmp``), so a writer killed mid-way leaves a file
+    that its rerun overwrites and removes; one writer per file (the run lock) is assumed.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
+    tmp = _tmp_path(path)
     try:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         _replace_atomically(tmp, path)

@@ -213,7 +213,9 @@ def stage_dir(out_dir: Path, settings: dict[str, Any]) -> tuple[Path, str]:
     folder = Path(out_dir) / digest
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"settings_hash": digest, "settings": settings}, indent=2, sort_keys=True, default=str)
-    write_atomic(folder / STAGE_FILE, text)
+    target = folder / STAGE_FILE
+    if not target.is_file() or target.read_text() != text:  # its content is a function of the hash
+        write_atomic(target, text)
     return folder, digest
 
 

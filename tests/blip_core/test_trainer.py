@@ -170,6 +170,18 @@ def _torchrun(out: Path, *extra: str) -> None:
     assert done.returncode == 0, done.stderr.decode()[-4000:]
 
 
+def _no_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The parameter without its attention key bias: softmax ignores a constant added to
+    every key, so that bias's true gradient is 0 and AdamW turns float noise into full
+    lr-sized steps, which differ between 2 ranks and 1 process (measured: 5.6e-5 apart)."""
+    if name.endswith("key.bias"):
+        return value[:0]
+    if name.endswith("qkv.bias"):  # ViT: [q | k | v]
+        q, _, v = value.chunk(3)
+        return torch.cat([q, v])
+    return value
+
+
 @pytest.mark.slow
 def test_two_process_ddp_replicas_agree_and_lm_only_matches_single_process(tmp_path: Path, tokenizer) -> None:
     tokenizer.save(tmp_path / "tok")
@@ -192,7 +204,7 @@ def test_two_process_ddp_replicas_agree_and_lm_only_matches_single_process(tmp_p
     assert single.returncode == 0, single.stderr.decode()[-3000:]
     two, one = load(tmp_path / "lm2" / "final").model.state_dict(), load(tmp_path / "lm1" / "final").model.state_dict()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(_no_key_bias(name, two[name]), _no_key_bias(name, one[name]), atol=2e-5, rtol=1e-4, msg=name)
     rows2, rows1 = read_metrics(tmp_path / "lm2" / "metrics.jsonl"), read_metrics(tmp_path / "lm1" / "metrics.jsonl")
     for a, b in zip(rows2, rows1):
         assert a["lm"] == pytest.approx(b["lm"], rel=1e-5)

@@ -75,7 +75,7 @@ def _make(shards: list[Path], **kwargs) -> PairDataset:
 def _keys(ds: PairDataset, workers: int = 0, batch: int = BATCH) -> list[str]:
     if workers == 0:
         return [s["key"] for s in ds]
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers, multiprocessing_context="fork")
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, multiprocessing_context="forkserver")
     return [k for b in loader for k in b["key"]]
 
 
@@ -141,7 +141,7 @@ def test_augmentation_is_independent_of_workers(shards: list[Path]) -> None:
         ds = _make(shards, block_size=3)
         if workers == 0:
             return {s["key"]: float(s["pixel_values"][1]) for s in ds}
-        loader = DataLoader(ds, batch_size=3, num_workers=workers, multiprocessing_context="fork")
+        loader = DataLoader(ds, batch_size=3, num_workers=workers, multiprocessing_context="forkserver")
         return {k: float(v) for b in loader for k, v in zip(b["key"], b["pixel_values"][:, 1, 0, 0])}
 
     single = draws(0)

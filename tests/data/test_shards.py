@@ -183,7 +183,7 @@ def test_settings_hash_is_canonical() -> None:
         settings_hash({"x": object()})
 
 
-def test_write_atomic_leaves_no_temporary_and_replaces_whole(tmp_path: Path) -> None:
+def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
     from data.shards import write_atomic
 
     target = tmp_path / "stage.json"

@@ -26,6 +26,9 @@ EXECUTION = ExecutionConfig(num_workers=0, progress=False, batch_size=4)
 CAPTION = CaptionConfig(max_length=10, min_length=3, execution=EXECUTION)
 FILE_LIMIT_BYTES = 48_000  # between a small shard's filter output (~8 kB) and the big one's (~100 kB)
 BIG_ROWS = 80
+# Every scored row lands in the kept shard, so the big input gives one big output file
+# whatever the random model scores (a split over kept/rejected could stay under the limit).
+KEEP_ALL = 0.0
 
 
 def _limited(limit: int):
@@ -38,7 +41,8 @@ def _limited(limit: int):
 
 def _filter_cli(world: dict[str, Path], web: Path, out: Path, limit: int | None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "flows.commands.stages", "filter", "--model", str(world["model"]), "--input", str(web),
-           "--output", str(out), "--batch-size", "8", "--workers", "0", "--no-progress"]  # fmt: skip
+           "--output", str(out), "--batch-size", "8", "--workers", "0", "--no-progress",
+           "--threshold", str(KEEP_ALL)]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env(COLUMNS="500"), capture_output=True, text=True, timeout=300,
                           preexec_fn=_limited(limit) if limit else None)  # fmt: skip
 
@@ -54,7 +58,7 @@ def test_full_disk_fails_the_big_shard_by_name_and_keeps_the_others(world: dict[
         shutil.copy(world["web"] / name, web / name)
     write_pairs(web / "part-00002.parquet", web_rows(900, BIG_ROWS))
     same = ExecutionConfig(num_workers=0, progress=False, batch_size=8)  # as the command below: scores depend on padding
-    reference = run_filter([web], tmp_path / "reference", world["model"], FilterConfig(execution=same))
+    reference = run_filter([web], tmp_path / "reference", world["model"], FilterConfig(threshold=KEEP_ALL, execution=same))
 
     out = tmp_path / "filter"
     full = _filter_cli(world, web, out, FILE_LIMIT_BYTES)
