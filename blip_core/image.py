@@ -59,13 +59,28 @@ def random_resized_box(width: int, height: int, scale: tuple[float, float], rng:
     return CropBox((width - w) // 2, (height - h) // 2, w, h)
 
 
+_MEAN = torch.tensor(BLIP_MEAN).view(3, 1, 1)
+_STD = torch.tensor(BLIP_STD).view(3, 1, 1)
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8, the pixels as stored (a quarter of float32's bytes)."""
+    array = np.array(image, dtype=np.uint8)  # (H, W, 3), a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] then normalised with BLIP mean/std.
+
+    Works on a whole batch on its device, so loaders can ship uint8 and normalise once.
+    """
+    mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
+    return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+
 def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, scaled to [0, 1] then normalised with BLIP mean/std."""
-    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
-    mean = torch.tensor(BLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(BLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return normalise(to_uint8_tensor(image))
 
 
 class ImageTransform:
@@ -89,11 +104,19 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """Resize (eval) or crop+resize+flip (train) and normalise; train mode needs `rng`."""
+        return normalise(self.pixels(image, rng))
+
+    def pixels(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """Like calling the transform, but stops before normalising: (3, S, S) uint8.
+
+        `normalise(pixels)` gives exactly what the call gives; batch loaders use this to
+        move a quarter of the bytes and normalise a whole batch in one op.
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
         size = (self.image_size, self.image_size)
         if not self.train:
-            return to_normalised_tensor(image.resize(size, Image.Resampling.BICUBIC))
+            return to_uint8_tensor(image.resize(size, Image.Resampling.BICUBIC))
         if rng is None:
             raise ValueError("ImageTransform(train=True) needs an rng: pass random.Random(seed) per sample")
         box = random_resized_box(image.width, image.height, self.scale, rng)
@@ -101,7 +124,7 @@ class ImageTransform:
         out = image.resize(size, Image.Resampling.BICUBIC, box=crop)
         if self.hflip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalised_tensor(out)
+        return to_uint8_tensor(out)
 
     def __repr__(self) -> str:
         return (

@@ -179,7 +179,7 @@ def caption_shard(
         batches = index_batches(todo, cfg.execution.batch_size)
         jpg = web.column("jpg").combine_chunks()
         with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, precision):
-            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, transform, transform.image_size, cfg.execution, device)):
+            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, transform, cfg.execution, device)):
                 good = np.array([not e for e in errors])
                 undecodable += int((~good).sum())
                 rows = np.asarray(rows)[good]

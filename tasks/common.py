@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from blip_core.image import ImageTransform, normalise
 from data.images import decode_image
 from data.schema import SchemaError, conform
 from data.shards import is_complete, read_table, settings_hash, shard_name, write_atomic
@@ -377,12 +378,11 @@ def ok_mask(table: pa.Table) -> np.ndarray:
 
 
 class _DecodedImages(Dataset):
-    """Row i of an arrow binary column -> (pixel tensor (3,S,S), error or "")."""
+    """Row i of an arrow binary column -> (uint8 pixels (3,S,S), error or "")."""
 
-    def __init__(self, jpg: pa.Array, transform: Callable[[Any], torch.Tensor], image_size: int) -> None:
+    def __init__(self, jpg: pa.Array, transform: ImageTransform) -> None:
         self.jpg = jpg
         self.transform = transform
-        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.jpg)
@@ -390,37 +390,38 @@ class _DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         decoded = decode_image(self.jpg[index].as_py())
         if decoded.image is None:
-            return torch.zeros(3, self.image_size, self.image_size), decoded.error or "undecodable"
-        return self.transform(decoded.image), ""
+            size = self.transform.image_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), decoded.error or "undecodable"
+        return self.transform.pixels(decoded.image), ""
 
 
 def image_batches(
     jpg: pa.Array,
     batches: list[list[int]],
-    transform: Callable[[Any], torch.Tensor],
-    image_size: int,
+    transform: ImageTransform,
     execution: ExecutionConfig,
     device: torch.device,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Decode and transform the rows of each index batch in DataLoader workers.
 
-    Yields (pixel_values (B,3,S,S) on `device`, errors) in batch order; an error is "" for
-    a good image, else the reason (its pixels are zeros and must not be used). Workers
-    decode the next batches while the model runs on this one; memory is pinned on CUDA.
+    Yields (pixel_values (B,3,S,S) float on `device`, errors) in batch order; an error is
+    "" for a good image, else the reason (its pixels are a constant and must not be used).
+    Workers decode the next batches while the model runs on this one; batches travel as
+    uint8 (pinned on CUDA) and are normalised once on the device.
     """
     if not batches:
         return
     workers = resolve_workers(execution.num_workers, device)
     loader = DataLoader(
-        _DecodedImages(jpg, transform, image_size),
+        _DecodedImages(jpg, transform),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
     )
-    for pixels, errors in loader:
-        yield pixels.to(device, non_blocking=True), list(errors)
+    for pixels, errors in loader:  # pixels: (B, 3, S, S) uint8
+        yield normalise(pixels.to(device, non_blocking=True)), list(errors)
 
 
 def index_batches(indices: np.ndarray, batch_size: int) -> list[list[int]]:

@@ -172,7 +172,7 @@ def _score(
     batches = index_batches(order, cfg.execution.batch_size)
     start, passed, judged = 0, 0, 0
     with inference_context(device, precision):
-        for pixels, image_errors in image_batches(jpg, batches, transform, transform.image_size, cfg.execution, device):
+        for pixels, image_errors in image_batches(jpg, batches, transform, cfg.execution, device):
             stop = start + len(image_errors)
             lo, hi = np.searchsorted(sorted_pos, [start, stop])
             caps = todo[by_pos[lo:hi]]  # captions of this batch's images

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_core.image import BLIP_MEAN, BLIP_STD, ImageTransform, random_resized_box
+from blip_core.image import BLIP_MEAN, BLIP_STD, ImageTransform, normalise, random_resized_box
 
 
 def _image(h: int = 50, w: int = 70, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -34,6 +34,15 @@ def test_normalisation_of_a_flat_colour() -> None:
     expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), BLIP_MEAN, BLIP_STD)]
     for channel, value in enumerate(expected):
         torch.testing.assert_close(out[channel], torch.full((4, 4), value), atol=1e-5, rtol=0)
+
+
+def test_uint8_pixels_normalised_as_a_batch_equal_the_per_image_transform() -> None:
+    images = [_image(seed=s) for s in range(3)]
+    for transform, rngs in ((ImageTransform(24), [None] * 3), (ImageTransform(24, train=True), [random.Random(s) for s in range(3)])):
+        expected = torch.stack([transform(img, random.Random(i) if r else None) for i, (img, r) in enumerate(zip(images, rngs))])
+        raw = torch.stack([transform.pixels(img, random.Random(i) if r else None) for i, (img, r) in enumerate(zip(images, rngs))])
+        assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 24, 24)
+        assert torch.equal(normalise(raw), expected)  # bit-identical: loaders may ship uint8
 
 
 def test_non_rgb_input_is_converted() -> None:
