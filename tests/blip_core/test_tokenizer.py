@@ -82,3 +82,24 @@ def test_unseen_words_fall_back_to_characters(tok: Tokenizer) -> None:
     ids, _ = tok.encode(["a reed circel"])
     assert tok.unk_id not in ids.tolist()[0]
     assert tok.decode(ids) == ["a reed circel"]
+
+
+def test_encode_equals_transformers_call_on_hostile_text(tok: Tokenizer) -> None:
+    """`encode` calls the Rust tokenizer directly; transformers' own call is the reference."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    words = "a red square ÉCOLE ñandú 中文 emoji😀 IMG_4978.jpg click-here!! tabs\tand\nnewlines".split(" ")
+    texts = [" ".join(rng.choices(words, k=rng.randint(0, 40))) for _ in range(200)] + ["", "   "]
+    for max_length in (5, 35):
+        for mode, prompt in (("text", ""), ("itm", ""), ("decoder", DEFAULT_PROMPT)):
+            ids, mask = tok.encode(texts, mode=mode, max_length=max_length, prompt=prompt)  # type: ignore[arg-type]
+            ref = tok.bert([prompt + t for t in texts], padding="longest", truncation=True,
+                           max_length=max_length, return_tensors="pt")
+            expected = ref["input_ids"].long()
+            expected[:, 0] = {"text": tok.cls_id, "itm": tok.enc_id, "decoder": tok.dec_id}[mode]
+            assert torch.equal(ids, expected) and torch.equal(mask, ref["attention_mask"].long())
+    empty_ids, empty_mask = tok.encode([])
+    assert empty_ids.shape == empty_mask.shape == (0, 0)
