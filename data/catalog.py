@@ -9,8 +9,10 @@
   plus ``settings_hash`` and ``outcome`` (kept | rejected | failed).
 - ``rejects``: the ``scored`` rows whose outcome is not ``kept``.
 - ``dataset``: D', ``assemble/<hash>/part-*.parquet`` (kind ``dataset``) plus ``settings_hash``.
-- ``stage_stats``: one row per ``*.done.json`` completion record (stage, folder, shard,
-  kind, settings_hash, input_fingerprint, output_bytes, counts MAP, extra JSON).
+- ``stage_stats``: one row per completed shard of each stage folder, from the ``*.done.json``
+  completion records (stage, folder, shard, kind, settings_hash, input_fingerprint,
+  output_bytes, counts MAP, extra JSON); the filter's three outcome records of a shard are
+  one row, so ``sum(counts['input'])`` counts each input row once.
 
 A stage with several settings folders (a rerun with other settings) is shown by its
 most recently written folder; ``stage_stats`` lists the records of all of them.
@@ -136,8 +138,13 @@ def _dataset(source: _Source) -> pds.Dataset:
 
 
 def _stage_stats(run_dir: Path) -> pa.Table | None:
-    """One row per completion record in the run folder (None when there are none)."""
-    rows = []
+    """One row per completed shard of each stage folder (None when there are none).
+
+    The filter writes one record per outcome folder (kept / rejected / failed), each with
+    the shard's full counts; they are folded into one row (folder = the settings folder,
+    output_bytes summed) so that sums over `counts` count every input row once.
+    """
+    rows: dict[tuple[str, str], dict] = {}
     for done in sorted(run_dir.rglob("*" + DONE_SUFFIX)):
         try:
             record = read_completion(done)
@@ -146,19 +153,23 @@ def _stage_stats(run_dir: Path) -> pa.Table | None:
         if record is None:
             continue
         folder = done.parent.relative_to(run_dir)
-        rows.append(
-            {
-                "stage": folder.parts[0] if folder.parts else "",
-                "folder": folder.as_posix(),
-                "shard": record.shard,
-                "kind": record.kind,
-                "settings_hash": record.settings_hash,
-                "input_fingerprint": record.input_fingerprint,
-                "output_bytes": record.output_bytes,
-                "counts": [(str(k), int(v)) for k, v in sorted(record.counts.items())],
-                "extra": json.dumps(record.extra, sort_keys=True, default=str),
-            }
-        )
+        if record.extra.get("outcome") in OUTCOMES and folder.name == record.extra["outcome"]:
+            folder = folder.parent
+        key = (folder.as_posix(), record.shard)
+        if key in rows:
+            rows[key]["output_bytes"] += record.output_bytes
+            continue
+        rows[key] = {
+            "stage": folder.parts[0] if folder.parts else "",
+            "folder": folder.as_posix(),
+            "shard": record.shard,
+            "kind": record.kind,
+            "settings_hash": record.settings_hash,
+            "input_fingerprint": record.input_fingerprint,
+            "output_bytes": record.output_bytes,
+            "counts": [(str(k), int(v)) for k, v in sorted(record.counts.items())],
+            "extra": json.dumps({k: v for k, v in record.extra.items() if k != "outcome"}, sort_keys=True, default=str),
+        }
     if not rows:
         return None
     schema = pa.schema(
@@ -174,7 +185,7 @@ def _stage_stats(run_dir: Path) -> pa.Table | None:
             ("extra", pa.string()),
         ]
     )
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(list(rows.values()), schema=schema)
 
 
 def _lock(con: duckdb.DuckDBPyConnection) -> None:

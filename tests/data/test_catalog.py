@@ -48,8 +48,8 @@ def _scored(prefix: str, n: int, keep: bool, status: str = "ok") -> pa.Table:
     )
 
 
-def _done(path: Path, counts: dict[str, int], digest: str = "h") -> None:
-    write_completion(path, CompletionRecord(path.name, "pairs", counts, "fp", digest))
+def _done(path: Path, counts: dict[str, int], digest: str = "h", extra: dict | None = None) -> None:
+    write_completion(path, CompletionRecord(path.name, "pairs", counts, "fp", digest, extra=extra or {}))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shard(_scored("k", 3, True), filt / "kept" / shard_name(0), "scored")
     write_shard(_scored("r", 2, False), filt / "rejected" / shard_name(0), "scored")
     write_shard(_scored("f", 1, False, "failed"), filt / "failed" / shard_name(0), "scored")
-    _done(filt / "kept" / shard_name(0), {"input": 6, "kept": 3, "rejected": 2, "failed": 1}, "filterhash00")
+    for outcome in ("failed", "rejected", "kept"):  # as the filter writes them: the same counts in each
+        _done(filt / outcome / shard_name(0), {"input": 6, "kept": 3, "rejected": 2, "failed": 1}, "filterhash00",
+              {"outcome": outcome})
     write_shard(_scored("k", 3, True), root / "assemble/asmhash00000" / shard_name(0), "dataset")
     (root / "truth").mkdir()
     (root / "truth/world.json").write_text("{}")
@@ -106,8 +108,9 @@ def test_views_answer_over_the_shards(con: duckdb.DuckDBPyConnection) -> None:
     assert _one(con, "SELECT count(*) FROM rejects") == [(3,)]
     assert _one(con, "SELECT count(*), bool_and(keep) FROM dataset") == [(3, True)]
     assert _one(con, "SELECT sum(counts['input']) FROM stage_stats WHERE stage = 'ingest'") == [(6,)]
-    assert _one(con, "SELECT folder, counts['rejected'] FROM stage_stats WHERE stage = 'filter'") == [
-        ("filter/filterhash00/kept", 2)]
+    # the filter's three outcome records of one shard are one row: its rows are counted once
+    assert _one(con, "SELECT folder, counts['input'], counts['rejected'], extra FROM stage_stats WHERE stage = 'filter'") == [
+        ("filter/filterhash00", 6, 2, "{}")]
 
 
 def test_python_callers_get_the_bytes(con: duckdb.DuckDBPyConnection) -> None:
