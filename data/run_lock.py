@@ -47,6 +47,28 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def lock_scope(output: str | Path) -> Path:
+    """The folder whose lock a writer of `output` must hold: the nearest folder at or above
+    `output` that is a run folder (it has a `.lock` written by `run_lock`, as every flow
+    run leaves), else `output` itself. So a standalone stage writing inside a run folder
+    and a flow running on that folder hold the same lock and exclude each other."""
+    output = Path(output).resolve()
+    for folder in (output, *output.parents):
+        if _written_by_run_lock(folder / LOCK_NAME):
+            return folder
+    return output
+
+
+def _written_by_run_lock(path: Path) -> bool:
+    """True for a lock file holding our holder record (other tools' `.lock` files, such as
+    pytest's, are not run folders)."""
+    try:
+        info = json.loads(path.read_bytes()[:4096] or b"{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"pid", "host", "since"} <= info.keys()
+
+
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")

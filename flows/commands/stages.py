@@ -37,14 +37,15 @@ def _inputs(ctx: typer.Context, first: list[str]) -> list[str]:
 
 @contextmanager
 def _one_writer(output: Path) -> Iterator[None]:
-    """Hold OUTPUT's run lock: a second command writing the same stage folder at once is
-    refused (two writers would share the shards' temporary file names). A refusal, or a
-    stage whose failed shards are listed (the others completed), exits 1 with the message."""
-    from data.run_lock import RunLockedError, run_lock
+    """Hold the lock of OUTPUT's run folder (or of OUTPUT when it is in none): a second
+    command, or a flow run, writing there at once is refused (two writers would share the
+    shards' temporary file names). A refusal, or a stage whose failed shards are listed
+    (the others completed), exits 1 with the message."""
+    from data.run_lock import RunLockedError, lock_scope, run_lock
     from tasks.common import StageIncompleteError
 
     try:
-        with run_lock(output):
+        with run_lock(lock_scope(output)):
             yield
     except (RunLockedError, StageIncompleteError) as exc:
         typer.echo(f"error: {exc}", err=True)

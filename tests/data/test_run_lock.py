@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data.run_lock import RunLockedError, run_lock
+from data.run_lock import RunLockedError, lock_scope, run_lock
 
 HOLD = """
 import sys, time
@@ -47,3 +47,20 @@ def test_lock_can_be_taken_again_after_release(tmp_path: Path) -> None:
         pass
     with run_lock(tmp_path) as path:
         assert path.exists()
+
+
+def test_a_writer_inside_a_run_folder_takes_the_run_folders_lock(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    output = run / "caption" / "mine"
+    assert lock_scope(output) == output.resolve()  # no run folder yet: the output's own lock
+    with run_lock(run):  # what a flow run does; it leaves run/.lock behind
+        pass
+    assert lock_scope(output) == run.resolve()
+    proc = _hold_in_subprocess(run)  # a flow is running on the folder
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
+            with run_lock(lock_scope(output)):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
