@@ -93,6 +93,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("exact caps %", "captioning", "scene_exact"),
 )
 DATASET_FILE = "dataset.json"
+SETTINGS_FILE = "ablation.json"
+_RERUN_SETTINGS = ("out_dir", "seeds", "rows", "threads")
 _SYNTH_SEED_OFFSET = 0
 
 
@@ -144,6 +146,16 @@ class AblationConfig:
             raise ValueError("give at least one seed")
         if self.queue_size % self.batch_size:
             raise ValueError(f"queue_size {self.queue_size} must be a multiple of batch_size {self.batch_size}")
+        if self.caption_strategy not in ("nucleus", "beam", "greedy"):
+            raise ValueError(f"caption_strategy must be nucleus, beam or greedy, got {self.caption_strategy!r}")
+
+    def semantic(self) -> dict[str, Any]:
+        """The settings every piece of an output folder was made with (all but seeds, rows,
+        threads and the folder itself, which a rerun may change)."""
+        data = dataclasses.asdict(self)
+        for name in _RERUN_SETTINGS:
+            data.pop(name)
+        return json.loads(json.dumps(data))  # tuples as lists, as read back from JSON
 
 
 @dataclass
@@ -367,6 +379,24 @@ class _Timings:
         return self.values[name]
 
 
+def _check_settings(cfg: AblationConfig, out: Path) -> None:
+    """Record the experiment's settings in ``OUT/ablation.json`` on the first run; refuse a
+    rerun with other settings, whose pieces would silently mix with the folder's own."""
+    path = out / SETTINGS_FILE
+    wanted = cfg.semantic()
+    if not path.is_file():
+        write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{out} holds an ablation made with other settings ({diffs}); "
+            "give another --out, or the folder's settings (see its ablation.json)"
+        )
+
+
 def _model_done(folder: Path) -> bool:
     return (folder / "final" / "config.json").is_file()
 
@@ -377,6 +407,7 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg, out)
     timings = _Timings(out / "timings.json")
     t = time.perf_counter()
     world = _world(cfg, out)
@@ -478,9 +509,14 @@ def _diagnostics(result: AblationResult) -> str:
         f"{f.get('itc_roc_auc', float('nan')):.3f}), kept web precision {pct(f.get('precision'))}, recall of clean web "
         f"{pct(f.get('recall'))}, noise rejected {pct(f.get('noise_rejected'))}; keep rate by web kind: "
         + ", ".join(f"{k.removeprefix('keep_rate_')} {pct(v)}" for k, v in f.items() if k.startswith("keep_rate_"))
-        + f". Captioner: {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "
+        + f". Captioner ({_strategy(result.config)}): {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "
         f"{pct(c.get('exact_among_kept'))} of the kept ones exact."
     )
+
+
+def _strategy(config: dict[str, Any]) -> str:
+    strategy = config.get("caption_strategy", "nucleus")
+    return f"nucleus, top_p {config.get('top_p', 0.9)}" if strategy == "nucleus" else strategy
 
 
 def _verdicts(result: AblationResult) -> str:

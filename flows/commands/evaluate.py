@@ -80,6 +80,8 @@ def ablation(
     alpha: float = typer.Option(None, help="Momentum-distillation weight (BLIP: 0.4)."),
     queue_size: int = typer.Option(None, help="Momentum features per modality (a multiple of the batch size)."),
     threshold: float = typer.Option(None, help="Filter keep threshold on the ITM match probability (BLIP: 0.5)."),
+    caption_strategy: str = typer.Option(None, help="How the captioner writes synthetic captions: nucleus (BLIP), beam or greedy."),
+    top_p: float = typer.Option(None, help="Nucleus sampling's top_p (BLIP: 0.9)."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:
     """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""
@@ -89,12 +91,17 @@ def ablation(
         pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, human_images=human_images,
         web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads, lr=lr,
         finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size, threshold=threshold,
+        caption_strategy=caption_strategy, top_p=top_p,
     ).items() if v is not None}
     if "batch_size" in overrides:
         overrides.setdefault("queue_size", 4 * overrides["batch_size"])
     cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(seeds)),
                          rows=tuple(r.strip() for r in rows.split(",") if r.strip()), **overrides)
-    run_ablation(cfg, log=typer.echo)
+    try:
+        run_ablation(cfg, log=typer.echo)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo((out / "table.md").read_text())
 
 

@@ -38,6 +38,21 @@ def test_config_rejects_unknown_rows_and_bad_queue() -> None:
         AblationConfig(rows=("cf", "oracle"))
     with pytest.raises(ValueError, match="multiple of batch_size"):
         AblationConfig(batch_size=100, queue_size=150)
+    with pytest.raises(ValueError, match="caption_strategy"):
+        AblationConfig(caption_strategy="topk")
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path: Path) -> None:
+    from tasks.ablation import SETTINGS_FILE, _check_settings
+
+    first = AblationConfig(out_dir=str(tmp_path), seeds=(0,))
+    _check_settings(first, tmp_path)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["caption_strategy"] == "nucleus"
+    # more seeds, fewer rows, other threads: the same experiment, continued
+    _check_settings(AblationConfig(out_dir=str(tmp_path), seeds=(0, 1, 2), rows=("cf",), threads=1), tmp_path)
+    with pytest.raises(ValueError, match=r"caption_strategy: 'nucleus' -> 'beam'.*another --out"):
+        run_ablation(AblationConfig(out_dir=str(tmp_path), caption_strategy="beam"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SETTINGS_FILE]  # nothing was made
 
 
 def _result() -> AblationResult:
