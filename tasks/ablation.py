@@ -506,7 +506,10 @@ def _diagnostics(result: AblationResult) -> str:
     return (
         f"CapFilt (one run, seed {result.config['seeds'][0]}): filter ROC-AUC on web noise "
         f"{f.get('roc_auc', float('nan')):.3f} (ITM score; the same model's ITC similarity: "
-        f"{f.get('itc_roc_auc', float('nan')):.3f}), kept web precision {pct(f.get('precision'))}, recall of clean web "
+        f"{f.get('itc_roc_auc', float('nan')):.3f}; by clean kind against the noise: "
+        + ", ".join(f"{k.removeprefix('roc_auc_').removesuffix('_vs_noise')} {v:.3f}" for k, v in f.items()
+                    if k.startswith("roc_auc_") and k.endswith("_vs_noise"))
+        + f"), kept web precision {pct(f.get('precision'))}, recall of clean web "
         f"{pct(f.get('recall'))}, noise rejected {pct(f.get('noise_rejected'))}; keep rate by web kind: "
         + ", ".join(f"{k.removeprefix('keep_rate_')} {pct(v)}" for k, v in f.items() if k.startswith("keep_rate_"))
         + f". Captioner ({_strategy(result.config)}): {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "

@@ -43,6 +43,7 @@ from tasks.metrics import (
     relevance_matrix,
     rerank_top_k,
     retrieval_recall,
+    roc_auc,
 )
 
 EVAL_FILE = Path("eval") / "metrics.json"
@@ -225,7 +226,9 @@ def filter_noise_detection(scored: pa.Table, truth: WorldTruth) -> dict[str, Any
     Positive = a clean web caption (correct or weak-but-true); the ITM score ranks them
     (ROC-AUC) and the `keep` column is the decision: `precision` is the share of kept
     web rows that are clean, `recall` the share of clean rows kept, `noise_rejected`
-    the share of noisy (swapped / junk) rows rejected. Also the keep rate per kind.
+    the share of noisy (swapped / junk) rows rejected. Also the keep rate per kind and,
+    per clean kind, the ROC-AUC of that kind alone against the noise (``roc_auc_weak_vs_noise``
+    tells whether vague-but-true captions or wrong ones limit the overall figure).
     """
     web = scored.filter(pc.equal(scored["source"], "web"))
     keys = web["key"].to_pylist()
@@ -242,9 +245,13 @@ def filter_noise_detection(scored: pa.Table, truth: WorldTruth) -> dict[str, Any
     out: dict[str, Any] = d.as_dict()
     out["noise_rejected"] = float(np.mean(~keep[~clean])) if (~clean).any() else float("nan")
     out["unmatched_rows"] = len(keys) - len(known)
+    kinds = np.asarray(kind)
     for k in sorted(set(kind)):
-        mask = np.asarray([x == k for x in kind])
+        mask = kinds == k
         out[f"keep_rate_{k}"] = float(keep[mask].mean())
+        if k in CLEAN_KINDS and (~clean).any():  # how well this clean kind alone is told from noise
+            pair = mask | ~clean
+            out[f"roc_auc_{k}_vs_noise"] = roc_auc(scores[pair], clean[pair])
     return out
 
 

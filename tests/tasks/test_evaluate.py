@@ -71,6 +71,16 @@ def test_filter_noise_detection_against_truth(world: Path) -> None:
     assert perfect["keep_rate_junk"] == 0.0 and perfect["keep_rate_weak"] == 1.0
     inverted = filter_noise_detection(_scored_from_truth(world, 0.1, 0.9), truth)
     assert inverted["roc_auc"] == 0.0 and inverted["noise_rejected"] == 0.0
+    # correct 0.9 > junk 0.3 > weak 0.2 > swapped 0.1: weak beats exactly the swapped share of the noise
+    by_kind = {"correct": 0.9, "junk": 0.3, "weak": 0.2, "swapped": 0.1}
+    scored = _scored_from_truth(world, 0.9, 0.1)
+    web = [r for r in scored.to_pylist() if r["source"] == "web"]
+    for r in web:
+        r["itm_score"] = by_kind[truth.web_kinds[r["key"]]]
+    d = filter_noise_detection(pa.Table.from_pylist(web, schema=SCORED), truth)
+    kinds = [truth.web_kinds[r["key"]] for r in web]
+    assert d["roc_auc_correct_vs_noise"] == 1.0
+    assert d["roc_auc_weak_vs_noise"] == pytest.approx(kinds.count("swapped") / (kinds.count("swapped") + kinds.count("junk")))
 
 
 def test_captioner_correctness_against_truth(world: Path) -> None:
