@@ -1,4 +1,5 @@
-"""Prefect artifacts for a run: one table per stage, progress of shard stages, a summary.
+"""Prefect artifacts for a run: one table per stage, progress of shard stages and of
+training stages, a summary.
 
 Artifacts need a flow or task run; outside one (plain Python calls, `.fn()` in unit
 tests) these helpers do nothing, so stage code never depends on them.
@@ -6,8 +7,11 @@ tests) these helpers do nothing, so stage code never depends on them.
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -92,3 +96,75 @@ class Progress:
         from prefect.artifacts import update_progress_artifact
 
         update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+
+
+def last_step(metrics: Path) -> int:
+    """The step of the last complete line of a trainer's ``metrics.jsonl`` (0 when none yet)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line still being written, or a torn first line of the window
+    return 0
+
+
+class TrainingProgress:
+    """A progress artifact for a training stage: ``with TrainingProgress(label, metrics, steps):``.
+
+    The trainer (in this process or under torchrun) appends a line to `metrics` every few
+    steps; a daemon thread reads the last one every `every` seconds and moves the artifact,
+    so the model code knows nothing of Prefect. Leaving the block sets the final figure.
+    """
+
+    def __init__(self, label: str, metrics: Path, steps: int, every: float = 10.0) -> None:
+        self.metrics, self.steps, self.every = Path(metrics), max(steps, 1), every
+        self.shown = -1.0
+        self.artifact_id: UUID | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if _in_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(
+                self._percent(), description=f"capfilt {label}: training steps done"
+            )
+
+    def _percent(self) -> float:
+        return min(100.0, 100.0 * last_step(self.metrics) / self.steps)
+
+    def update(self) -> None:
+        """Move the artifact to the trainer's last logged step (no call when unchanged)."""
+        percent = self._percent()
+        if self.artifact_id is None or percent == self.shown:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self.artifact_id, percent)
+        self.shown = percent
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.update()
+            except Exception:  # noqa: BLE001 - a progress display must never fail the training
+                continue
+
+    def __enter__(self) -> TrainingProgress:
+        if self.artifact_id is not None:
+            self._thread = threading.Thread(target=self._watch, name="training-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.artifact_id is not None:
+            self.update()

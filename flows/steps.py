@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from flows.artifacts import TrainingProgress
 from flows.caching import StepJob, record_outputs, step_cache_key
 from flows.config import RunConfig
 from flows.faults import maybe_fault
@@ -222,7 +223,8 @@ def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault(job.step, job.index)
     p = job.params
     start = time.perf_counter()
-    with gpu_slot(config):
+    metrics = Path(p["kwargs"]["out"]) / "metrics.jsonl"
+    with gpu_slot(config), TrainingProgress(job.label, metrics, int(p["kwargs"]["steps"])):
         result = train_model(**p["kwargs"])
     seconds = time.perf_counter() - start
     _log().info("%s: model %s (%s steps) in %.1f s", job.label, result["final"], result["steps"], seconds)
