@@ -48,8 +48,11 @@ def demo(
     """
     _offline_env()
     from flows.demo import run_demo
+    from flows.interrupt import exit_on_interrupt
 
-    result = run_demo(quick=quick, out=out)
+    again = "capfilt demo" + (" --quick" if quick else "") + (f" --out {out}" if out else "")
+    with exit_on_interrupt(again):
+        result = run_demo(quick=quick, out=out)
     typer.echo(f"\nrun folder: {result.run_dir}")
     if result.report is not None:
         typer.echo(f"report:     {result.report}  (also {result.report.with_suffix('.html')})")
@@ -77,7 +80,11 @@ def run(
         cfg = load_yaml(config, run_dir=run_dir)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
-    summary = run_bootstrap(cfg)
+    from flows.interrupt import exit_on_interrupt
+
+    again = f"capfilt run --config {config}" + (f" --run-dir {run_dir}" if run_dir else "")
+    with exit_on_interrupt(again):
+        summary = run_bootstrap(cfg)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=2, default=str))
 
 

@@ -1,11 +1,14 @@
-"""`capfilt demo --quick` end to end from the command line, then a second call that resumes."""
+"""`capfilt demo --quick` end to end from the command line: interrupted once with Ctrl-C,
+resumed to the end, then a last call that finds everything done."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +25,45 @@ def _demo(out: Path) -> str:
     return done.stdout
 
 
+def _interrupt_during_pretraining(out: Path) -> str:
+    """Start the demo in its own process group, press Ctrl-C (SIGINT to the group, as a
+    terminal does) once the first model is training, and return what it printed."""
+    proc = subprocess.Popen([str(BIN / "capfilt"), "demo", "--quick", "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    metrics = out / "models" / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the demo ended before its first model trained"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)  # one press is enough: no second Ctrl-C
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"resume with: capfilt demo --quick --out {out}" in stderr
+    deadline = time.monotonic() + 60  # the temporary API server got the same SIGINT and stops too
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(proc.pid), "processes of the interrupted demo are still running"
+    return stdout
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _weights(out: Path) -> dict[str, tuple[int, int]]:
     paths = list(out.glob("models/*/final/model.safetensors")) + list(out.glob("ingest/web/part-*.parquet"))
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
-def test_demo_quick_prints_real_results_and_resumes(tmp_path: Path) -> None:
+def test_demo_quick_survives_ctrl_c_prints_real_results_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    stdout = _demo(out)
+    _interrupt_during_pretraining(out)
+    assert not (out / "models" / "pretrain" / "final").exists()
+    stdout = _demo(out)  # resumes: the ingested shards are kept, the pretraining continues
     report = out / "report.md"
     assert f"report:     {report}" in stdout and report.is_file()
     assert "# capfilt run report" in report.read_text()
