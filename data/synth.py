@@ -58,6 +58,9 @@ class SynthConfig:
     seed: int = 0
     human_images: int = 1000
     human_captions: int = 1  # correct captions per human image (one row each)
+    # Share of human captions that are true but vague (a weak caption instead of a full one),
+    # as some COCO captions are; 0 keeps every human caption fully specified.
+    human_vague_rate: float = 0.0
     web_images: int = 4000
     test_images: int = 500
     test_captions: int = 5  # correct captions per test image (one row each, shared image_id)
@@ -72,6 +75,8 @@ class SynthConfig:
     def __post_init__(self) -> None:
         if len(self.web_rates) != len(CAPTION_KINDS) or abs(sum(self.web_rates) - 1.0) > 1e-6:
             raise ValueError(f"web_rates must be {len(CAPTION_KINDS)} rates {CAPTION_KINDS} summing to 1, got {self.web_rates}")
+        if not 0.0 <= self.human_vague_rate <= 1.0:
+            raise ValueError(f"human_vague_rate must be in [0, 1], got {self.human_vague_rate}")
         if self.test_captions > 5 or self.human_captions > 5:
             raise ValueError("at most 5 captions per image: one-shape scenes have 5 correct phrasings")
 
@@ -131,11 +136,17 @@ def build_split(name: str, cfg: SynthConfig) -> SplitData:
         rows = [(f"{image_ids[i]}-0", i, _web_caption(i, kinds[i], scenes, rng)) for i in range(n_images)]
         return SplitData(image_ids, scenes, pngs, rows, kinds)
     per_image = cfg.test_captions if name == "test" else cfg.human_captions
+    vague_rate = cfg.human_vague_rate if name == "human" else 0.0
+    vague_rng = np.random.default_rng([cfg.seed, _SPLIT_CODE["captions"], _SPLIT_CODE[name], 1])  # own stream
     rows = []
     for i, scene in enumerate(scenes):
         phrasings = correct_captions(scene)
         for j, pick in enumerate(rng.choice(len(phrasings), size=per_image, replace=False)):
-            rows.append((f"{image_ids[i]}-{j}", i, phrasings[int(pick)]))
+            caption = phrasings[int(pick)]
+            if vague_rate and vague_rng.random() < vague_rate:
+                vague = weak_captions(scene)
+                caption = vague[int(vague_rng.integers(len(vague)))]
+            rows.append((f"{image_ids[i]}-{j}", i, caption))
     return SplitData(image_ids, scenes, pngs, rows)
 
 

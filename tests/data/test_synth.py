@@ -164,3 +164,23 @@ def test_url_list_points_at_files_and_broken_extras(world: Path) -> None:
     moved = pq.read_table(world / "web_urls.parquet").to_pylist()
     assert moved[0]["url"] == "http://127.0.0.1:9/" + urls[0]["path"]
     assert [m["key"] for m in moved] == [u["key"] for u in urls]
+
+
+def test_vague_human_captions_are_opt_in_true_and_touch_nothing_else(world: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    vague = tmp_path / "vague"
+    generate_world(vague, dataclasses.replace(SMALL, human_vague_rate=0.5), as_urls=True)
+    truth = load_truth(vague)
+    human = _rows(vague / "human")
+    exact = [caption_matches_scene(r["caption"], truth.scenes[r["image_id"]]) for r in human]
+    assert all(caption_is_true(r["caption"], truth.scenes[r["image_id"]]) for r in human)
+    assert 0 < exact.count(False) < len(human)  # some vague, some full
+    assert all(r["caption"] in weak_captions(truth.scenes[r["image_id"]]) for r, e in zip(human, exact) if not e)
+    default = _rows(world / "human")  # the default world: every human caption full
+    assert all(caption_matches_scene(r["caption"], load_truth(world).scenes[r["image_id"]]) for r in default)
+    for split in ("web", "test"):  # other splits, and the human images, are the same as without vague captions
+        assert _rows(vague / split) == _rows(world / split)
+    assert [r["jpg"] for r in human] == [r["jpg"] for r in default]
+    with pytest.raises(ValueError, match="human_vague_rate"):
+        SynthConfig(human_vague_rate=1.5)
