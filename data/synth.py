@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +104,20 @@ class SynthResult:
     url_list: Path | None = None
 
 
+def world_settings(cfg: SynthConfig) -> dict[str, Any]:
+    """The settings a world records and is hashed by. Fields added later appear only when set
+    away from their default, so worlds written before them stay complete, byte for byte."""
+    values = dataclasses.asdict(cfg)
+    if values["human_vague_rate"] == 0.0:
+        del values["human_vague_rate"]
+    return values
+
+
+def world_hash(cfg: SynthConfig) -> str:
+    """The settings hash of a world's shards and truth."""
+    return settings_hash(world_settings(cfg))
+
+
 def generate_world(out: Path, cfg: SynthConfig, as_urls: bool = False, base_url: str = DEFAULT_BASE_URL) -> SynthResult:
     """Generate the world and write it under `out` (layout in the module docstring).
 
@@ -112,7 +127,7 @@ def generate_world(out: Path, cfg: SynthConfig, as_urls: bool = False, base_url:
     out = Path(out)
     splits = {name: build_split(name, cfg) for name in SPLITS}
     written = skipped = 0
-    settings = settings_hash(cfg)
+    settings = world_hash(cfg)
     for name, split in splits.items():
         w, s = _write_split(out / name, name, split, cfg, settings)
         written, skipped = written + w, skipped + s
@@ -285,8 +300,8 @@ def _write_truth(folder: Path, splits: dict[str, SplitData], cfg: SynthConfig) -
     )
     _write_parquet(kinds, folder / "web_captions.parquet")
     world = {
-        "config": dataclasses.asdict(cfg),
-        "settings_hash": settings_hash(cfg),
+        "config": world_settings(cfg),
+        "settings_hash": world_hash(cfg),
         "rows": {name: len(split.rows) for name, split in splits.items()},
         "web_kinds": {kind: web.kinds.count(kind) for kind in CAPTION_KINDS},
         "noisy_kinds": ["swapped", "junk"],  # what a filter should reject

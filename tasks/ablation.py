@@ -113,6 +113,7 @@ class AblationConfig:
     test_images: int = 500
     test_captions: int = 5
     web_rates: tuple[float, float, float, float] = (0.25, 0.35, 0.20, 0.20)  # correct, weak, swapped, junk
+    human_vague_rate: float = 0.0  # share of human captions that are true but vague (SynthConfig)
     # pretraining (every row, same budget)
     pretrain_steps: int = 800
     batch_size: int = 64
@@ -180,6 +181,7 @@ def _world(cfg: AblationConfig, out: Path) -> Path:
     synth = SynthConfig(
         seed=cfg.world_seed, human_images=cfg.human_images, web_images=cfg.web_images,
         test_images=cfg.test_images, test_captions=cfg.test_captions, web_rates=cfg.web_rates,
+        human_vague_rate=cfg.human_vague_rate,
     )
     generate_world(world, synth)
     ingest = out / "ingest"
@@ -387,7 +389,8 @@ def _check_settings(cfg: AblationConfig, out: Path) -> None:
     if not path.is_file():
         write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
         return
-    saved = json.loads(path.read_text())
+    # a setting added after the folder was made counts as its default there
+    saved = {**AblationConfig().semantic(), **json.loads(path.read_text())}
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)

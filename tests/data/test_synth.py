@@ -184,3 +184,11 @@ def test_vague_human_captions_are_opt_in_true_and_touch_nothing_else(world: Path
     assert [r["jpg"] for r in human] == [r["jpg"] for r in default]
     with pytest.raises(ValueError, match="human_vague_rate"):
         SynthConfig(human_vague_rate=1.5)
+    # a world written before the field existed is still complete: its hash and truth omit the default
+    from data.shards import settings_hash
+    from data.synth import world_hash
+
+    old_style = dataclasses.asdict(SMALL)
+    del old_style["human_vague_rate"]
+    assert world_hash(SMALL) == settings_hash(old_style) != world_hash(dataclasses.replace(SMALL, human_vague_rate=0.5))
+    assert generate_world(world, SMALL, as_urls=True).shards_written == 0
