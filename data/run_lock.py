@@ -63,15 +63,20 @@ def _written_by_run_lock(path: Path) -> bool:
     """True for a lock file holding our holder record (other tools' `.lock` files, such as
     pytest's, are not run folders)."""
     try:
-        info = json.loads(path.read_bytes()[:4096] or b"{}")
-    except (OSError, ValueError):
+        return _holder(path.read_bytes()[:4096]) is not None
+    except OSError:
         return False
-    return isinstance(info, dict) and {"pid", "host", "since"} <= info.keys()
 
 
 def _read_holder(fd: int) -> str:
+    info = _holder(os.pread(fd, 4096, 0))
+    return f"pid {info['pid']} on {info['host']} since {info['since']}" if info else "holder unknown"
+
+
+def _holder(raw: bytes) -> dict | None:
+    """The holder record `run_lock` writes ({pid, host, since}), or None for anything else."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (ValueError, KeyError):
-        return "holder unknown"
+        info = json.loads(raw or b"{}")
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and {"pid", "host", "since"} <= info.keys() else None

@@ -11,8 +11,8 @@ Sections whose inputs do not exist yet say so instead of failing.
 from __future__ import annotations
 
 import html
+import io
 import json
-import os
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -148,10 +148,10 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 
 def _save_figure(fig: plt.Figure, run_dir: Path, name: str, dpi: int) -> str:
     """Save `fig` as ``run_dir/name`` (atomically) and close it; returns `name`."""
-    tmp = run_dir / (name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, run_dir / name)
+    write_atomic(run_dir / name, png.getvalue())
     return name
 
 
