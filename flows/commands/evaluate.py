@@ -65,7 +65,8 @@ def report(run: Path = typer.Argument(..., help="Run folder (runs/<run>).")) -> 
 def ablation(
     preset: str = typer.Option("tiny", help="Model preset of every model in the experiment."),
     out: Path = typer.Option(Path("runs/ablation"), help="Output folder (laid out like a run folder; reruns resume)."),
-    seeds: int = typer.Option(2, help="Seeds of the final pretraining per row (0, 1, ...)."),
+    seeds: int = typer.Option(2, help="Seeds of the final pretraining per row (first_seed, first_seed + 1, ...)."),
+    first_seed: int = typer.Option(0, help="First seed: a rerun with new seeds (e.g. 5) replicates the table on the folder's datasets."),
     rows: str = typer.Option(",".join(("no_cf", "filter", "captioner", "cf", "human")), help="Rows to run, comma-separated."),
     steps: int = typer.Option(None, help="Pretraining steps per model (default: the config's)."),
     finetune_steps: int = typer.Option(None, help="Filter / captioner finetuning steps."),
@@ -96,7 +97,7 @@ def ablation(
     ).items() if v is not None}
     if "batch_size" in overrides:
         overrides.setdefault("queue_size", 4 * overrides["batch_size"])
-    cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(seeds)),
+    cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(first_seed, first_seed + seeds)),
                          rows=tuple(r.strip() for r in rows.split(",") if r.strip()), **overrides)
     try:
         run_ablation(cfg, log=typer.echo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from tasks.ablation import (
     build_datasets,
     format_table,
     mean_spread,
+    paired,
     run_ablation,
 )
 
@@ -31,6 +33,26 @@ def test_mean_spread_and_beats() -> None:
     # difference 4, spreads 1.41 + 1.41 = 2.83 -> beats; difference 2 -> not
     assert beats([5.0, 7.0], [1.0, 3.0])
     assert not beats([3.0, 5.0], [1.0, 3.0])
+
+
+def test_paired_differences_against_hand_computed_values() -> None:
+    # per-seed differences 2, 4, 3: mean 3, sd 1, t = 3 / (1 / sqrt 3) = 5.196 > 2.920 (2 df)
+    p = paired([12.0, 24.0, 33.0], [10.0, 20.0, 30.0])
+    assert (p.mean, p.sd, p.wins, p.n) == (3.0, 1.0, 3, 3)
+    assert p.t == pytest.approx(3 * math.sqrt(3))
+    assert p.significant
+    # the unpaired check misses this: spreads 10.5 + 10.0 dwarf the mean difference of 3
+    assert not beats([12.0, 24.0, 33.0], [10.0, 20.0, 30.0])
+    # differences 1, -1, 3: mean 1, sd 2, t = 0.866 -> not shown; one seed lost
+    q = paired([11.0, 19.0, 33.0], [10.0, 20.0, 30.0])
+    assert (q.mean, q.sd, q.wins) == (1.0, 2.0, 2) and not q.significant
+    # identical positive differences: t is infinite; a single seed proves nothing
+    assert paired([2.0, 3.0], [1.0, 2.0]).significant
+    assert not paired([5.0], [1.0]).significant
+    # NaN pairs are dropped; unequal lengths are a caller error
+    assert paired([1.0, float("nan"), 4.0], [0.0, 0.0, 1.0]).n == 2
+    with pytest.raises(ValueError):
+        paired([1.0, 2.0], [1.0])
 
 
 def test_config_rejects_unknown_rows_and_bad_queue() -> None:
@@ -83,7 +105,7 @@ def test_format_table() -> None:
     assert "| human + filtered web + filtered synthetic (C+F) | 10/20/30 | 71.0 ± 1.4 |" in md
     assert "78.4 / 60.7" in md and "38.6 / 129.7" in md  # the paper's rows
     assert "| human only (control) | 0/0/0 |" in md and "n/a" in md
-    assert "C+F vs no_cf on TR@1: +20.0 -> beats" in md
+    assert "C+F vs no_cf on TR@1: +20.0 -> beats; paired +20.0 ± 0.0, won 2/2 seeds -> better" in md
     assert "filter ROC-AUC 0.950 -> >= 0.9" in md and "junk 0.0%" in md
 
 
@@ -129,3 +151,11 @@ def test_micro_ablation_runs_and_resumes(tmp_path: Path) -> None:
     # a rerun finds every model and evaluation complete and gives the same numbers
     again = run_ablation(cfg)
     assert again.values == result.values
+    # new seeds replicate the table on the folder's own CapFilt: nothing of it is redone
+    filter_model = tmp_path / "abl" / "models" / "filter" / "final" / "config.json"
+    made = filter_model.stat().st_mtime_ns
+    replica = run_ablation(dataclasses.replace(cfg, seeds=(1,)))
+    assert filter_model.stat().st_mtime_ns == made
+    same = json.dumps(replica.capfilt, sort_keys=True) == json.dumps(result.capfilt, sort_keys=True)  # NaN-safe
+    assert same and replica.dataset_rows == result.dataset_rows
+    assert (tmp_path / "abl" / "models" / "cf-s1" / "final" / "config.json").is_file()
