@@ -3,7 +3,9 @@
 Order. The unit of work is one Parquet row group of one shard. For each epoch the
 units are permuted by ``(seed, epoch)`` and dealt round-robin to DDP ranks, so ranks
 partition the data without overlap or loss. A rank's *stream* is its units in that
-order, the rows of each unit permuted by ``(seed, epoch, unit)``. Only rows with
+order, the rows of each unit permuted by ``(seed, epoch, unit)``; with ``mix_units = k``
+the rows of each k consecutive units are permuted together instead, so a batch mixes
+shards (human and web shards, say) rather than coming from one row group. Only rows with
 ``status == "ok"`` (and a source in `include_sources`) get a stream position; that
 filter reads just the small ``status`` / ``source`` columns.
 
@@ -13,7 +15,8 @@ DataLoader (``in_order=True``, the default) fetches batches from workers round-r
 setting ``block_size`` to the DataLoader's ``batch_size`` makes the batches arrive in
 exactly the rank's stream order whatever the number of workers; with another block
 size the same samples arrive, in another interleaving. Each worker reads only the row
-groups that hold one of its blocks, one row group at a time (bounded memory).
+groups that hold one of its blocks, one window of `mix_units` row groups at a time
+(bounded memory).
 
 Resume. ``start_at(n)`` skips the first n positions of this rank's stream for the
 current epoch (``set_epoch`` resets it), so after ``steps`` optimizer steps of batch B
@@ -86,15 +89,23 @@ class PairDataset(IterableDataset):
         equalize: bool = False,
         kind: str = "pairs",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        mix_units: int = 1,
     ) -> None:
         """`equalize` truncates every rank's stream to the shortest rank's length, so
         DDP ranks run the same number of steps (drops at most one unit's worth of rows
-        per rank); off by default so nothing is lost."""
+        per rank); off by default so nothing is lost.
+
+        `mix_units` shuffles the rows of that many consecutive units (of the rank's unit
+        order) together, so one batch draws from several row groups, and so from several
+        shards and sources, instead of one; a worker then holds up to that many row groups
+        in memory. 1 keeps every unit's rows together (the order before this option)."""
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if mix_units < 1:
+            raise ValueError(f"mix_units must be >= 1, got {mix_units}")
         self.shards = [Path(p) for p in shards]
         self.transform = transform
         self.seed = seed
@@ -106,6 +117,7 @@ class PairDataset(IterableDataset):
         self.equalize = equalize
         self.kind = kind
         self.max_pixels = max_pixels
+        self.mix_units = mix_units
         self.stats: Counter[str] = Counter()
         self._epoch = 0
         self._start = 0
@@ -177,28 +189,39 @@ class PairDataset(IterableDataset):
         lengths = self.lengths_by_rank()
         return min(lengths) if self.equalize else lengths[self.rank]
 
-    def _rows_in_order(self, unit: _Unit) -> list[int]:
-        rows = list(unit.rows)
+    def _rows_in_order(self, units: list[_Unit]) -> list[tuple[int, int]]:
+        """The stream order of a window of units: ``(index in units, row)`` pairs."""
+        if len(units) == 1:
+            unit = units[0]
+            rows = list(unit.rows)
+            if self.shuffle:
+                random.Random(f"capfilt-rows:{self.seed}:{self._epoch}:{unit.shard}:{unit.row_group}").shuffle(rows)
+            return [(0, row) for row in rows]
+        pairs = [(i, row) for i, unit in enumerate(units) for row in unit.rows]
         if self.shuffle:
-            random.Random(f"capfilt-rows:{self.seed}:{self._epoch}:{unit.shard}:{unit.row_group}").shuffle(rows)
-        return rows
+            head = units[0]
+            random.Random(f"capfilt-mix:{self.seed}:{self._epoch}:{head.shard}:{head.row_group}").shuffle(pairs)
+        return pairs
 
-    def stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, _Unit, list[tuple[int, int]]]]:
-        """Per unit of this rank: ``(first position, unit, [(position, row), ...])`` for
-        the rows this worker takes, skipping units where it takes none."""
+    def stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, list[_Unit], list[tuple[int, int, int]]]]:
+        """Per window of `mix_units` units of this rank: ``(first position, units,
+        [(position, index in units, row), ...])`` for the rows this worker takes, skipping
+        windows where it takes none."""
         stop = len(self)
         position = 0
-        for unit in self._units_by_rank()[self.rank]:
+        units = self._units_by_rank()[self.rank]
+        for start in range(0, len(units), self.mix_units):
+            window = units[start : start + self.mix_units]
             first = position
             mine = []
-            for row in self._rows_in_order(unit):
+            for index, row in self._rows_in_order(window):
                 if position >= stop:
                     break
                 if position >= self._start and ((position - self._start) // self.block_size) % num_workers == worker:
-                    mine.append((position, row))
+                    mine.append((position, index, row))
                 position += 1
             if mine:
-                yield first, unit, mine
+                yield first, window, mine
             if position >= stop:
                 return
 
@@ -207,15 +230,19 @@ class PairDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for _, unit, mine in self.stream(worker, num_workers):
-            # One row group in memory at a time.
-            table = read_row_group(self.shards[unit.shard], self.kind, unit.row_group, columns=_SAMPLE_COLUMNS)
-            columns = {name: table.column(name) for name in _SAMPLE_COLUMNS}
-            for position, row in mine:
-                sample = self._sample(columns, row, position, unit)
+        for _, window, mine in self.stream(worker, num_workers):
+            # At most `mix_units` row groups in memory at a time: those this worker takes rows of.
+            needed = sorted({index for _, index, _ in mine})
+            columns = {}
+            for index in needed:
+                unit = window[index]
+                table = read_row_group(self.shards[unit.shard], self.kind, unit.row_group, columns=_SAMPLE_COLUMNS)
+                columns[index] = {name: table.column(name) for name in _SAMPLE_COLUMNS}
+            for position, index, row in mine:
+                sample = self._sample(columns[index], row, position, window[index])
                 if sample is not None:
                     yield sample
-            del table, columns
+            del columns
 
     def _sample(self, columns: dict, row: int, position: int, unit: _Unit) -> dict[str, Any] | None:
         key = columns["key"][row].as_py()

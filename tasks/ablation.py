@@ -140,6 +140,9 @@ class AblationConfig:
     rerank_k: int = 16
     eval_caption_strategy: str = "beam"
     vocab_size: int = 256
+    # row groups shuffled together in training (PairDataset.mix_units); 1, the order these
+    # experiments were first run with, takes each batch from one 256-row group of one shard
+    mix_units: int = 1
     threads: int = 2  # torch intra-op threads
 
     def __post_init__(self) -> None:
@@ -237,6 +240,7 @@ def _train(
         batch_size=cfg.batch_size, lr=cfg.lr if pretrain else cfg.finetune_lr,
         warmup_steps=cfg.warmup_steps if pretrain else 0, schedule="cosine",
         queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha, seed=seed, device="cpu", num_workers=0, progress=False,
+        mix_units=cfg.mix_units,
         log_every=10, checkpoint_every=max(cfg.pretrain_steps, cfg.finetune_steps), keep_last=1, resume=True,
     )
     size = tcfg.resolved_image_size()
@@ -245,7 +249,7 @@ def _train(
 
     def factory(rank: int, world_size: int) -> PairDataset:
         return PairDataset(shards, transform=lambda img, rng: transform(img), seed=seed, rank=rank,
-                           world_size=world_size)
+                           world_size=world_size, mix_units=tcfg.mix_units)
 
     result = train(tcfg, factory, tokenizer=tokenizer if init is None else None)
     return Path(result.final_dir)

@@ -166,7 +166,7 @@ def _train(
     def dataset(rank: int, world_size: int) -> PairDataset:
         return PairDataset(
             files, transform=transform, seed=cfg.seed, rank=rank, world_size=world_size, shuffle=True,
-            block_size=cfg.batch_size, equalize=world_size > 1,
+            block_size=cfg.batch_size, equalize=world_size > 1, mix_units=cfg.mix_units,
         )  # fmt: skip
 
     result = train(cfg, dataset, tokenizer=tokenizer)

@@ -82,6 +82,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute ViT blocks in backward to save memory
     compile: bool = False  # torch.compile the ViT
     num_workers: int = 0  # DataLoader workers per rank
+    # row groups whose rows are shuffled together (data.dataset.PairDataset): batches then mix
+    # shards and sources (human and web shards) instead of coming from one row group
+    mix_units: int = 8
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept
@@ -129,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "queue_size", "log_every", "checkpoint_every", "keep_last"):
+        for name in ("batch_size", "grad_accum", "epochs", "queue_size", "log_every", "checkpoint_every", "keep_last", "mix_units"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

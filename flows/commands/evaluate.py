@@ -84,6 +84,7 @@ def ablation(
     caption_strategy: str = typer.Option(None, help="How the captioner writes synthetic captions: nucleus (BLIP), beam or greedy."),
     top_p: float = typer.Option(None, help="Nucleus sampling's top_p (BLIP: 0.9)."),
     human_vague_rate: float = typer.Option(None, help="Share of the world's human captions that are true but vague (default 0)."),
+    mix_units: int = typer.Option(None, help="Row groups shuffled together in training (default 1: one row group per batch)."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:
     """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""
@@ -93,7 +94,7 @@ def ablation(
         pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, human_images=human_images,
         web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads, lr=lr,
         finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size, threshold=threshold,
-        caption_strategy=caption_strategy, top_p=top_p, human_vague_rate=human_vague_rate,
+        caption_strategy=caption_strategy, top_p=top_p, human_vague_rate=human_vague_rate, mix_units=mix_units,
     ).items() if v is not None}
     if "batch_size" in overrides:
         overrides.setdefault("queue_size", 4 * overrides["batch_size"])

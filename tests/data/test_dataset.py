@@ -102,9 +102,10 @@ def test_order_depends_on_seed_and_epoch_only(shards: list[Path]) -> None:
     assert _keys(_make(shards, shuffle=False)) == GOOD
 
 
+@pytest.mark.parametrize("mix", [1, 3])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_partition_without_overlap_or_loss(shards: list[Path], world_size: int) -> None:
-    parts = [_keys(_make(shards, rank=r, world_size=world_size)) for r in range(world_size)]
+def test_ranks_partition_without_overlap_or_loss(shards: list[Path], world_size: int, mix: int) -> None:
+    parts = [_keys(_make(shards, rank=r, world_size=world_size, mix_units=mix)) for r in range(world_size)]
     flat = [k for part in parts for k in part]
     assert sorted(flat) == GOOD and len(set(flat)) == len(flat)
     lengths = _make(shards, world_size=world_size).lengths_by_rank()
@@ -119,19 +120,20 @@ def test_equalize_truncates_to_shortest_rank(shards: list[Path]) -> None:
         assert max(s["position"] for s in d) < min(lengths)
 
 
-def test_workers_give_the_same_stream_as_one_process(shards: list[Path]) -> None:
+@pytest.mark.parametrize("mix", [1, 3])
+def test_workers_give_the_same_stream_as_one_process(shards: list[Path], mix: int) -> None:
     exact_ranks = 0
     for rank in range(2):
-        single = _make(shards, rank=rank, world_size=2, block_size=BATCH)
+        single = _make(shards, rank=rank, world_size=2, block_size=BATCH, mix_units=mix)
         one = _keys(single)
-        two = _keys(_make(shards, rank=rank, world_size=2, block_size=BATCH), workers=2)
+        two = _keys(_make(shards, rank=rank, world_size=2, block_size=BATCH, mix_units=mix), workers=2)
         # block_size == batch_size: the same order (unless a row failed to decode, which
         # shifts that worker's batches by one); any block size: the same multiset.
         assert sorted(two) == sorted(one)
         if single.stats["undecodable"] == 0:
             assert two == one
             exact_ranks += 1
-        other = _keys(_make(shards, rank=rank, world_size=2, block_size=1), workers=2)
+        other = _keys(_make(shards, rank=rank, world_size=2, block_size=1, mix_units=mix), workers=2)
         assert sorted(other) == sorted(one)
     assert exact_ranks == 1
 
@@ -151,14 +153,15 @@ def test_augmentation_is_independent_of_workers(shards: list[Path]) -> None:
     assert {s["key"]: float(s["pixel_values"][1]) for s in ds} != single  # a new epoch, new draws
 
 
+@pytest.mark.parametrize("mix", [1, 3])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_start_at_resumes_exactly(shards: list[Path], workers: int) -> None:
+def test_start_at_resumes_exactly(shards: list[Path], workers: int, mix: int) -> None:
     shards = [shards[0], shards[2], shards[3]]  # exact batches need every row to decode
-    full = list(_make(shards, block_size=BATCH))
+    full = list(_make(shards, block_size=BATCH, mix_units=mix))
     positions = [s["position"] for s in full]
     assert positions == sorted(positions)
     for start in (0, 1, 4, 9, len(full) + 5):
-        ds = _make(shards, block_size=BATCH)
+        ds = _make(shards, block_size=BATCH, mix_units=mix)
         ds.start_at(start)
         expected = [s["key"] for s in full if s["position"] >= start]
         assert _keys(ds, workers=workers) == expected
@@ -166,6 +169,30 @@ def test_start_at_resumes_exactly(shards: list[Path], workers: int) -> None:
     ds.start_at(4)
     ds.set_epoch(2)  # a new epoch starts from the beginning
     assert len(list(ds)) == len(full)
+
+
+def test_mix_units_shuffles_consecutive_units_together(shards: list[Path]) -> None:
+    plain = _make(shards)
+    assert _keys(_make(shards, mix_units=1)) == _keys(plain)  # 1: the unit-by-unit order
+    mixed = list(_make(shards, mix_units=3))
+    assert sorted(s["key"] for s in mixed) == GOOD and [s["key"] for s in mixed] != _keys(plain)
+
+    def key(shard: int, row_group: int, row: int) -> str:
+        return f"k{sum(SHARD_ROWS[:shard]) + row_group * ROW_GROUP + row:03d}"
+
+    # the positions of each window of 3 units hold exactly that window's rows, interleaved
+    units = plain._units_by_rank()[0]
+    start, shards_per_window = 0, []
+    for i in range(0, len(units), 3):
+        window = units[i : i + 3]
+        end = start + sum(len(u.rows) for u in window)
+        inside = {s["key"] for s in mixed if start <= s["position"] < end}
+        assert inside == {key(u.shard, u.row_group, r) for u in window for r in u.rows} & set(GOOD)
+        shards_per_window.append(len({u.shard for u in window}))
+        start = end
+    assert max(shards_per_window) > 1  # so a batch can draw from several shards
+    with pytest.raises(ValueError, match="mix_units"):
+        _make(shards, mix_units=0)
 
 
 def test_include_sources(shards: list[Path]) -> None:
