@@ -95,6 +95,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 DATASET_FILE = "dataset.json"
 SETTINGS_FILE = "ablation.json"
 _RERUN_SETTINGS = ("out_dir", "seeds", "rows", "threads")
+# Settings added after folders were made whose default is not what those folders used:
+# an ablation.json without the key was made with this value.
+_MADE_BEFORE: dict[str, Any] = {"mix_units": 1}
 _SYNTH_SEED_OFFSET = 0
 
 
@@ -140,9 +143,10 @@ class AblationConfig:
     rerank_k: int = 16
     eval_caption_strategy: str = "beam"
     vocab_size: int = 256
-    # row groups shuffled together in training (PairDataset.mix_units); 1, the order these
-    # experiments were first run with, takes each batch from one 256-row group of one shard
-    mix_units: int = 1
+    # row groups shuffled together in training (PairDataset.mix_units), as TrainConfig's
+    # default; 1 takes each batch from one 256-row group of one shard, as folders made
+    # before this setting were (see _MADE_BEFORE)
+    mix_units: int = 8
     threads: int = 2  # torch intra-op threads
 
     def __post_init__(self) -> None:
@@ -163,6 +167,17 @@ class AblationConfig:
         for name in _RERUN_SETTINGS:
             data.pop(name)
         return json.loads(json.dumps(data))  # tuples as lists, as read back from JSON
+
+
+def quick_config(out_dir: str, threads: int = 2) -> AblationConfig:
+    """A minutes-long version for `capfilt demo --quick --ablation`: one seed, a world of
+    200 human / 400 web / 50 test images, 60 steps per model. It checks the experiment end
+    to end; its table is far too small to show CapFilt's effect."""
+    return AblationConfig(
+        out_dir=out_dir, seeds=(0,), human_images=200, web_images=400, test_images=50, test_captions=2,
+        pretrain_steps=60, finetune_steps=60, batch_size=32, queue_size=64, warmup_steps=6,
+        eval_caption_strategy="greedy", threads=threads,
+    )
 
 
 @dataclass
@@ -396,8 +411,9 @@ def _check_settings(cfg: AblationConfig, out: Path) -> None:
     if not path.is_file():
         write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
         return
-    # a setting added after the folder was made counts as its default there
-    saved = {**AblationConfig().semantic(), **json.loads(path.read_text())}
+    # a setting added after the folder was made counts as what the folder was made with:
+    # its old behaviour where that differs from today's default, else the default
+    saved = {**AblationConfig().semantic(), **_MADE_BEFORE, **json.loads(path.read_text())}
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)

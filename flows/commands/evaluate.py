@@ -84,7 +84,7 @@ def ablation(
     caption_strategy: str = typer.Option(None, help="How the captioner writes synthetic captions: nucleus (BLIP), beam or greedy."),
     top_p: float = typer.Option(None, help="Nucleus sampling's top_p (BLIP: 0.9)."),
     human_vague_rate: float = typer.Option(None, help="Share of the world's human captions that are true but vague (default 0)."),
-    mix_units: int = typer.Option(None, help="Row groups shuffled together in training (default 1: one row group per batch)."),
+    mix_units: int = typer.Option(None, help="Row groups shuffled together in training (default 8; 1: one row group per batch, as folders made before this option)."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:
     """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""

@@ -38,19 +38,22 @@ def _headline(metrics_path: Path) -> list[str]:
 def demo(
     quick: bool = typer.Option(False, "--quick", help="Fewer images and steps (about 3 minutes; used in tests)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo or runs/demo-quick); reuse it to resume."),
+    ablation: bool = typer.Option(False, "--ablation", help="Then run the miniature Table 1 into RUN/ablation and print "
+                                  "it: `capfilt ablation`'s defaults (2 seeds, about 25 min on 2 cores), or with "
+                                  "--quick a one-minute smoke version too small to show an effect."),
 ) -> None:
     """Run the whole CapFilt bootstrap on the built-in synthetic world (tiny MED, CPU).
 
     Generates the world, serves its web images on 127.0.0.1 and ingests them with
     img2dataset, then pretrains, finetunes filter and captioner, captions, filters,
     assembles D', pretrains the final model and evaluates it. A second call on the same
-    folder resumes where the first stopped.
+    folder resumes where the first stopped (and so does `--ablation`'s experiment).
     """
     _offline_env()
     from flows.demo import run_demo
     from flows.interrupt import exit_on_interrupt
 
-    again = "capfilt demo" + (" --quick" if quick else "") + (f" --out {out}" if out else "")
+    again = "capfilt demo" + (" --quick" if quick else "") + (f" --out {out}" if out else "") + (" --ablation" if ablation else "")
     with exit_on_interrupt(again):
         result = run_demo(quick=quick, out=out)
     typer.echo(f"\nrun folder: {result.run_dir}")
@@ -65,6 +68,20 @@ def demo(
     typer.echo("\nask the run folder questions with SQL:")
     for command in result.query_commands():
         typer.echo(f"  {command}")
+    if ablation:
+        _demo_ablation(Path(result.run_dir) / "ablation", quick, again)
+
+
+def _demo_ablation(folder: Path, quick: bool, again: str) -> None:
+    """The miniature Table 1 after the demo (see `capfilt ablation`)."""
+    from flows.interrupt import exit_on_interrupt
+    from tasks.ablation import AblationConfig, quick_config, run_ablation
+
+    cfg = quick_config(str(folder)) if quick else AblationConfig(out_dir=str(folder))
+    typer.echo(f"\nminiature Table 1 ({'quick smoke version' if quick else 'capfilt ablation defaults'}) in {folder}:")
+    with exit_on_interrupt(again):
+        run_ablation(cfg, log=typer.echo)
+    typer.echo((folder / "table.md").read_text())
 
 
 def run(

@@ -1,5 +1,5 @@
 """`capfilt demo --quick` end to end from the command line: interrupted once with Ctrl-C,
-resumed to the end, then a last call that finds everything done."""
+resumed to the end, then a last call that finds everything done and runs `--ablation`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
-def _demo(out: Path) -> str:
-    done = subprocess.run([str(BIN / "capfilt"), "demo", "--quick", "--out", str(out)], env=ENV,
+def _demo(out: Path, *flags: str) -> str:
+    done = subprocess.run([str(BIN / "capfilt"), "demo", "--quick", "--out", str(out), *flags], env=ENV,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -76,5 +76,10 @@ def test_demo_quick_survives_ctrl_c_prints_real_results_and_resumes(tmp_path: Pa
 
     before = _weights(out)
     assert len(before) >= 5
-    _demo(out)  # the second call on the same folder resumes: nothing finished is redone
+    # the second call on the same folder resumes: nothing finished is redone; --ablation
+    # then runs the (quick) miniature Table 1 into the run folder and prints it
+    stdout = _demo(out, "--ablation")
     assert _weights(out) == before
+    table = (out / "ablation" / "table.md").read_text()
+    assert "| human + filtered web + filtered synthetic (C+F) |" in table and "78.4 / 60.7" in table
+    assert "filter ROC-AUC" in stdout and table.splitlines()[2] in stdout

@@ -77,11 +77,15 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == [SETTINGS_FILE]  # nothing was made
     # a folder made before a setting existed: the setting counts as its default there
     saved = json.loads((tmp_path / SETTINGS_FILE).read_text())
-    del saved["human_vague_rate"]
+    del saved["human_vague_rate"], saved["mix_units"]
     (tmp_path / SETTINGS_FILE).write_text(json.dumps(saved))
+    # ... or what such folders were made with, where today's default differs
+    with pytest.raises(ValueError, match="mix_units: 1 -> 8"):
+        _check_settings(first, tmp_path)
+    first = dataclasses.replace(first, mix_units=1)
     _check_settings(first, tmp_path)
     with pytest.raises(ValueError, match="human_vague_rate: 0.0 -> 0.25"):
-        _check_settings(AblationConfig(out_dir=str(tmp_path), human_vague_rate=0.25), tmp_path)
+        _check_settings(dataclasses.replace(first, human_vague_rate=0.25), tmp_path)
 
 
 def _result() -> AblationResult:
