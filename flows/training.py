@@ -47,6 +47,7 @@ def train_model(
     tokenizer_dir: str,
     tokenizer_shards: list[str],
     nproc_per_node: int = 1,
+    mix_units: int = 8,
 ) -> dict[str, Any]:
     """Train (or resume, or find finished) one model into `out`; returns its final folder and steps.
 
@@ -64,6 +65,7 @@ def train_model(
         "epochs": 1_000_000, "max_steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_steps": round(warmup_fraction * steps), "schedule": schedule, "seed": seed, "device": device,
         "num_workers": loader_workers, "progress": False, "checkpoint_every": checkpoint_every, "keep_last": 2,
+        "mix_units": mix_units,
     }  # fmt: skip
     if queue_size is not None:
         overrides["queue_size"] = queue_size
