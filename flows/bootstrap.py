@@ -147,7 +147,8 @@ def _submit_train(run: _Run, job: StepJob) -> PrefectFuture:
 
 
 def _train_now(run: _Run, job: StepJob) -> str:
-    """Run a training task in the flow's own thread (Ctrl-C stops it at once)."""
+    """Run a training task in the flow's own thread and process, also under a Dask task
+    runner (the pretrain and final stages; the two finetunes go through `_submit_train`)."""
     return _record_training(run, run.tasks["train_task"](job=job, config=run.config))
 
 
