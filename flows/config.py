@@ -78,8 +78,8 @@ class TrainStageConfig(_Model):
     warmup_fraction: float = Field(0.05, ge=0, le=1)
     schedule: Literal["step", "cosine"] = "cosine"
     queue_size: int | None = Field(None, ge=1, description="ITC momentum queue (a multiple of the batch); None: BLIP's")
-    mix_units: int = Field(8, ge=1, description="row groups shuffled together, so batches mix shards and sources "
-                           "(1: each batch from one row group); a loader worker holds this many row groups")
+    mix_units: int | None = Field(None, ge=1, description="row groups shuffled together, so batches mix shards and "
+                                  "sources (1: each batch from one row group); None: the trainer's (TrainConfig)")
     augment: bool = Field(False, description="random crop + flip (off for the shapes world: a flip changes 'left of')")
     image_size: int | None = Field(None, ge=8, description="None: the preset's (scratch) or the init model's size")
     checkpoint_every: int = Field(200, ge=1)

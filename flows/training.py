@@ -37,6 +37,7 @@ def train_model(
     warmup_fraction: float,
     schedule: str,
     queue_size: int | None,
+    mix_units: int | None,
     augment: bool,
     image_size: int | None,
     checkpoint_every: int,
@@ -47,7 +48,6 @@ def train_model(
     tokenizer_dir: str,
     tokenizer_shards: list[str],
     nproc_per_node: int = 1,
-    mix_units: int = 8,
 ) -> dict[str, Any]:
     """Train (or resume, or find finished) one model into `out`; returns its final folder and steps.
 
@@ -65,10 +65,10 @@ def train_model(
         "epochs": 1_000_000, "max_steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_steps": round(warmup_fraction * steps), "schedule": schedule, "seed": seed, "device": device,
         "num_workers": loader_workers, "progress": False, "checkpoint_every": checkpoint_every, "keep_last": 2,
-        "mix_units": mix_units,
     }  # fmt: skip
-    if queue_size is not None:
-        overrides["queue_size"] = queue_size
+    for name, value in (("queue_size", queue_size), ("mix_units", mix_units)):
+        if value is not None:  # None: the trainer's default
+            overrides[name] = value
     if image_size is not None:
         overrides["image_size"] = image_size
     result = train_stage(out, data, mode, init=init, preset=preset, augment=augment, vocab_size=vocab_size,

@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from blip_core.train.config import TrainConfig
 from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
 from tasks.evaluate import (
@@ -143,10 +144,10 @@ class AblationConfig:
     rerank_k: int = 16
     eval_caption_strategy: str = "beam"
     vocab_size: int = 256
-    # row groups shuffled together in training (PairDataset.mix_units), as TrainConfig's
-    # default; 1 takes each batch from one 256-row group of one shard, as folders made
-    # before this setting were (see _MADE_BEFORE)
-    mix_units: int = 8
+    # row groups shuffled together in training (PairDataset.mix_units), the trainer's default;
+    # 1 takes each batch from one 256-row group of one shard, as folders made before this
+    # setting were (see _MADE_BEFORE)
+    mix_units: int = TrainConfig.mix_units
     threads: int = 2  # torch intra-op threads
 
     def __post_init__(self) -> None:
@@ -241,7 +242,7 @@ def _train(
 ) -> Path:
     """Train (or resume, or skip when finished) one model; returns its final folder."""
     from blip_core.image import ImageTransform
-    from blip_core.train import TrainConfig, train
+    from blip_core.train import train
     from data.dataset import PairDataset
 
     final = out_dir / "final"
@@ -528,15 +529,15 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     n = len(d)
     if n == 0:
         return Paired(float("nan"), float("nan"), 0, 0, float("nan"))
-    mean = float(d.mean())
-    sd = float(d.std(ddof=1)) if n > 1 else 0.0
-    if n < 2:
-        t = float("nan")
-    elif sd == 0.0:
+    mean, wins = float(d.mean()), int((d > 0).sum())
+    if n == 1:
+        return Paired(mean, 0.0, wins, 1, float("nan"))
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
         t = math.copysign(math.inf, mean) if mean else float("nan")
     else:
         t = mean / (sd / math.sqrt(n))
-    return Paired(mean, sd, int((d > 0).sum()), n, t)
+    return Paired(mean, sd, wins, n, t)
 
 
 def format_table(result: AblationResult) -> str:
