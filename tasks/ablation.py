@@ -66,6 +66,8 @@ from tasks.evaluate import (
 from tasks.metrics import roc_auc
 
 ROWS: tuple[str, ...] = ("no_cf", "filter", "captioner", "cf", "human")
+# rows whose data CapFilt makes: with several rounds, they train on the last round's
+BOOTSTRAPPED: frozenset[str] = frozenset({"filter", "captioner", "cf"})
 ROW_LABELS = {
     "no_cf": "human + raw web (no C, no F)",
     "filter": "human + filtered web (F)",
@@ -95,7 +97,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 )
 DATASET_FILE = "dataset.json"
 SETTINGS_FILE = "ablation.json"
-_RERUN_SETTINGS = ("out_dir", "seeds", "rows", "threads")
+# a rerun may change these: more rounds reuse every piece of the earlier ones
+_RERUN_SETTINGS = ("out_dir", "seeds", "rows", "rounds", "threads")
 # Settings added after folders were made whose default is not what those folders used:
 # an ablation.json without the key was made with this value.
 _MADE_BEFORE: dict[str, Any] = {"mix_units": 1}
@@ -136,6 +139,15 @@ class AblationConfig:
     # base model learned little from the noisy web: give them a longer finetune
     finetune_steps: int = 1000
     finetune_lr: float = 1e-3
+    # Bootstrap rounds (BLIP's loop iterated, as `capfilt run --rounds`): round r > 1 finetunes
+    # its filter and captioner from round r - 1's C+F model (seed capfilt_seed), and the F, C
+    # and C+F rows train on round `rounds`' data. That base already knows the web's text, and
+    # the long finetune above unlearns it (vague true captions fall back towards the noise),
+    # so later rounds finetune as BLIP does: 6 epochs of the human pairs at the pretraining
+    # lr x 1e-5 / 3e-4 (BLIP's retrieval finetune against its pretraining peak).
+    rounds: int = 1
+    later_finetune_epochs: float = 6.0
+    later_finetune_lr_ratio: float = 1e-5 / 3e-4
     threshold: float = 0.5
     caption_strategy: str = "nucleus"
     top_p: float = 0.9
@@ -158,12 +170,14 @@ class AblationConfig:
             raise ValueError("give at least one seed")
         if self.queue_size % self.batch_size:
             raise ValueError(f"queue_size {self.queue_size} must be a multiple of batch_size {self.batch_size}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.caption_strategy not in ("nucleus", "beam", "greedy"):
             raise ValueError(f"caption_strategy must be nucleus, beam or greedy, got {self.caption_strategy!r}")
 
     def semantic(self) -> dict[str, Any]:
         """The settings every piece of an output folder was made with (all but seeds, rows,
-        threads and the folder itself, which a rerun may change)."""
+        rounds, threads and the folder itself, which a rerun may change)."""
         data = dataclasses.asdict(self)
         for name in _RERUN_SETTINGS:
             data.pop(name)
@@ -188,8 +202,9 @@ class AblationResult:
     config: dict[str, Any]
     values: dict[str, dict[str, list[float]]]
     dataset_rows: dict[str, dict[str, int]]
-    capfilt: dict[str, Any]
+    capfilt: dict[str, Any]  # the last round's CapFilt diagnostics
     seconds: dict[str, float] = field(default_factory=dict)
+    capfilt_rounds: list[dict[str, Any]] = field(default_factory=list)  # those of the earlier rounds
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True)
@@ -276,22 +291,38 @@ def _image_size(model_dir: Path) -> int:
     return int(data["med"]["vision"]["image_size"])
 
 
-def _capfilt(cfg: AblationConfig, out: Path, world: Path, base: Path) -> tuple[Path, Path]:
-    """Finetune filter + captioner from `base`, caption and filter the web set."""
+def round_folder(out: Path, round_index: int) -> Path:
+    """Where a bootstrap round's pieces live: round 1 in the folder itself (as before rounds
+    existed), round r > 1 in ``round-<r>/`` (as `capfilt run` names its later rounds)."""
+    return out if round_index == 1 else out / f"round-{round_index}"
+
+
+def finetune_recipe(cfg: AblationConfig, round_index: int) -> AblationConfig:
+    """`cfg` with the finetune steps and lr of the round: round 1's as configured, later
+    rounds BLIP's proportions (`later_finetune_epochs` at `lr x later_finetune_lr_ratio`)."""
+    if round_index == 1:
+        return cfg
+    steps = math.ceil(cfg.later_finetune_epochs * cfg.human_images / cfg.batch_size)
+    return dataclasses.replace(cfg, finetune_steps=steps, finetune_lr=cfg.lr * cfg.later_finetune_lr_ratio)
+
+
+def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[Path, Path]:
+    """Finetune filter + captioner from `base` into ``root/models``, caption and filter the
+    web set into ``root/caption`` and ``root/filter``."""
     from tasks.caption import CaptionConfig, run_caption
     from tasks.common import ExecutionConfig
     from tasks.filter import FilterConfig, run_filter
 
     human = list_shards(world / "human")
     seed = cfg.capfilt_seed
-    filt = _train(cfg, "finetune-filter", human, out / "models" / "filter", seed, init=base)
-    capt = _train(cfg, "finetune-captioner", human, out / "models" / "captioner", seed, init=base)
+    filt = _train(cfg, "finetune-filter", human, root / "models" / "filter", seed, init=base)
+    capt = _train(cfg, "finetune-captioner", human, root / "models" / "captioner", seed, init=base)
     execution = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
     web = list_shards(world / "web")
     caption_cfg = CaptionConfig(strategy=cfg.caption_strategy, top_p=cfg.top_p, num_captions=cfg.num_captions,
                                 seed=cfg.world_seed, execution=execution)
-    captions = run_caption(web, out / "caption", capt, caption_cfg)
-    filtered = run_filter(web, out / "filter", filt, FilterConfig(threshold=cfg.threshold, execution=execution),
+    captions = run_caption(web, root / "caption", capt, caption_cfg)
+    filtered = run_filter(web, root / "filter", filt, FilterConfig(threshold=cfg.threshold, execution=execution),
                           caption_dir=Path(captions.output))
     return Path(captions.output), Path(filtered.output)
 
@@ -448,24 +479,42 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
                   cfg.capfilt_seed, tokenizer=tokenizer)
     took = timings.record(f"train {base_dir.name}", time.perf_counter() - t, fresh)
     say(f"base model {base} ({took:.0f} s)")
-    t, fresh = time.perf_counter(), not (_model_done(out / "models" / "filter") and _model_done(out / "models" / "captioner"))
-    caption_dir, filter_dir = _capfilt(cfg, out, world, base)
-    timings.record("capfilt (finetune x2, caption, filter)", time.perf_counter() - t, fresh)
-    capfilt = _capfilt_diagnostics(world, filter_dir, out)
-    say(f"capfilt: filter ROC-AUC {capfilt['filter']['roc_auc']:.3f}, captioner exact {capfilt['captioner']['exact']:.3f}")
-    sizes = build_datasets(out, world, caption_dir, filter_dir, rows)
+    capfilt_rounds: list[dict[str, Any]] = []
+    for round_index in range(1, cfg.rounds + 1):
+        root, last = round_folder(out, round_index), round_index == cfg.rounds
+        prefix = "" if round_index == 1 else f"{root.name}/"
+        recipe = finetune_recipe(cfg, round_index)
+        t = time.perf_counter()
+        fresh = not (_model_done(root / "models" / "filter") and _model_done(root / "models" / "captioner"))
+        caption_dir, filter_dir = _capfilt(recipe, root, world, base)
+        timings.record(f"{prefix}capfilt (finetune x2, caption, filter)", time.perf_counter() - t, fresh)
+        capfilt = _capfilt_diagnostics(world, filter_dir, root)
+        capfilt_rounds.append(capfilt)
+        say(f"capfilt round {round_index}: filter ROC-AUC {capfilt['filter']['roc_auc']:.3f}, "
+            f"captioner exact {capfilt['captioner']['exact']:.3f}")
+        if last:
+            sizes = build_datasets(root, world, caption_dir, filter_dir, [r for r in rows if r in BOOTSTRAPPED])
+            sizes.update(build_datasets(out, world, caption_dir, filter_dir, [r for r in rows if r not in BOOTSTRAPPED]))
+        else:  # the next round's base: this round's C+F model of capfilt_seed
+            build_datasets(root, world, caption_dir, filter_dir, ["cf"])
+            base_dir = root / "models" / f"cf-s{cfg.capfilt_seed}"
+            t, fresh = time.perf_counter(), not _model_done(base_dir)
+            base = _train(cfg, "pretrain", list_shards(root / "datasets" / "cf"), base_dir, cfg.capfilt_seed,
+                          tokenizer=tokenizer)
+            timings.record(f"{prefix}train {base_dir.name}", time.perf_counter() - t, fresh)
     values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
     for seed in cfg.seeds:
         for row in rows:
+            root = round_folder(out, cfg.rounds) if row in BOOTSTRAPPED else out
+            prefix = "" if root == out else f"{root.name}/"
             name = f"{row}-s{seed}"
-            t, fresh = time.perf_counter(), not _model_done(out / "models" / name)
-            model = _train(cfg, "pretrain", list_shards(out / "datasets" / row), out / "models" / name, seed,
+            t, fresh = time.perf_counter(), not _model_done(root / "models" / name)
+            model = _train(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name, seed,
                            tokenizer=tokenizer)
-            if name != base_dir.name:
-                timings.record(f"train {name}", time.perf_counter() - t, fresh)
-            t, fresh = time.perf_counter(), not (out / "eval" / f"{name}.json").is_file()
-            res = _eval(cfg, model, world, out / "eval" / f"{name}.json")
-            timings.record(f"eval {name}", time.perf_counter() - t, fresh)
+            timings.record(f"{prefix}train {name}", time.perf_counter() - t, fresh)  # keeps a base's time
+            t, fresh = time.perf_counter(), not (root / "eval" / f"{name}.json").is_file()
+            res = _eval(cfg, model, world, root / "eval" / f"{name}.json")
+            timings.record(f"{prefix}eval {name}", time.perf_counter() - t, fresh)
             for label, section, key in METRICS:
                 values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
             say(f"{row} seed {seed}: TR@1 {res.retrieval['TR@1']:.1f} IR@1 {res.retrieval['IR@1']:.1f} "
@@ -473,7 +522,7 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     seconds = dict(timings.values)
     seconds["total"] = round(sum(seconds.values()), 1)
     result = AblationResult(config=dataclasses.asdict(cfg), values=values, dataset_rows=sizes, capfilt=capfilt,
-                            seconds=seconds)
+                            seconds=seconds, capfilt_rounds=capfilt_rounds[:-1])
     write_atomic(out / "table.json", result.to_json())
     write_atomic(out / "table.md", format_table(result))
     return result
@@ -544,6 +593,7 @@ def format_table(result: AblationResult) -> str:
     """The miniature Table 1 in Markdown: mean ± std over seeds, the paper's numbers beside."""
     labels = [m[0] for m in METRICS]
     n_seeds = len(result.config["seeds"])
+    rounds = int(result.config.get("rounds", 1))
     lines = [
         f"Mean ± standard deviation over {n_seeds} seed(s) of the final pretraining "
         f"(retrieval R@k in %, scene hits; B@4 / CIDEr x100; 'exact caps' = generated test captions that "
@@ -562,7 +612,8 @@ def format_table(result: AblationResult) -> str:
         paper = PAPER_TABLE1.get(row)
         p_ret = f"{paper['TR@1']} / {paper['IR@1']}" if paper else "-"
         p_cap = f"{paper['BLEU-4']} / {paper['CIDEr']}" if paper else "-"
-        lines.append(f"| {ROW_LABELS[row]} | {sizes} | " + " | ".join(cells) + f" | {p_ret} | {p_cap} |")
+        label = ROW_LABELS[row] + (f", round {rounds}" if rounds > 1 and row in BOOTSTRAPPED else "")
+        lines.append(f"| {label} | {sizes} | " + " | ".join(cells) + f" | {p_ret} | {p_cap} |")
     lines += ["", _diagnostics(result), "", _verdicts(result)]
     if result.seconds.get("total"):
         lines += ["", f"Wall time (sum of the pieces in timings.json): {result.seconds['total'] / 60:.1f} min."]
@@ -573,8 +624,18 @@ def _diagnostics(result: AblationResult) -> str:
     f, c = result.capfilt.get("filter", {}), result.capfilt.get("captioner", {})
     def pct(x: Any) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+    rounds = len(result.capfilt_rounds) + 1
+    which = f"one run, seed {result.config.get('capfilt_seed', 0)}"
+    earlier = ""
+    if rounds > 1:
+        which = f"round {rounds} of {rounds}, from round {rounds - 1}'s C+F model; " + which
+        earlier = " Earlier rounds' filter ROC-AUC: " + ", ".join(
+            f"round {i} {r.get('filter', {}).get('roc_auc', float('nan')):.3f}"
+            f" (weak {r.get('filter', {}).get('roc_auc_weak_vs_noise', float('nan')):.3f})"
+            for i, r in enumerate(result.capfilt_rounds, start=1)
+        ) + "."
     return (
-        f"CapFilt (one run, seed {result.config.get('capfilt_seed', 0)}): filter ROC-AUC on web noise "
+        f"CapFilt ({which}): filter ROC-AUC on web noise "
         f"{f.get('roc_auc', float('nan')):.3f} (ITM score; the same model's ITC similarity: "
         f"{f.get('itc_roc_auc', float('nan')):.3f}; by clean kind against the noise: "
         + ", ".join(f"{k.removeprefix('roc_auc_').removesuffix('_vs_noise')} {v:.3f}" for k, v in f.items()
@@ -583,7 +644,7 @@ def _diagnostics(result: AblationResult) -> str:
         f"{pct(f.get('recall'))}, noise rejected {pct(f.get('noise_rejected'))}; keep rate by web kind: "
         + ", ".join(f"{k.removeprefix('keep_rate_')} {pct(v)}" for k, v in f.items() if k.startswith("keep_rate_"))
         + f". Captioner ({_strategy(result.config)}): {pct(c.get('exact'))} of synthetic captions exact, {pct(c.get('true'))} true; "
-        f"{pct(c.get('exact_among_kept'))} of the kept ones exact."
+        f"{pct(c.get('exact_among_kept'))} of the kept ones exact." + earlier
     )
 
 

@@ -85,6 +85,7 @@ def ablation(
     top_p: float = typer.Option(None, help="Nucleus sampling's top_p (BLIP: 0.9)."),
     human_vague_rate: float = typer.Option(None, help="Share of the world's human captions that are true but vague (default 0)."),
     mix_units: int = typer.Option(None, help="Row groups shuffled together in training (default 8; 1: one row group per batch, as folders made before this option)."),
+    rounds: int = typer.Option(1, help="Bootstrap rounds: round r > 1 finetunes filter and captioner from round r - 1's C+F model; F, C and C+F train on the last round's data (a rerun with more rounds reuses the earlier ones)."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:
     """BLIP's Table 1 in miniature: pretrain on no-C/F, F, C, C+F and human-only data; print the table."""
@@ -98,9 +99,9 @@ def ablation(
     ).items() if v is not None}
     if "batch_size" in overrides:
         overrides.setdefault("queue_size", 4 * overrides["batch_size"])
-    cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(first_seed, first_seed + seeds)),
-                         rows=tuple(r.strip() for r in rows.split(",") if r.strip()), **overrides)
     try:
+        cfg = AblationConfig(out_dir=str(out), preset=preset, seeds=tuple(range(first_seed, first_seed + seeds)),
+                             rows=tuple(r.strip() for r in rows.split(",") if r.strip()), rounds=rounds, **overrides)
         run_ablation(cfg, log=typer.echo)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -18,6 +18,7 @@ from tasks.ablation import (
     AblationResult,
     beats,
     build_datasets,
+    finetune_recipe,
     format_table,
     mean_spread,
     paired,
@@ -62,6 +63,18 @@ def test_config_rejects_unknown_rows_and_bad_queue() -> None:
         AblationConfig(batch_size=100, queue_size=150)
     with pytest.raises(ValueError, match="caption_strategy"):
         AblationConfig(caption_strategy="topk")
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        AblationConfig(rounds=0)
+
+
+def test_later_rounds_finetune_in_blips_proportions() -> None:
+    cfg = AblationConfig()
+    assert finetune_recipe(cfg, 1) is cfg  # round 1: the long finetune, as configured
+    later = finetune_recipe(cfg, 2)
+    # 6 epochs of 1,000 human pairs at batch 64 = 93.75 -> 94 steps; lr 2e-3 x 1e-5 / 3e-4
+    assert later.finetune_steps == 94
+    assert later.finetune_lr == pytest.approx(2e-3 / 30)
+    assert finetune_recipe(dataclasses.replace(cfg, human_images=640, batch_size=32, queue_size=64), 3).finetune_steps == 120
 
 
 def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -70,8 +83,8 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path: Path) 
     first = AblationConfig(out_dir=str(tmp_path), seeds=(0,))
     _check_settings(first, tmp_path)
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["caption_strategy"] == "nucleus"
-    # more seeds, fewer rows, other threads: the same experiment, continued
-    _check_settings(AblationConfig(out_dir=str(tmp_path), seeds=(0, 1, 2), rows=("cf",), threads=1), tmp_path)
+    # more seeds, fewer rows, more rounds, other threads: the same experiment, continued
+    _check_settings(AblationConfig(out_dir=str(tmp_path), seeds=(0, 1, 2), rows=("cf",), rounds=2, threads=1), tmp_path)
     with pytest.raises(ValueError, match=r"caption_strategy: 'nucleus' -> 'beam'.*another --out"):
         run_ablation(AblationConfig(out_dir=str(tmp_path), caption_strategy="beam"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [SETTINGS_FILE]  # nothing was made
@@ -111,6 +124,18 @@ def test_format_table() -> None:
     assert "| human only (control) | 0/0/0 |" in md and "n/a" in md
     assert "C+F vs no_cf on TR@1: +20.0 -> beats; paired +20.0 ± 0.0, won 2/2 seeds -> better" in md
     assert "filter ROC-AUC 0.950 -> >= 0.9" in md and "junk 0.0%" in md
+    assert "round" not in md  # one round: the table says nothing of rounds
+
+
+def test_format_table_of_a_second_round() -> None:
+    result = dataclasses.replace(_result(), config={"seeds": [0, 1], "rounds": 2},
+                                 capfilt_rounds=[{"filter": {"roc_auc": 0.8, "roc_auc_weak_vs_noise": 0.7}}])
+    md = format_table(result)
+    # the CapFilt rows train on round 2's data; no-C/F and the control do not depend on CapFilt
+    assert "| human + filtered web + filtered synthetic (C+F), round 2 | 10/20/30 |" in md
+    assert "| human + raw web (no C, no F) | 10/40/0 |" in md
+    assert "CapFilt (round 2 of 2, from round 1's C+F model; one run, seed 0): filter ROC-AUC on web noise 0.950" in md
+    assert "Earlier rounds' filter ROC-AUC: round 1 0.800 (weak 0.700)." in md
 
 
 def test_build_datasets(tmp_path: Path) -> None:
@@ -163,3 +188,18 @@ def test_micro_ablation_runs_and_resumes(tmp_path: Path) -> None:
     same = json.dumps(replica.capfilt, sort_keys=True) == json.dumps(result.capfilt, sort_keys=True)  # NaN-safe
     assert same and replica.dataset_rows == result.dataset_rows
     assert (tmp_path / "abl" / "models" / "cf-s1" / "final" / "config.json").is_file()
+    # a second round: CapFilt again from round 1's C+F model (seed 0); round 1 is not redone
+    two = run_ablation(dataclasses.replace(cfg, rounds=2))
+    root = tmp_path / "abl" / "round-2"
+    assert filter_model.stat().st_mtime_ns == made
+    assert (tmp_path / "abl" / "models" / "cf-s0" / "final" / "config.json").is_file()  # round 2's base
+    made_with = json.loads((root / "models" / "filter" / "final" / "training.json").read_text())
+    later = finetune_recipe(cfg, 2)  # 6 epochs of 64 human pairs at batch 16: 24 steps, not round 1's 2
+    assert made_with["steps"] == later.finetune_steps == 24
+    assert made_with["train_config"]["lr"] == pytest.approx(later.finetune_lr)
+    assert (root / "models" / "cf-s0" / "final" / "config.json").is_file() and (root / "eval" / "cf-s0.json").is_file()
+    assert not (root / "models" / "no_cf-s0").exists()  # no C/F and human-only do not depend on CapFilt
+    assert two.values["no_cf"] == result.values["no_cf"] and two.values["human"] == result.values["human"]
+    assert len(two.capfilt_rounds) == 1
+    assert json.dumps(two.capfilt_rounds[0], sort_keys=True) == json.dumps(result.capfilt, sort_keys=True)
+    assert "C+F), round 2 |" in (tmp_path / "abl" / "table.md").read_text()
