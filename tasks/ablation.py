@@ -28,6 +28,9 @@ OUT/caption/<hash>/ OUT/filter/<hash>/   the CapFilt stage outputs
 OUT/datasets/<row>/             each row's training shards + dataset.json (row counts)
 OUT/eval/<row>-s<seed>.json     evaluation of each model; OUT/eval/capfilt.json
 OUT/table.md  OUT/table.json    the result
+OUT/round-<r>/                  with --rounds r > 1: round r's models/filter, models/captioner,
+                                caption/, filter/, datasets/ and eval/ (and the models of its F,
+                                C, C+F rows); its base is round r - 1's models/cf-s<capfilt_seed>
 ```
 
 The synthetic world gives every position and relation a meaning ("on the left"), so
