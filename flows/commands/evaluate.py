@@ -71,6 +71,7 @@ def ablation(
     steps: int = typer.Option(None, help="Pretraining steps per model (default: the config's)."),
     finetune_steps: int = typer.Option(None, help="Filter / captioner finetuning steps."),
     batch_size: int = typer.Option(None),
+    world_seed: int = typer.Option(None, help="Seed of the synthetic world (default 0): another world replicates the experiment."),
     human_images: int = typer.Option(None),
     web_images: int = typer.Option(None),
     test_images: int = typer.Option(None),
@@ -92,7 +93,8 @@ def ablation(
     from tasks.ablation import AblationConfig, run_ablation
 
     overrides = {k: v for k, v in dict(
-        pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, human_images=human_images,
+        pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, world_seed=world_seed,
+        human_images=human_images,
         web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads, lr=lr,
         finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size, threshold=threshold,
         caption_strategy=caption_strategy, top_p=top_p, human_vague_rate=human_vague_rate, mix_units=mix_units,
