@@ -52,12 +52,12 @@ def training_rows(world: Path, kinds: set[str], out: Path) -> Path:
     if (folder / A.DATASET_FILE).is_file():
         return folder
     truth = load_truth(world)
-    web = pa.concat_tables([read_table(p, "pairs", columns=A._PAIR_COLUMNS) for p in list_shards(world / "web")])
+    web = pa.concat_tables([read_table(p, "pairs", columns=A.PAIR_COLUMNS) for p in list_shards(world / "web")])
     web = web.filter(pa.array([truth.web_kinds.get(k) in kinds for k in web["key"].to_pylist()]))
-    human = [read_table(p, "pairs", columns=A._PAIR_COLUMNS) for p in list_shards(world / "human")]
+    human = [read_table(p, "pairs", columns=A.PAIR_COLUMNS) for p in list_shards(world / "human")]
     rows = pa.concat_tables([*human, web])
     order = np.random.default_rng(_SHUFFLE_SEED).permutation(rows.num_rows)
-    A._write_dataset(folder, rows.take(pa.array(order)))
+    A.write_dataset(folder, rows.take(pa.array(order)))
     return folder
 
 
@@ -66,7 +66,7 @@ def warm_model(cfg: A.AblationConfig, out: Path, seed: int, tokenizer: object) -
     other = out / f"world-{seed}"
     generate_world(other, SynthConfig(seed=seed, human_images=cfg.human_images, web_images=10, test_images=10,
                                       human_vague_rate=cfg.human_vague_rate))
-    return A._train(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm", cfg.capfilt_seed,
+    return A.train_or_resume(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm", cfg.capfilt_seed,
                     tokenizer=tokenizer)
 
 
@@ -92,13 +92,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = A.AblationConfig(out_dir=str(args.out), pretrain_steps=args.steps, threads=args.threads)
     started = time.perf_counter()
-    world = A._world(cfg, args.out)
-    tokenizer = A._tokenizer(cfg, world, args.out)
+    world = A.make_world(cfg, args.out)
+    tokenizer = A.make_tokenizer(cfg, world, args.out)
     init = warm_model(cfg, args.out, args.warm_seed, tokenizer) if args.warm_seed is not None else None
-    base = A._train(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)), args.out / "models" / "base",
+    base = A.train_or_resume(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)), args.out / "models" / "base",
                     cfg.capfilt_seed, tokenizer=tokenizer if init is None else None, init=init)
-    retrieval = A._eval(cfg, base, world, args.out / "eval" / "base.json").retrieval
-    filt = A._train(cfg, "finetune-filter", list_shards(world / "human"), args.out / "models" / "filter",
+    retrieval = A.evaluate_on_test(cfg, base, world, args.out / "eval" / "base.json").retrieval
+    filt = A.train_or_resume(cfg, "finetune-filter", list_shards(world / "human"), args.out / "models" / "filter",
                     cfg.capfilt_seed, init=base)
     result = {
         "kinds": sorted(kinds), "warm_seed": args.warm_seed, "steps": args.steps,

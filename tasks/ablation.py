@@ -214,9 +214,13 @@ class AblationResult:
 
 
 # --------------------------------------------------------------------------- pieces
+# Public so that experiments beside the table (bench/filter_base_probe.py) build on the same
+# world, tokenizer, training recipe and evaluation; each skips work whose output is complete.
 
 
-def _world(cfg: AblationConfig, out: Path) -> Path:
+def make_world(cfg: AblationConfig, out: Path) -> Path:
+    """Generate the experiment's world into ``out/world`` (kept when complete) and link its
+    splits under ``out/ingest``, as a run folder has them; returns the world folder."""
     world = out / "world"
     synth = SynthConfig(
         seed=cfg.world_seed, human_images=cfg.human_images, web_images=cfg.web_images,
@@ -240,7 +244,9 @@ def _captions_of(shards: Sequence[Path]) -> list[str]:
     return out
 
 
-def _tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
+def make_tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
+    """The WordPiece tokenizer of the world's human and web captions, built once into
+    ``out/tokenizer`` and read back from there afterwards."""
     from blip_core.tokenizer import Tokenizer, build_tokenizer
 
     folder = out / "tokenizer"
@@ -254,7 +260,7 @@ def _tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
     return tok
 
 
-def _train(
+def train_or_resume(
     cfg: AblationConfig, mode: str, shards: list[Path], out_dir: Path, seed: int,
     tokenizer: Any = None, init: Path | None = None,
 ) -> Path:
@@ -318,8 +324,8 @@ def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[
 
     human = list_shards(world / "human")
     seed = cfg.capfilt_seed
-    filt = _train(cfg, "finetune-filter", human, root / "models" / "filter", seed, init=base)
-    capt = _train(cfg, "finetune-captioner", human, root / "models" / "captioner", seed, init=base)
+    filt = train_or_resume(cfg, "finetune-filter", human, root / "models" / "filter", seed, init=base)
+    capt = train_or_resume(cfg, "finetune-captioner", human, root / "models" / "captioner", seed, init=base)
     execution = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
     web = list_shards(world / "web")
     caption_cfg = CaptionConfig(strategy=cfg.caption_strategy, top_p=cfg.top_p, num_captions=cfg.num_captions,
@@ -331,13 +337,13 @@ def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[
 
 
 def _select(tables: list[pa.Table], source: str | None = None) -> pa.Table:
-    t = pa.concat_tables([x.select(_PAIR_COLUMNS) for x in tables]) if tables else None
+    t = pa.concat_tables([x.select(PAIR_COLUMNS) for x in tables]) if tables else None
     if t is None:
         raise ValueError("no rows to select from")
     return t if source is None else t.filter(pc.equal(t["source"], source))
 
 
-_PAIR_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]
+PAIR_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]  # of every training dataset
 
 
 def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, rows: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -347,7 +353,7 @@ def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, 
     is left as it is (its inputs are fixed for an output folder), so reruns are free.
     """
     def read(paths: list[Path], kind: str) -> pa.Table:
-        t = pa.concat_tables([read_table(p, kind, columns=_PAIR_COLUMNS) for p in paths])
+        t = pa.concat_tables([read_table(p, kind, columns=PAIR_COLUMNS) for p in paths])
         return t.filter(pc.equal(t["status"], "ok"))
 
     sizes: dict[str, dict[str, int]] = {}
@@ -367,13 +373,15 @@ def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, 
             "human": [human],
         }
         for row in pending:
-            _write_dataset(out / "datasets" / row, pa.concat_tables(parts[row]))
+            write_dataset(out / "datasets" / row, pa.concat_tables(parts[row]))
     for row in rows:
         sizes[row] = json.loads((out / "datasets" / row / DATASET_FILE).read_text())
     return sizes
 
 
-def _write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) -> None:
+def write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) -> None:
+    """Write `table` (PAIR_COLUMNS) as pair shards into `folder`, then ``dataset.json`` (row
+    counts per source), which marks the dataset complete."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         write_shard(table.slice(start, rows_per_shard), folder / shard_name(i), "pairs")
@@ -384,7 +392,8 @@ def _write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) ->
     os.replace(tmp, folder / DATASET_FILE)  # written last: marks the dataset complete
 
 
-def _eval(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> EvalResult:
+def evaluate_on_test(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> EvalResult:
+    """Evaluate `model` on the world's test split into `out_file` (reused when its inputs match)."""
     ecfg = EvalConfig(rerank_k=cfg.rerank_k, caption_strategy=cfg.eval_caption_strategy, device="cpu")
     return evaluate_to_file(model, list_shards(world / "test"), out_file, world, cfg=ecfg)
 
@@ -471,14 +480,14 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     _check_settings(cfg, out)
     timings = _Timings(out / "timings.json")
     t = time.perf_counter()
-    world = _world(cfg, out)
-    tokenizer = _tokenizer(cfg, world, out)
+    world = make_world(cfg, out)
+    tokenizer = make_tokenizer(cfg, world, out)
     timings.record("world + tokenizer", time.perf_counter() - t, computed=False)
     rows = list(cfg.rows)
     # CapFilt's base model is a no-C/F run (same data, same budget), the one of capfilt_seed.
     base_dir = out / "models" / f"no_cf-s{cfg.capfilt_seed}"
     t, fresh = time.perf_counter(), not _model_done(base_dir)
-    base = _train(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"), base_dir,
+    base = train_or_resume(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"), base_dir,
                   cfg.capfilt_seed, tokenizer=tokenizer)
     took = timings.record(f"train {base_dir.name}", time.perf_counter() - t, fresh)
     say(f"base model {base} ({took:.0f} s)")
@@ -502,7 +511,7 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
             build_datasets(root, world, caption_dir, filter_dir, ["cf"])
             base_dir = root / "models" / f"cf-s{cfg.capfilt_seed}"
             t, fresh = time.perf_counter(), not _model_done(base_dir)
-            base = _train(cfg, "pretrain", list_shards(root / "datasets" / "cf"), base_dir, cfg.capfilt_seed,
+            base = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / "cf"), base_dir, cfg.capfilt_seed,
                           tokenizer=tokenizer)
             timings.record(f"{prefix}train {base_dir.name}", time.perf_counter() - t, fresh)
     values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
@@ -512,11 +521,11 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
             prefix = "" if root == out else f"{root.name}/"
             name = f"{row}-s{seed}"
             t, fresh = time.perf_counter(), not _model_done(root / "models" / name)
-            model = _train(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name, seed,
+            model = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name, seed,
                            tokenizer=tokenizer)
             timings.record(f"{prefix}train {name}", time.perf_counter() - t, fresh)  # keeps a base's time
             t, fresh = time.perf_counter(), not (root / "eval" / f"{name}.json").is_file()
-            res = _eval(cfg, model, world, root / "eval" / f"{name}.json")
+            res = evaluate_on_test(cfg, model, world, root / "eval" / f"{name}.json")
             timings.record(f"{prefix}eval {name}", time.perf_counter() - t, fresh)
             for label, section, key in METRICS:
                 values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
