@@ -66,8 +66,8 @@ def warm_model(cfg: A.AblationConfig, out: Path, seed: int, tokenizer: object) -
     other = out / f"world-{seed}"
     generate_world(other, SynthConfig(seed=seed, human_images=cfg.human_images, web_images=10, test_images=10,
                                       human_vague_rate=cfg.human_vague_rate))
-    return A.train_or_resume(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm", cfg.capfilt_seed,
-                    tokenizer=tokenizer)
+    return A.train_or_resume(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm",
+                             cfg.capfilt_seed, tokenizer=tokenizer)
 
 
 def score(model: Path, world: Path, out: Path) -> dict[str, float]:
@@ -95,11 +95,12 @@ def main() -> None:
     world = A.make_world(cfg, args.out)
     tokenizer = A.make_tokenizer(cfg, world, args.out)
     init = warm_model(cfg, args.out, args.warm_seed, tokenizer) if args.warm_seed is not None else None
-    base = A.train_or_resume(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)), args.out / "models" / "base",
-                    cfg.capfilt_seed, tokenizer=tokenizer if init is None else None, init=init)
+    base = A.train_or_resume(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)),
+                             args.out / "models" / "base", cfg.capfilt_seed,
+                             tokenizer=tokenizer if init is None else None, init=init)
     retrieval = A.evaluate_on_test(cfg, base, world, args.out / "eval" / "base.json").retrieval
     filt = A.train_or_resume(cfg, "finetune-filter", list_shards(world / "human"), args.out / "models" / "filter",
-                    cfg.capfilt_seed, init=base)
+                             cfg.capfilt_seed, init=base)
     result = {
         "kinds": sorted(kinds), "warm_seed": args.warm_seed, "steps": args.steps,
         "base TR@1 / IR@1": [round(retrieval["TR@1"], 1), round(retrieval["IR@1"], 1)],

@@ -488,7 +488,7 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     base_dir = out / "models" / f"no_cf-s{cfg.capfilt_seed}"
     t, fresh = time.perf_counter(), not _model_done(base_dir)
     base = train_or_resume(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"), base_dir,
-                  cfg.capfilt_seed, tokenizer=tokenizer)
+                           cfg.capfilt_seed, tokenizer=tokenizer)
     took = timings.record(f"train {base_dir.name}", time.perf_counter() - t, fresh)
     say(f"base model {base} ({took:.0f} s)")
     capfilt_rounds: list[dict[str, Any]] = []
@@ -512,7 +512,7 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
             base_dir = root / "models" / f"cf-s{cfg.capfilt_seed}"
             t, fresh = time.perf_counter(), not _model_done(base_dir)
             base = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / "cf"), base_dir, cfg.capfilt_seed,
-                          tokenizer=tokenizer)
+                                   tokenizer=tokenizer)
             timings.record(f"{prefix}train {base_dir.name}", time.perf_counter() - t, fresh)
     values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
     for seed in cfg.seeds:
@@ -521,8 +521,8 @@ def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
             prefix = "" if root == out else f"{root.name}/"
             name = f"{row}-s{seed}"
             t, fresh = time.perf_counter(), not _model_done(root / "models" / name)
-            model = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name, seed,
-                           tokenizer=tokenizer)
+            model = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name,
+                                    seed, tokenizer=tokenizer)
             timings.record(f"{prefix}train {name}", time.perf_counter() - t, fresh)  # keeps a base's time
             t, fresh = time.perf_counter(), not (root / "eval" / f"{name}.json").is_file()
             res = evaluate_on_test(cfg, model, world, root / "eval" / f"{name}.json")
