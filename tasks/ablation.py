@@ -105,7 +105,6 @@ _RERUN_SETTINGS = ("out_dir", "seeds", "rows", "rounds", "threads")
 # Settings added after folders were made whose default is not what those folders used:
 # an ablation.json without the key was made with this value.
 _MADE_BEFORE: dict[str, Any] = {"mix_units": 1}
-_SYNTH_SEED_OFFSET = 0
 
 
 @dataclass(frozen=True)
@@ -336,13 +335,6 @@ def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[
     return Path(captions.output), Path(filtered.output)
 
 
-def _select(tables: list[pa.Table], source: str | None = None) -> pa.Table:
-    t = pa.concat_tables([x.select(PAIR_COLUMNS) for x in tables]) if tables else None
-    if t is None:
-        raise ValueError("no rows to select from")
-    return t if source is None else t.filter(pc.equal(t["source"], source))
-
-
 PAIR_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]  # of every training dataset
 
 
@@ -403,8 +395,15 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
 
     Besides the filter's ITM verdicts, the ROC-AUC of the same filter model's ITC
     similarity on the web pairs (``itc_roc_auc``) tells whether a weak ITM head or the
-    model as a whole limits the filter.
+    model as a whole limits the filter. Kept in ``out/eval/capfilt.json`` with the name of
+    the filter output it scored (its settings hash, which covers the filter model), so a
+    rerun reads it back instead of scoring every web pair again.
     """
+    path = out / "eval" / "capfilt.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.pop("filter_output", None) == filter_dir.name:
+            return stored
     truth = load_truth(world)
     scored = read_scored_rows(filter_dir)
     diag = {
@@ -420,9 +419,8 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
                           [web["caption"][i].as_py() or "" for i in known])
     clean = [not truth.is_noisy(keys[i]) for i in known]
     diag["filter"]["itc_roc_auc"] = roc_auc(itc, clean)
-    path = out / "eval" / "capfilt.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(diag, indent=2, allow_nan=True))
+    write_atomic(path, json.dumps({"filter_output": filter_dir.name, **diag}, indent=2, allow_nan=True))
     return diag
 
 

@@ -94,8 +94,8 @@ def ablation(
 
     overrides = {k: v for k, v in dict(
         pretrain_steps=steps, finetune_steps=finetune_steps, batch_size=batch_size, world_seed=world_seed,
-        human_images=human_images,
-        web_images=web_images, test_images=test_images, num_captions=num_captions, threads=threads, lr=lr,
+        human_images=human_images, web_images=web_images, test_images=test_images, num_captions=num_captions,
+        threads=threads, lr=lr,
         finetune_lr=finetune_lr, momentum=momentum, alpha=alpha, queue_size=queue_size, threshold=threshold,
         caption_strategy=caption_strategy, top_p=top_p, human_vague_rate=human_vague_rate, mix_units=mix_units,
     ).items() if v is not None}
