@@ -14,8 +14,9 @@
   output_bytes, counts MAP, extra JSON); the filter's three outcome records of a shard are
   one row, so ``sum(counts['input'])`` counts each input row once.
 
-A stage with several settings folders (a rerun with other settings) is shown by its
-most recently written folder; ``stage_stats`` lists the records of all of them.
+A stage with several settings folders (a rerun with other settings) is shown by the
+folder the latest run used, as the run's ``current.json`` records it (`data.layout`);
+``stage_stats`` lists the records of all of them.
 
 Confinement. duckdb itself never touches the file system: the shards are scanned
 through pyarrow datasets registered on the connection (projection and filters are
@@ -41,11 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
+from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, RunLayout
 from data.schema import check_schema, schema_for
 from data.shards import DONE_SUFFIX, SHARD_GLOB, read_completion
 
-INGEST_VIEWS = ("human", "web", "test")
-OUTCOMES = ("kept", "rejected", "failed")
 _ALLOWED_TYPES = {duckdb.StatementType.SELECT}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
 _WHY_NOT = {
@@ -93,26 +93,17 @@ def _shards_below(folder: Path) -> list[Path]:
     )
 
 
-def _latest_settings_folder(stage: Path) -> Path | None:
-    """The settings-hash folder of a stage written most recently (None when there is none)."""
-    candidates = []
-    for folder in (p for p in stage.iterdir() if p.is_dir()) if stage.is_dir() else ():
-        shards = _shards_below(folder)
-        if shards:
-            candidates.append((max(p.stat().st_mtime_ns for p in shards), folder.name, folder))
-    return max(candidates)[2] if candidates else None
-
-
 def _sources(run_dir: Path) -> list[_Source]:
-    sources = [_Source(name, "pairs", _shards_below(run_dir / "ingest" / name)) for name in INGEST_VIEWS]
-    caption = _latest_settings_folder(run_dir / "caption")
+    layout = RunLayout(run_dir)
+    sources = [_Source(name, "pairs", _shards_below(layout.ingest(name))) for name in INGEST_SPLITS]
+    caption = layout.current_stage("caption")
     if caption is not None:
         sources.append(_Source("synthetic", "pairs", _shards_below(caption), caption.parent, ("settings_hash",)))
-    scored = _latest_settings_folder(run_dir / "filter")
+    scored = layout.current_stage("filter")
     if scored is not None:
-        files = [p for outcome in OUTCOMES for p in _shards_below(scored / outcome)]
+        files = [p for outcome in FILTER_OUTCOMES for p in _shards_below(scored / outcome)]
         sources.append(_Source("scored", "scored", files, scored.parent, ("settings_hash", "outcome")))
-    assemble = _latest_settings_folder(run_dir / "assemble")
+    assemble = layout.current_stage("assemble")
     if assemble is not None:
         sources.append(_Source("dataset", "dataset", _shards_below(assemble), assemble.parent, ("settings_hash",)))
     return [s for s in sources if s.files]
@@ -153,7 +144,7 @@ def _stage_stats(run_dir: Path) -> pa.Table | None:
         if record is None:
             continue
         folder = done.parent.relative_to(run_dir)
-        if record.extra.get("outcome") in OUTCOMES and folder.name == record.extra["outcome"]:
+        if record.extra.get("outcome") in FILTER_OUTCOMES and folder.name == record.extra["outcome"]:
             folder = folder.parent
         key = (folder.as_posix(), record.shard)
         if key in rows:

@@ -239,6 +239,20 @@ def file_fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}-{digest.hexdigest()}"
 
 
+def shard_identity(path: Path) -> str:
+    """What a shard holds, cheaply: from its completion record (the stage's input
+    fingerprint, settings hash and byte count) when it has a valid one, else the file's
+    fingerprint. Never its path, so a moved run folder keeps its identities."""
+    path = Path(path)
+    try:
+        record = read_completion(path)
+    except ValueError:
+        record = None
+    if record is not None and record.output_bytes == path.stat().st_size:
+        return f"{record.input_fingerprint}/{record.settings_hash}/{record.output_bytes}"
+    return file_fingerprint(path)
+
+
 def _plain(obj: Any) -> Any:
     """Turn dataclasses / pydantic models / paths into JSON-able plain values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

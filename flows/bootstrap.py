@@ -22,12 +22,12 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, as_completed
 
+from data.layout import MODEL_ENTRY, RunLayout, model_name
+from data.shards import settings_hash
 from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
-
-STAGES_LOG = "stages.jsonl"
 
 
 class _Run:
@@ -37,6 +37,9 @@ class _Run:
         self.config = config
         self.root = Path(config.run_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.layout = RunLayout(self.root)
+        self.current: dict[str, str] = {}  # what this run used: written to current.json as it goes
+        self.layout.write_current(self.current)
         store = result_storage(self.root)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",
                  "filter_shard_task", "assemble_task", "evaluate_task")  # fmt: skip
@@ -54,8 +57,14 @@ class _Run:
         self.rows.append(row)
         artifacts.publish_stage_table(self.root.name, row)
         if did_work:
-            with open(self.root / STAGES_LOG, "a") as handle:
+            with open(self.layout.stages_log, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+    def use(self, name: str, path: str) -> str:
+        """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...)."""
+        self.current[name] = path
+        self.layout.write_current(self.current)
+        return path
 
 
 # ----------------------------------------------------------------------------- data
@@ -75,17 +84,17 @@ def ingest_stage(run: _Run) -> dict[str, Any]:
     img2dataset from a local server. Otherwise use the configured paths, fetching
     `data.web_urls` with img2dataset into RUN/ingest/web.
     """
-    cfg, root = run.config, run.root
+    cfg, layout = run.config, run.layout
     splits: dict[str, Any] = {"human": _expand(cfg.data.human), "web": _expand(cfg.data.web),
                               "test": _expand(cfg.data.test), "truth": cfg.data.truth}  # fmt: skip
     results: list[dict[str, Any]] = []
-    world = root / "world"
+    world = layout.world
     if cfg.data.world is not None:
         job = run.job("world", settings={"world": cfg.data.world.model_dump(), "as_urls": cfg.data.serve_local},
                       params={"out": str(world)})  # fmt: skip
         results.append(run.tasks["world_task"](job=job, config=cfg))
-        results.append(_ingest(run, "truth", "link", [str(world / "truth")], dst=root / "truth", pattern="*"))
-        splits["truth"] = str(root / "truth")
+        results.append(_ingest(run, "truth", "link", [str(world / "truth")], dst=layout.truth, pattern="*"))
+        splits["truth"] = str(layout.truth)
         for split in ("human", "test") + (() if cfg.data.serve_local else ("web",)):
             results.append(_ingest(run, split, "link", [str(world / split)]))
             splits[split] = results[-1]["shards"]
@@ -106,7 +115,7 @@ def ingest_stage(run: _Run) -> dict[str, Any]:
 
 def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | None = None, dst: Path | None = None,
             pattern: str = "part-*", key_inputs: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    dst = dst or run.root / "ingest" / split
+    dst = dst or run.layout.ingest(split)
     params = {"split": split, "mode": mode, "sources": sources, "dst": str(dst), "www": www, "pattern": pattern,
               "processes": run.config.data.ingest_processes, "threads": run.config.data.ingest_threads}  # fmt: skip
     world = run.config.data.world
@@ -124,21 +133,26 @@ def _rows(path: str) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def _train_job(run: _Run, step: str, mode: str, name: str, data: list[str], init: str | None,
-               round_index: int | None = None) -> StepJob:  # fmt: skip
+def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init: str | None,
+               round_index: int = 1) -> StepJob:  # fmt: skip
     stage_cfg = {"pretrain": run.config.train.pretrain, "finetune-filter": run.config.train.finetune_filter,
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
-    out = str(run.root / "models" / name)
+    from tasks.train import training_identity
+
+    identity = {"train": stage_cfg.model_dump(exclude={"checkpoint_every"}), **training_identity(data, init)}
+    # one folder per (settings, data, init weights): other settings never overwrite a finished model
+    out = str(run.layout.model_dir(role, round_index) / settings_hash(identity))
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
               **stage_cfg.model_dump(), "device": run.config.device, "loader_workers": run.config.loader_workers,
               "vocab_size": run.config.model.vocab_size,
-              "tokenizer_dir": str(run.root / "models" / "tokenizer"), "tokenizer_shards": run.tokenizer_shards,
+              "tokenizer_dir": str(run.layout.tokenizer), "tokenizer_shards": run.tokenizer_shards,
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
     settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
                 **stage_cfg.model_dump()}  # fmt: skip
     inputs = data + ([init] if init else [])
-    index = round_index if round_index and round_index > 1 else None
-    return run.job(step, index=index, inputs=inputs, settings=settings, params={"out": out, "kwargs": kwargs})
+    index = round_index if round_index > 1 else None
+    params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index)}
+    return run.job(step, index=index, inputs=inputs, settings=settings, params=params)
 
 
 def _submit_train(run: _Run, job: StepJob) -> PrefectFuture:
@@ -149,24 +163,22 @@ def _submit_train(run: _Run, job: StepJob) -> PrefectFuture:
 def _train_now(run: _Run, job: StepJob) -> str:
     """Run a training task in the flow's own thread and process, also under a Dask task
     runner (the pretrain and final stages; the two finetunes go through `_submit_train`)."""
-    return _record_training(run, run.tasks["train_task"](job=job, config=run.config))
+    return _record_training(run, job, run.tasks["train_task"](job=job, config=run.config))
 
 
-def _trained(run: _Run, future: PrefectFuture) -> str:
+def _trained(run: _Run, job: StepJob, future: PrefectFuture) -> str:
     """Wait for a training task started with `_submit_train`."""
-    return _record_training(run, future.result())
+    return _record_training(run, job, future.result())
 
 
-def _record_training(run: _Run, result: dict[str, Any]) -> str:
+def _record_training(run: _Run, job: StepJob, result: dict[str, Any]) -> str:
     """Record a training task's row (its time is the training's own, also when cached)."""
-    run.record({"stage": f"train {Path(result['model']).parent.relative_to(run.root / 'models')}",
+    name = job.params["name"]
+    run.use(MODEL_ENTRY + name, result["model"])
+    run.record({"stage": f"train {name}",
                 "seconds": round(result["seconds"], 2), "steps": result["result"].get("steps")},
                did_work=not result["result"].get("finished_before"))  # fmt: skip
     return result["model"]
-
-
-def _model_name(round_index: int, role: str) -> str:
-    return role if round_index == 1 else f"round-{round_index}/{role}"
 
 
 # ----------------------------------------------------------------------------- shard stages
@@ -208,47 +220,39 @@ def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, An
     return results
 
 
-def _shard_name(src: str) -> str:
-    from tasks.common import output_name
-
-    return output_name(Path(src))
+def _shard_jobs(run: _Run, stage: str, plan: dict[str, Any], model: str) -> list[StepJob]:
+    """One task per planned shard: its input (and caption shard), output name, folder and digest."""
+    jobs = []
+    for index, shard in enumerate(plan["shards"]):
+        params = {**shard, "folder": plan["folder"], "digest": plan["digest"], "model": model}
+        inputs = [shard["src"]] + ([shard["captions"]] if shard["captions"] else [])
+        jobs.append(run.job(stage, index=index, inputs=inputs, settings={"digest": plan["digest"]}, params=params))
+    return jobs
 
 
 def caption_stage(run: _Run, web: list[str], captioner: str) -> str:
     """Caption every web shard; returns the ``caption/<hash>`` folder."""
     plan = run.tasks["plan_stage"](
         job=run.job("plan-caption", inputs=[captioner], settings=run.config.caption.model_dump(exclude={"batch_size"}),
-                    params={"model": captioner, "out_dir": str(run.root / "caption")}),  # fmt: skip
+                    params={"model": captioner, "out_dir": str(run.layout.stage("caption")), "web": web}),  # fmt: skip
         config=run.config,
     )
-    jobs = []
-    for index, src in enumerate(web):
-        name = _shard_name(src)
-        params = {"src": src, "name": name, "folder": plan["folder"], "digest": plan["digest"], "model": captioner}
-        jobs.append(run.job("caption", index=index, inputs=[src], settings={"digest": plan["digest"]}, params=params))
-    _run_shards(run, "caption", jobs)
-    return plan["folder"]
+    _run_shards(run, "caption", _shard_jobs(run, "caption", plan, captioner))
+    return run.use("caption", plan["folder"])
 
 
 def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | None) -> str:
     """Filter web + synthetic captions of every web shard; returns ``filter/<hash>``."""
-    names = [_shard_name(src) for src in web]
-    plan_inputs = [filter_model] + ([str(Path(captions) / n) for n in names] if captions else [])
+    # the caption folder is named by its settings hash; its records are what the plan reads
+    plan_inputs = [filter_model] + ([captions] if captions else [])
     plan = run.tasks["plan_stage"](
         job=run.job("plan-filter", inputs=plan_inputs, settings=run.config.filter.model_dump(exclude={"batch_size"}),
-                    params={"model": filter_model, "out_dir": str(run.root / "filter"), "captions": captions,
-                            "names": names}),  # fmt: skip
+                    params={"model": filter_model, "out_dir": str(run.layout.stage("filter")), "captions": captions,
+                            "web": web}),  # fmt: skip
         config=run.config,
     )
-    jobs = []
-    for index, (src, name) in enumerate(zip(web, names)):
-        cap = str(Path(captions) / name) if captions else None
-        params = {"src": src, "name": name, "captions": cap, "folder": plan["folder"], "digest": plan["digest"],
-                  "model": filter_model}  # fmt: skip
-        inputs = [src] + ([cap] if cap else [])
-        jobs.append(run.job("filter", index=index, inputs=inputs, settings={"digest": plan["digest"]}, params=params))
-    _run_shards(run, "filter", jobs)
-    return plan["folder"]
+    _run_shards(run, "filter", _shard_jobs(run, "filter", plan, filter_model))
+    return run.use("filter", plan["folder"])
 
 
 def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
@@ -256,10 +260,11 @@ def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
     start = time.perf_counter()
     kept = sorted(str(p) for p in (Path(filter_dir) / "kept").glob("part-*.parquet"))
     job = run.job("assemble", inputs=human + kept, settings=run.config.assemble.model_dump(),
-                  params={"human": human, "kept": kept, "out_dir": str(run.root / "assemble")})  # fmt: skip
+                  params={"human": human, "kept": kept, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
     row = artifacts.stage_row("assemble", result["shard_stats"], time.perf_counter() - start)
     run.record(row, did_work=not all(s.get("skipped") for s in result["shard_stats"]))
+    run.use("assemble", result["output"])
     return result["shards"]
 
 
@@ -274,7 +279,7 @@ def _finish(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], summary: dict[str, Any]) -> None:
     cfg = run.config
-    params = {"model": final_model, "test": list(splits["test"]), "truth": splits["truth"], "out": str(run.root / "eval"),
+    params = {"model": final_model, "test": list(splits["test"]), "truth": splits["truth"], "out": str(run.layout.eval_dir),
               "filter_dir": summary.get("filter_dir"), "caption_dir": summary.get("caption_dir")}  # fmt: skip
     inputs = [final_model, *splits["test"], *([splits["truth"]] if splits["truth"] else [])]
     # the filter / caption folders are named by their settings hash: their names are their identity
@@ -282,7 +287,7 @@ def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], su
                 "caption": params["caption_dir"]}  # fmt: skip
     job = run.job("evaluate", inputs=inputs, settings=settings, params=params)
     result = run.tasks["evaluate_task"](job=job, config=cfg)
-    summary["metrics"] = result["metrics"]
+    summary["metrics"] = run.use("eval", result["metrics"])
     run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
     if cfg.evaluate.report:
         from tasks.report import report_task
@@ -335,9 +340,9 @@ def _capfilt_round(run: _Run, round_index: int, pretrained: str, splits: dict[st
     futures = {}
     for role, mode in (("filter", "finetune-filter"), ("captioner", "finetune-captioner")):
         if given[role] is None or round_index > 1:
-            job = _train_job(run, mode, mode, _model_name(round_index, role), human, pretrained, round_index)
-            futures[role] = _submit_train(run, job)  # the two finetunes run concurrently
-    models = {**given, **{role: _trained(run, future) for role, future in futures.items()}}
+            job = _train_job(run, mode, mode, role, human, pretrained, round_index)
+            futures[role] = (job, _submit_train(run, job))  # the two finetunes run concurrently
+    models = {**given, **{role: _trained(run, job, future) for role, (job, future) in futures.items()}}
     summary.update(filter_model=models["filter"], captioner_model=models["captioner"])
     if not cfg.runs_stage("caption"):
         return False
@@ -351,7 +356,7 @@ def _capfilt_round(run: _Run, round_index: int, pretrained: str, splits: dict[st
     summary["dataset_dir"] = str(Path(dataset[0]).parent) if dataset else None
     if not cfg.runs_stage("final"):
         return False
-    job = _train_job(run, "final", "pretrain", _model_name(round_index, "final"), dataset, None, round_index)
+    job = _train_job(run, "final", "pretrain", "final", dataset, None, round_index)
     summary["_final"] = _train_now(run, job)
     return True
 

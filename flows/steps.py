@@ -66,37 +66,29 @@ def _log() -> Any:
 
 @task(name="plan", **_TASK_OPTIONS)
 def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
-    """Resolve a shard stage's output folder (``STAGE/<settings-hash>``) and digest.
-
-    Loads the stage's model once for its fingerprint and writes the folder's
-    ``stage.json`` once, before shard tasks fan out. Rerun-safe: same settings, same folder.
-    """
-    import torch
-
+    """Resolve a shard stage's output folder (``STAGE/<settings-hash>``) and digest with the
+    stage's own plan (`plan_caption` / `plan_filter`), once, before shard tasks fan out.
+    Rerun-safe: same settings, same folder."""
     import blip_core
-    from tasks.common import stage_dir
 
     stage = job.step.removeprefix("plan-")
-    model_dir = job.params["model"]
-    loaded = blip_core.load(Path(model_dir), device="cpu")
-    device = torch.device(config.device)
+    loaded = blip_core.load(Path(job.params["model"]), device="cpu")
+    out_dir, web = Path(job.params["out_dir"]), [Path(p) for p in job.params["web"]]
     if stage == "caption":
-        from tasks.caption import caption_settings
+        from tasks.caption import plan_caption
 
-        settings = caption_settings(loaded.fingerprint, caption_config(config), device)
+        stats, plan = plan_caption(web, out_dir, loaded, caption_config(config))
+        shards = [{"src": str(src), "name": name, "captions": None} for src, name in plan]
     elif stage == "filter":
-        from data.shards import read_completion
-        from tasks.filter import filter_settings
+        from tasks.filter import plan_filter
 
-        caption_dir = job.params.get("captions")
-        records = [read_completion(Path(caption_dir) / n) if caption_dir else None for n in job.params["names"]]
-        hashes = [record.settings_hash if record else None for record in records]  # the captions' identity
-        settings = filter_settings(loaded.fingerprint, filter_config(config), device, hashes)
+        captions = job.params.get("captions")
+        stats, items = plan_filter(web, out_dir, loaded, filter_config(config), Path(captions) if captions else None)
+        shards = [{"src": str(src), "name": name, "captions": str(cap) if cap else None} for src, name, cap in items]
     else:
         raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
-    folder, digest = stage_dir(Path(job.params["out_dir"]), settings)
-    record_outputs(job, [str(folder / "stage.json")])
-    return {"folder": str(folder), "digest": digest, "fingerprint": loaded.fingerprint}
+    record_outputs(job, [str(stats.output / "stage.json")])
+    return {"folder": str(stats.output), "digest": stats.settings_hash, "shards": shards}
 
 
 # ----------------------------------------------------------------------------- shard stages

@@ -18,6 +18,7 @@ whose record is missing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,30 +30,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.schema import SCORED, SchemaError, conform
-from data.shards import (
-    CompletionRecord,
-    file_fingerprint,
-    is_complete,
-    read_completion,
-    read_table,
-    shard_name,
-    write_completion,
-    write_shard,
-)
+from data.shards import file_fingerprint, is_complete, read_completion, read_table, shard_name
 from tasks.common import (
     ExecutionConfig,
-    ShardStats,
-    StageStats,
-    Timer,
-    check_accounting,
     combine_fingerprints,
     expand_item,
     prefect_task,
     progress_bar,
     read_pairs,
     semantic_settings,
-    stage_dir,
 )
+from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
 
 # Outcome codes per input row.
 KEPT, DUPLICATE, REJECTED, FAILED = 0, 1, 2, 3
@@ -168,8 +156,9 @@ def _dataset_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     return conform(part, "dataset")
 
 
-def _write_shard(p: _Plan, j: int, folder: Path, fingerprint: str, digest: str, cache: dict[Path, pa.Table]) -> int:
-    """Gather output shard j's rows from the inputs (one input file held at a time)."""
+def _select(p: _Plan, j: int, cache: dict[Path, pa.Table]) -> ShardOutput:
+    """The stage's own work for output shard j: gather its kept rows from the inputs (one
+    input file held at a time)."""
     parts = []
     for path, outcome, shard in zip(p.files, p.outcome, p.shard):
         rows = np.flatnonzero((shard == j) & (outcome == KEPT))
@@ -180,15 +169,8 @@ def _write_shard(p: _Plan, j: int, folder: Path, fingerprint: str, digest: str, 
             cache[path] = _read(path)
         parts.append(_dataset_rows(cache[path], rows))
     table = pa.concat_tables(parts) if parts else conform(_read(p.files[0]).slice(0, 0), "dataset")
-    dst = folder / shard_name(j)
-    write_shard(table, dst, kind="dataset")
-    counts = _shard_counts(p, j)
-    record = CompletionRecord(
-        shard=dst.name, kind="dataset", counts=counts, input_fingerprint=fingerprint, settings_hash=digest,
-        extra={"shards": p.n_shards, "inputs": [str(f) for f in p.files]},
-    )
-    write_completion(dst, record)
-    return table.num_rows
+    extra = {"shards": p.n_shards, "inputs": [str(f) for f in p.files]}
+    return ShardOutput(tables={"dataset": table}, counts=_shard_counts(p, j), extra=extra)
 
 
 def _complete(folder: Path, fingerprint: str, digest: str) -> int | None:
@@ -204,7 +186,7 @@ def _complete(folder: Path, fingerprint: str, digest: str) -> int | None:
 
 def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> StageStats:
     """Assemble D' from `inputs` (files, folders or globs, in priority order) into
-    ``out_dir/<hash>/``; a rerun skips shards already complete."""
+    ``out_dir/<hash>/``; a rerun skips shards already complete (and, when all are, the plan)."""
     files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
     fingerprint = combine_fingerprints([file_fingerprint(f) for f in files])
     settings: dict[str, Any] = {"stage": "assemble", **semantic_settings(cfg), "inputs": fingerprint}
@@ -218,18 +200,13 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
         return stats
     p = plan(files, cfg)
     cache: dict[Path, pa.Table] = {}
+    jobs = [
+        ShardJob(name=shard_name(j), source=f"assemble {shard_name(j)}", outputs={"dataset": folder / shard_name(j)},
+                 kind="dataset", fingerprint=fingerprint, digest=digest, work=functools.partial(_select, p, j, cache))
+        for j in range(p.n_shards)
+    ]  # fmt: skip
     with progress_bar(p.n_shards, "assemble", cfg.execution.progress) as bar:
-        for j in range(p.n_shards):
-            dst = folder / shard_name(j)
-            skipped = is_complete(dst, fingerprint, digest)
-            with Timer() as timer:
-                if not skipped:
-                    _write_shard(p, j, folder, fingerprint, digest, cache)
-            stats.shards.append(
-                ShardStats(shard=dst.name, source="", counts=_shard_counts(p, j), skipped=skipped, seconds=timer.seconds)
-            )
-            bar.update(1)
-    return stats
+        return run_stage(stats, jobs, on_done=lambda: bar.update(1))
 
 
 def __getattr__(name: str) -> Any:

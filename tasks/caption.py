@@ -16,7 +16,7 @@ text byte for byte; a complete shard (same input bytes, same settings) is skippe
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data.shards import CompletionRecord, file_fingerprint, is_complete, read_completion, write_completion, write_shard
+from data.shards import file_fingerprint
 from tasks.common import (
     ExecutionConfig,
-    ShardStats,
-    StageStats,
-    Timer,
-    check_accounting,
     derive_seed,
     expand_inputs,
     image_batches,
@@ -46,10 +42,9 @@ from tasks.common import (
     read_pairs,
     resolve_device,
     resolve_precision,
-    run_each_shard,
     semantic_settings,
-    stage_dir,
 )
+from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
 
@@ -147,29 +142,29 @@ def _synthetic_rows(web: pa.Table, captioned: np.ndarray, texts: list[str], fing
     return pa.table(columns)
 
 
-def caption_shard(
-    src: Path, dst_dir: Path, model: Any, cfg: CaptionConfig, digest: str, name: str | None = None
-) -> ShardStats:
-    """Caption one web shard into ``dst_dir/<name>`` (dst_dir is the settings-hash folder).
+@dataclass
+class _Captioner:
+    """What every shard of one caption run shares: the model on its device and the settings."""
 
-    Skips the shard when its completion record matches the input bytes and `digest`.
-    `model` is a `blip_core.LoadedModel` or a model folder. The data file is written
-    atomically and the record after it, so a rerun after a crash redoes it whole.
-    """
-    src = Path(src)
-    name = name or src.name
-    dst = Path(dst_dir) / name
-    fingerprint = file_fingerprint(src)
-    if is_complete(dst, fingerprint, digest):
-        return ShardStats(shard=name, source=str(src), counts=dict(read_completion(dst).counts), skipped=True)
-    device = resolve_device(cfg.execution.device)
-    precision = resolve_precision(cfg.execution.precision, device)
-    loaded = _load(model, device)
-    from blip_core.image import ImageTransform
+    loaded: Any
+    cfg: CaptionConfig
+    device: torch.device
+    precision: str
+    transform: Any
+    prompt_ids: torch.Tensor  # (P,)
 
-    transform = ImageTransform(loaded.model.config.vision.image_size)
-    prompt_ids = _prompt_ids(loaded.tokenizer, cfg.prompt, device)
-    with Timer() as timer:
+    @classmethod
+    def build(cls, model: Any, cfg: CaptionConfig) -> _Captioner:
+        from blip_core.image import ImageTransform
+
+        device = resolve_device(cfg.execution.device)
+        loaded = _load(model, device)
+        return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device),
+                   ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device))  # fmt: skip
+
+    def caption(self, src: Path, name: str) -> ShardOutput:
+        """The stage's own work: sample captions for every decodable web image of `src`."""
+        cfg, device = self.cfg, self.device
         web = read_pairs(src)
         todo = np.flatnonzero(ok_mask(web))
         keys = web.column("key").to_pylist()
@@ -178,45 +173,57 @@ def caption_shard(
         undecodable = 0
         batches = index_batches(todo, cfg.execution.batch_size)
         jpg = web.column("jpg").combine_chunks()
-        with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, precision):
-            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, transform, cfg.execution, device)):
+        with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
+            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, self.transform, cfg.execution, device)):
                 good = np.array([not e for e in errors])
                 undecodable += int((~good).sum())
                 rows = np.asarray(rows)[good]
                 if len(rows):
-                    texts += _generate_batch(loaded, pixels[torch.from_numpy(good).to(device)], [keys[r] for r in rows], prompt_ids, cfg)
+                    good_pixels = pixels[torch.from_numpy(good).to(device)]
+                    texts += _generate_batch(self.loaded, good_pixels, [keys[r] for r in rows], self.prompt_ids, cfg)
                     captioned.append(rows)
                 bar.update(len(errors))
         done = np.concatenate(captioned) if captioned else np.zeros(0, dtype=np.int64)
-        table = _synthetic_rows(web, done, texts, loaded.fingerprint, cfg.num_captions)
-        counts = {
-            "input": web.num_rows,
-            "kept": len(done),
-            "rejected": 0,
-            "failed": web.num_rows - len(done),
-            "undecodable": undecodable,
-            "captions": table.num_rows,
-        }
-        check_accounting(counts, str(src))
-        write_shard(table, dst, kind="pairs")
-        record = CompletionRecord(
-            shard=name, kind="pairs", counts=counts, input_fingerprint=fingerprint, settings_hash=digest,
-            extra={"source": str(src), "producer": loaded.fingerprint},
-        )
-        write_completion(dst, record)
-    return ShardStats(shard=name, source=str(src), counts=counts, seconds=timer.seconds, images=len(todo))
+        table = _synthetic_rows(web, done, texts, self.loaded.fingerprint, cfg.num_captions)
+        counts = {"input": web.num_rows, "kept": len(done), "rejected": 0, "failed": web.num_rows - len(done),
+                  "undecodable": undecodable, "captions": table.num_rows}  # fmt: skip
+        extra = {"source": str(src), "producer": self.loaded.fingerprint}
+        return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(todo))
+
+
+def caption_job(src: Path, dst_dir: Path, digest: str, name: str, caption: Callable[[Path, str], ShardOutput]) -> ShardJob:
+    """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
+    src = Path(src)
+    return ShardJob(name=name, source=str(src), outputs={"captions": Path(dst_dir) / name}, kind="pairs",
+                    fingerprint=file_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
+
+
+def caption_shard(
+    src: Path, dst_dir: Path, model: Any, cfg: CaptionConfig, digest: str, name: str | None = None
+) -> ShardStats:
+    """Caption one web shard into ``dst_dir/<name>``; skipped (the model not even loaded) when
+    its completion record matches the input bytes and `digest`. `model`: a `LoadedModel` or a folder."""
+    name = name or Path(src).name
+    return run_shard(caption_job(src, dst_dir, digest, name, lambda s, n: _Captioner.build(model, cfg).caption(s, n)))
+
+
+def plan_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Path, str]]]:
+    """The caption stage's plan: its settings-hash folder (``stage.json`` written) and the
+    (input, output name) of every shard. The flow's plan step and `run_caption` both use it."""
+    device = resolve_device(cfg.execution.device)
+    loaded = _load(model, device)
+    plan = plan_outputs(expand_inputs(inputs))
+    folder, digest = stage_dir(out_dir, caption_settings(loaded.fingerprint, cfg, device))
+    return StageStats(stage="caption", output=folder, settings_hash=digest), plan
 
 
 def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfig) -> StageStats:
     """Caption every web shard in `inputs` into ``out_dir/<settings-hash>/``; complete shards
     are skipped, so rerunning after a crash finishes the job."""
-    device = resolve_device(cfg.execution.device)
-    loaded = _load(model, device)
-    plan = plan_outputs(expand_inputs(inputs))
-    folder, digest = stage_dir(out_dir, caption_settings(loaded.fingerprint, cfg, device))
-    stats = StageStats(stage="caption", output=folder, settings_hash=digest)
-    jobs = [(src, functools.partial(caption_shard, src, folder, loaded, cfg, digest, name=name)) for src, name in plan]
-    return run_each_shard(stats, jobs)  # a bad input shard does not stop the others
+    captioner = _Captioner.build(model, cfg)
+    stats, plan = plan_caption(inputs, out_dir, captioner.loaded, cfg)
+    jobs = [caption_job(src, stats.output, stats.settings_hash, name, captioner.caption) for src, name in plan]
+    return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
 def __getattr__(name: str) -> Any:

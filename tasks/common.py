@@ -17,13 +17,12 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import json
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from blip_core.image import ImageTransform, normalise
 from data.images import decode_image
 from data.schema import SchemaError, conform
-from data.shards import is_complete, read_table, settings_hash, shard_name, write_atomic
+from data.shards import read_table, shard_name
 
 # img2dataset's Parquet columns that identify its output (see PITFALLS.md).
 _IMG2DATASET_COLUMNS = frozenset({"key", "status", "error_message", "jpg"})
@@ -46,103 +45,8 @@ _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
 _NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
 _SEED_BYTES = 8
 _SEED_MASK = (1 << 63) - 1
-STAGE_FILE = "stage.json"
 _MAX_AUTO_WORKERS = 8
 _CPU_CORES_PER_WORKER = 4
-
-# ----------------------------------------------------------------------------- stats
-
-
-@dataclass
-class ShardStats:
-    """What one stage call did for one input shard."""
-
-    shard: str  # output shard name (part-NNNNN.parquet)
-    source: str  # the input file
-    counts: dict[str, int]  # input = kept + rejected + failed (plus stage-specific detail)
-    skipped: bool = False  # complete already for these inputs and settings
-    seconds: float = 0.0
-    images: int = 0  # images that went through the model
-
-
-@dataclass
-class StageStats:
-    """What one stage run did over all its shards; `output` is the settings-hash folder."""
-
-    stage: str
-    output: Path
-    settings_hash: str
-    shards: list[ShardStats] = field(default_factory=list)
-
-    @property
-    def totals(self) -> dict[str, int]:
-        """Counts summed over shards (skipped shards included: they are part of the output)."""
-        out: dict[str, int] = {}
-        for shard in self.shards:
-            for name, value in shard.counts.items():
-                out[name] = out.get(name, 0) + int(value)
-        return out
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.shards)
-
-    @property
-    def images(self) -> int:
-        return sum(s.images for s in self.shards)
-
-    @property
-    def images_per_second(self) -> float:
-        """Model throughput over the shards processed in this run (0 when all were skipped)."""
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-class StageIncompleteError(RuntimeError):
-    """Some input shards of a stage failed; every other shard was completed.
-
-    `failures` maps each failed input file to its error; `stats` holds the shards that
-    completed (or were complete already). Rerunning after fixing or removing the named
-    inputs finishes the stage: complete shards are skipped.
-    """
-
-    def __init__(self, stats: StageStats, failures: dict[str, str]) -> None:
-        self.stats = stats
-        self.failures = failures
-        lines = "\n".join(f"  {src}: {error}" for src, error in failures.items())
-        super().__init__(
-            f"{stats.stage}: {len(failures)} of {len(failures) + len(stats.shards)} input shards did not complete "
-            f"(the other {len(stats.shards)} did, in {stats.output}):\n{lines}\n"
-            "Fix or remove these inputs and rerun; complete shards are skipped."
-        )
-
-
-def run_each_shard(stats: StageStats, jobs: Sequence[tuple[Path, Callable[[], ShardStats]]]) -> StageStats:
-    """Run every `(input, job)`, appending each result to `stats`; a job that raises does
-    not stop the others. Raises StageIncompleteError naming the failed inputs at the end.
-
-    Each job writes its shard atomically with its completion record last, so a failed
-    shard leaves nothing a rerun would mistake for a result.
-    """
-    failures: dict[str, str] = {}
-    for src, job in jobs:
-        try:
-            stats.shards.append(job())
-        except Exception as exc:  # noqa: BLE001 - reported below, with the file, after the other shards
-            failures[str(src)] = f"{type(exc).__name__}: {exc}"
-    if failures:
-        raise StageIncompleteError(stats, failures)
-    return stats
-
-
-def check_accounting(counts: dict[str, int], where: str) -> None:
-    """Raise when kept + rejected + failed != input: every input row must be accounted for."""
-    total = counts["kept"] + counts["rejected"] + counts["failed"]
-    if total != counts["input"]:
-        raise AssertionError(
-            f"{where}: accounting broken, kept {counts['kept']} + rejected {counts['rejected']} + "
-            f"failed {counts['failed']} = {total} != input {counts['input']}"
-        )
-
 
 # ----------------------------------------------------------------------------- settings
 
@@ -202,27 +106,6 @@ def inference_context(device: torch.device, precision: str) -> Iterator[None]:
         if precision == "bf16":
             stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
         yield
-
-
-def stage_dir(out_dir: Path, settings: dict[str, Any]) -> tuple[Path, str]:
-    """The output folder for these semantic settings, ``out_dir/<hash>``, and the hash.
-
-    Writes ``stage.json`` (the settings in plain JSON) into it, so a reader can tell what
-    produced a folder; rewriting it is harmless because its content is a function of the hash.
-    """
-    digest = settings_hash(settings)
-    folder = Path(out_dir) / digest
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"settings_hash": digest, "settings": settings}, indent=2, sort_keys=True, default=str)
-    target = folder / STAGE_FILE
-    if not target.is_file() or target.read_text() != text:  # its content is a function of the hash
-        write_atomic(target, text)
-    return folder, digest
-
-
-def all_complete(paths: Sequence[Path], input_fingerprint: str, digest: str) -> bool:
-    """True when every output shard of one input is complete for these inputs and settings."""
-    return all(is_complete(p, input_fingerprint, digest) for p in paths)
 
 
 def combine_fingerprints(parts: Sequence[str]) -> str:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import torch
 
 from data.images import decode_image
+from data.layout import MODEL_ENTRY, RunLayout
 from data.shards import file_fingerprint, list_shards, read_table, settings_hash
 from data.synth import WorldTruth, load_truth
 from data.synth_world import caption_is_true, caption_matches_scene
@@ -429,12 +430,6 @@ def _inputs_fingerprint(model_dir: Path, test_shards: Sequence[Path], cfg: EvalC
     return settings_hash(parts)
 
 
-def newest_stage_folder(folder: Path) -> Path | None:
-    """The most recently written ``<stage>/<settings-hash>`` folder (None when there is none)."""
-    kids = [p for p in folder.glob("*") if p.is_dir()] if folder.is_dir() else []
-    return max(kids, key=lambda p: p.stat().st_mtime) if kids else None
-
-
 def evaluate_to_file(
     model_dir: Path,
     test_shards: Sequence[Path],
@@ -477,28 +472,22 @@ def evaluate_run_folder(
     cfg: EvalConfig | None = None,
     model_name: str = "final",
 ) -> EvalResult:
-    """Evaluate ``models/<model_name>`` of a run on ``ingest/test`` into ``eval/metrics.json``.
+    """Evaluate the run's ``model_name`` model on ``ingest/test`` into ``eval/metrics.json``.
 
-    `truth_dir` defaults to the run's ``truth/`` (or ``world/truth``) when present; the
-    filter and caption outputs are the newest ``filter/<hash>`` and ``caption/<hash>``.
+    The model, and the filter and caption outputs whose noise detection and correctness
+    are measured, are those the latest run used (``current.json``, see `data.layout`);
+    `truth_dir` defaults to the run's truth folder when it has one.
     """
-    run_dir = Path(run_dir)
-    test_shards = list_shards(run_dir / "ingest" / "test")
+    layout = RunLayout(Path(run_dir))
+    test_shards = list_shards(layout.ingest("test"))
     if not test_shards:
-        raise FileNotFoundError(f"{run_dir / 'ingest' / 'test'}: no test shards; ingest a test set first")
+        raise FileNotFoundError(f"{layout.ingest('test')}: no test shards; ingest a test set first")
+    model = layout.current(MODEL_ENTRY + model_name) or layout.models / model_name
     return evaluate_to_file(
-        run_dir / "models" / model_name, test_shards, run_dir / EVAL_FILE,
-        truth_dir if truth_dir is not None else run_truth_dir(run_dir),
-        newest_stage_folder(run_dir / "filter"), newest_stage_folder(run_dir / "caption"), cfg,
-    )
-
-
-def run_truth_dir(run_dir: Path) -> Path | None:
-    """A run's synthetic-world truth folder (``truth/`` or ``world/truth/``), if any."""
-    for candidate in (run_dir / "truth", run_dir / "world" / "truth"):
-        if candidate.is_dir():
-            return candidate
-    return None
+        model, test_shards, layout.metrics,
+        truth_dir if truth_dir is not None else layout.truth_dir(),
+        layout.current_stage("filter"), layout.current_stage("caption"), cfg,
+    )  # fmt: skip
 
 
 def evaluate_run(
@@ -515,21 +504,21 @@ def evaluate_run(
     """The flow's entry point: evaluate `model` on `test` into ``<out>/metrics.json``.
 
     `out` is the run's ``eval`` folder (default: ``eval`` beside the model's ``models``
-    folder). Unless given, the filter and caption outputs are the newest
+    folder). Unless given, the filter and caption outputs are the current
     ``filter/<hash>`` and ``caption/<hash>`` folders of the run that holds `out`, so the
     filter's noise detection and the captioner's correctness are measured whenever
     `truth` is known. Returns the JSON's path; rerun-safe (see `evaluate_to_file`).
     """
     model = Path(model)
     out_dir = Path(out) if out is not None else model.parent.parent / "eval"
-    run_dir = out_dir.parent
+    layout = RunLayout(out_dir.parent)
     cfg = EvalConfig(rerank_k=itm_top_k, batch_size=batch_size, device=device)
     out_file = out_dir / EVAL_FILE.name
     evaluate_to_file(
         model, [Path(p) for p in test], out_file,
         Path(truth) if truth else None,
-        Path(filter_dir) if filter_dir else newest_stage_folder(run_dir / "filter"),
-        Path(caption_dir) if caption_dir else newest_stage_folder(run_dir / "caption"),
+        Path(filter_dir) if filter_dir else layout.current_stage("filter"),
+        Path(caption_dir) if caption_dir else layout.current_stage("caption"),
         cfg,
     )
     return out_file

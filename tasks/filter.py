@@ -21,7 +21,7 @@ caption so a batch pads little; bf16 autocast on CUDA.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,9 @@ import pyarrow.compute as pc
 import torch
 
 from data.schema import SchemaError
-from data.shards import CompletionRecord, file_fingerprint, read_completion, write_completion, write_shard
+from data.shards import file_fingerprint, read_completion
 from tasks.common import (
     ExecutionConfig,
-    ShardStats,
-    StageStats,
-    Timer,
-    all_complete,
-    check_accounting,
     combine_fingerprints,
     expand_inputs,
     image_batches,
@@ -53,12 +48,10 @@ from tasks.common import (
     read_pairs,
     resolve_device,
     resolve_precision,
-    run_each_shard,
     semantic_settings,
-    stage_dir,
 )
+from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
-OUTCOMES = ("kept", "rejected", "failed")
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
 
 
@@ -266,8 +259,60 @@ def _scored_table(
 
 
 def output_paths(folder: Path, name: str) -> dict[str, Path]:
-    """Where the kept / rejected / failed shards of one input go."""
-    return {outcome: folder / outcome / name for outcome in OUTCOMES}
+    """Where the failed / rejected / kept shards of one input go (kept last: the primary output)."""
+    return {outcome: folder / outcome / name for outcome in ("failed", "rejected", "kept")}
+
+
+@dataclass
+class _Judge:
+    """What every shard of one filter run shares: the model on its device and the settings."""
+
+    loaded: Any
+    cfg: FilterConfig
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def build(cls, model: Any, cfg: FilterConfig) -> _Judge:
+        device = resolve_device(cfg.execution.device)
+        return cls(_load(model, device), cfg, device, resolve_precision(cfg.execution.precision, device))
+
+    def filter(self, src: Path, captions: Path | None, name: str) -> ShardOutput:
+        """The stage's own work: score every caption of `src`'s images and decide keep / reject."""
+        cfg = self.cfg
+        web = read_pairs(src)
+        syn = read_pairs(captions, columns=_CAPTION_COLUMNS) if captions else web.slice(0, 0).select(_CAPTION_COLUMNS)
+        n_web, n_syn = web.num_rows, syn.num_rows
+        owner = np.concatenate([np.arange(n_web), _owner_index(web, syn, captions)])  # (C,)
+        is_syn = np.r_[np.zeros(n_web, dtype=bool), np.ones(n_syn, dtype=bool)]
+        web_ok = ok_mask(web)
+        syn_ok = np.asarray(pc.equal(syn.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
+        status_ok = web_ok[owner] & np.r_[np.ones(n_web, dtype=bool), syn_ok]
+        texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
+        with progress_bar(int(web_ok.sum()), f"filter {name}", cfg.execution.progress) as bar:
+            scores = _score(self.loaded, web, texts, owner, status_ok & nonempty, cfg, self.device, self.precision, bar)
+            keep, failed, reasons = _decide(scores, is_syn, owner, status_ok, nonempty, cfg)
+        # synthetic rows carry their image: take it from the web row (read once)
+        syn_full = syn
+        for column in ("jpg", "url", "width", "height", "sha256"):
+            syn_full = syn_full.append_column(column, web.column(column).take(pa.array(owner[n_web:])))
+        rows = pa.concat_tables([web, syn_full.select(web.column_names)])
+        table = _scored_table(rows, scores, keep, failed, reasons, cfg, self.loaded.fingerprint)
+        selections = {"kept": keep & ~failed, "rejected": ~keep & ~failed, "failed": failed}
+        tables = {outcome: table.filter(pa.array(mask)) for outcome, mask in selections.items()}
+        extra = {"source": str(src), "captions": str(captions) if captions else None, "judge": self.loaded.fingerprint}
+        return ShardOutput(tables=tables, counts=_counts(keep, failed, reasons, is_syn), extra=extra, images=int(web_ok.sum()))
+
+
+def filter_job(
+    src: Path, captions: Path | None, dst_dir: Path, digest: str, name: str,
+    judge: Callable[[Path, Path | None, str], ShardOutput],
+) -> ShardJob:  # fmt: skip
+    """The lifecycle job for one web shard (and its caption shard): three outputs in `dst_dir`."""
+    src = Path(src)
+    fingerprint = combine_fingerprints([file_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
+    return ShardJob(name=name, source=str(src), outputs=output_paths(Path(dst_dir), name), kind="scored",
+                    fingerprint=fingerprint, digest=digest, work=lambda: judge(src, captions, name))  # fmt: skip
 
 
 def filter_shard(
@@ -280,54 +325,11 @@ def filter_shard(
     name: str | None = None,
 ) -> ShardStats:
     """Filter one web shard (and its synthetic captions) into `dst_dir` (the settings-hash
-    folder); skips it when its three outputs are complete for these inputs and `digest`.
-
-    `model` is a `blip_core.LoadedModel` or a model folder. Rerunning is safe: outputs
-    are rewritten atomically and the completion records are written last.
-    """
-    src = Path(src)
-    name = name or src.name
-    paths = output_paths(Path(dst_dir), name)
-    fingerprint = combine_fingerprints([file_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
-    if all_complete(list(paths.values()), fingerprint, digest):
-        record = read_completion(paths["kept"])
-        return ShardStats(shard=name, source=str(src), counts=dict(record.counts), skipped=True)
-    device = resolve_device(cfg.execution.device)
-    precision = resolve_precision(cfg.execution.precision, device)
-    loaded = _load(model, device)
-    with Timer() as timer:
-        web = read_pairs(src)
-        syn = read_pairs(captions, columns=_CAPTION_COLUMNS) if captions else web.slice(0, 0).select(_CAPTION_COLUMNS)
-        n_web, n_syn = web.num_rows, syn.num_rows
-        owner = np.concatenate([np.arange(n_web), _owner_index(web, syn, captions)])  # (C,)
-        is_syn = np.r_[np.zeros(n_web, dtype=bool), np.ones(n_syn, dtype=bool)]
-        web_ok = ok_mask(web)
-        syn_ok = np.asarray(pc.equal(syn.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
-        status_ok = web_ok[owner] & np.r_[np.ones(n_web, dtype=bool), syn_ok]
-        texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
-        with progress_bar(int(web_ok.sum()), f"filter {name}", cfg.execution.progress) as bar:
-            scores = _score(loaded, web, texts, owner, status_ok & nonempty, cfg, device, precision, bar)
-            keep, failed, reasons = _decide(scores, is_syn, owner, status_ok, nonempty, cfg)
-        # synthetic rows carry their image: take it from the web row (read once)
-        syn_full = syn.append_column("jpg", web.column("jpg").take(pa.array(owner[n_web:])))
-        for column in ("url", "width", "height", "sha256"):
-            syn_full = syn_full.append_column(column, web.column(column).take(pa.array(owner[n_web:])))
-        rows = pa.concat_tables([web, syn_full.select(web.column_names)])
-        table = _scored_table(rows, scores, keep, failed, reasons, cfg, loaded.fingerprint)
-        counts = _counts(keep, failed, reasons, is_syn)
-        check_accounting(counts, str(src))
-        selections = {"kept": keep & ~failed, "rejected": ~keep & ~failed, "failed": failed}
-        for outcome, path in paths.items():
-            write_shard(table.filter(pa.array(selections[outcome])), path, kind="scored")
-        extra = {"source": str(src), "captions": str(captions) if captions else None, "judge": loaded.fingerprint}
-        for outcome in ("failed", "rejected", "kept"):  # kept last: it is what `skip` reads
-            record = CompletionRecord(
-                shard=name, kind="scored", counts=counts, input_fingerprint=fingerprint, settings_hash=digest,
-                extra={**extra, "outcome": outcome},
-            )
-            write_completion(paths[outcome], record)
-    images = int(web_ok.sum())
-    return ShardStats(shard=name, source=str(src), counts=counts, seconds=timer.seconds, images=images)
+    folder); skipped (the model not even loaded) when its three outputs are complete for
+    these inputs and `digest`. `model` is a `blip_core.LoadedModel` or a model folder."""
+    name = name or Path(src).name
+    work = lambda s, c, n: _Judge.build(model, cfg).filter(s, c, n)  # noqa: E731 - built only when needed
+    return run_shard(filter_job(src, captions, dst_dir, digest, name, work))
 
 
 def _counts(keep: np.ndarray, failed: np.ndarray, reasons: list[str | None], is_syn: np.ndarray) -> dict[str, int]:
@@ -359,23 +361,31 @@ def filter_settings(fingerprint: str, cfg: FilterConfig, device: torch.device, c
     }
 
 
+def plan_filter(
+    inputs: list[Path], out_dir: Path, model: Any, cfg: FilterConfig, caption_dir: Path | None = None
+) -> tuple[StageStats, list[tuple[Path, str, Path | None]]]:
+    """The filter stage's plan: its settings-hash folder (``stage.json`` written) and the
+    (input, output name, caption shard) of every shard. The flow's plan step and
+    `run_filter` both use it."""
+    device = resolve_device(cfg.execution.device)
+    loaded = _load(model, device)
+    plan = plan_outputs(expand_inputs(inputs))
+    caption_paths = [_captions_for(caption_dir, name) for _, name in plan]
+    settings = filter_settings(loaded.fingerprint, cfg, device, [caption_hash(p) for p in caption_paths])
+    folder, digest = stage_dir(out_dir, settings)
+    items = [(src, name, captions) for (src, name), captions in zip(plan, caption_paths)]
+    return StageStats(stage="filter", output=folder, settings_hash=digest), items
+
+
 def run_filter(
     inputs: list[Path], out_dir: Path, model: Any, cfg: FilterConfig, caption_dir: Path | None = None
 ) -> StageStats:
     """Filter every web shard in `inputs` (with its caption shard from `caption_dir`) into
     ``out_dir/<settings-hash>/{kept,rejected,failed}/``; complete shards are skipped."""
-    device = resolve_device(cfg.execution.device)
-    loaded = _load(model, device)
-    plan = plan_outputs(expand_inputs(inputs))
-    caption_paths = [_captions_for(caption_dir, name) for _, name in plan]
-    caption_hashes = [caption_hash(p) for p in caption_paths]
-    folder, digest = stage_dir(out_dir, filter_settings(loaded.fingerprint, cfg, device, caption_hashes))
-    stats = StageStats(stage="filter", output=folder, settings_hash=digest)
-    jobs = [
-        (src, functools.partial(filter_shard, src, captions, folder, loaded, cfg, digest, name=name))
-        for (src, name), captions in zip(plan, caption_paths)
-    ]
-    return run_each_shard(stats, jobs)  # a bad input shard does not stop the others
+    judge = _Judge.build(model, cfg)
+    stats, plan = plan_filter(inputs, out_dir, judge.loaded, cfg, caption_dir)
+    jobs = [filter_job(src, captions, stats.output, stats.settings_hash, name, judge.filter) for src, name, captions in plan]
+    return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
 def caption_hash(path: Path | None) -> str | None:
@@ -384,9 +394,6 @@ def caption_hash(path: Path | None) -> str | None:
         return None
     record = read_completion(path)
     return record.settings_hash if record else None
-
-
-_caption_hash = caption_hash  # the name flows/steps.py imported first
 
 
 def __getattr__(name: str) -> Any:

@@ -30,6 +30,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from data.images import decode_image  # noqa: E402
+from data.layout import INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout  # noqa: E402
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table, write_atomic  # noqa: E402
 
 REPORT_MD = "report.md"
@@ -155,26 +156,21 @@ def _save_figure(fig: plt.Figure, run_dir: Path, name: str, dpi: int) -> str:
     return name
 
 
-def _newest(folders: Iterable[Path]) -> Path | None:
-    """The most recently modified of several settings-hash folders (the current run's)."""
-    folders = [f for f in folders if f.is_dir()]
-    return max(folders, key=lambda f: f.stat().st_mtime) if folders else None
-
-
 def stage_folders(run_dir: Path) -> dict[str, Path]:
-    """Stage name -> output folder of the newest settings hash, for what exists.
+    """Stage name -> the output folder the latest run used (its ``current.json``), for what exists.
 
     Names: ``ingest/human``, ``ingest/web``, ``ingest/test``, ``caption``, ``filter``,
     ``assemble``.
     """
+    layout = RunLayout(run_dir)
     out: dict[str, Path] = {}
-    for sub in ("human", "web", "test"):
-        if (run_dir / "ingest" / sub).is_dir():
-            out[f"ingest/{sub}"] = run_dir / "ingest" / sub
-    for stage in ("caption", "filter", "assemble"):
-        newest = _newest((run_dir / stage).glob("*")) if (run_dir / stage).is_dir() else None
-        if newest is not None:
-            out[stage] = newest
+    for split in INGEST_SPLITS:
+        if layout.ingest(split).is_dir():
+            out[f"ingest/{split}"] = layout.ingest(split)
+    for stage in SHARD_STAGES:
+        current = layout.current_stage(stage)
+        if current is not None:
+            out[stage] = current
     return out
 
 
@@ -242,14 +238,21 @@ def read_stage_times(run_dir: Path) -> dict[str, float]:
 
 
 def read_training_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Model name (``pretrain``, ``filter`` ...) -> its ``metrics.jsonl`` lines, in order.
+    """Model name (``pretrain``, ``filter``, ``round-2/final`` ...) -> its ``metrics.jsonl`` lines.
 
-    Lines that are not JSON objects (a half-written last line after a crash) are skipped.
+    The models are those the latest run used (``current.json``); a run folder without a
+    record (made by hand) shows every ``models/**/metrics.jsonl``. Lines that are not JSON
+    objects (a half-written last line after a crash) are skipped.
     """
+    layout = RunLayout(run_dir)
+    recorded = {name.removeprefix(MODEL_ENTRY): layout.resolve(path).parent / "metrics.jsonl"
+                for name, path in layout.read_current().items() if name.startswith(MODEL_ENTRY)}  # fmt: skip
+    if not recorded:
+        recorded = {p.parent.relative_to(layout.models).as_posix(): p for p in sorted(layout.models.glob("**/metrics.jsonl"))}
     out: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(run_dir.glob("models/**/metrics.jsonl")):
+    for name, path in recorded.items():
         rows = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text().splitlines() if path.is_file() else []:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -257,7 +260,7 @@ def read_training_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
             if isinstance(row, dict):
                 rows.append(row)
         if rows:
-            out[str(path.parent.relative_to(run_dir / "models"))] = rows
+            out[name] = rows
     return out
 
 

@@ -31,7 +31,7 @@ from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
 from blip_core.train import TrainConfig, train
 from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
-from data.shards import list_shards, read_table
+from data.shards import list_shards, read_table, settings_hash, shard_identity
 from tasks.common import prefect_task
 
 TOKENIZER_DIR = "tokenizer"
@@ -96,6 +96,24 @@ def init_image_size(init: str | Path) -> int:
     return int(raw.get("vision_config", {}).get("image_size", 384))
 
 
+def training_identity(shards: Sequence[str | Path], init: str | Path | None) -> dict[str, str | None]:
+    """What a model is trained from, by content: ``{"data": ..., "init_weights": ...}``
+    (`TrainConfig` fields; paths play no part, so a moved run folder keeps its models)."""
+    files = expand_shards(shards)
+    return {"data": settings_hash([shard_identity(f) for f in files]),
+            "init_weights": weights_fingerprint(Path(init)) if init else None}  # fmt: skip
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """The identity of a model folder's weights (ours or a Hugging Face BLIP folder), not its path."""
+    from blip_core.checkpoint import fingerprint
+
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no weights (*.safetensors or *.bin); --init must be a model folder")
+    return fingerprint(files)
+
+
 def _finished(final: Path, cfg: TrainConfig) -> bool:
     record = final / "training.json"
     if not (final / "config.json").is_file() or not record.is_file():
@@ -135,9 +153,12 @@ def train_stage(
         own = init_image_size(init)
         if own < _BLIP_PRETRAIN_SIZE:  # BLIP finetunes at 384 px; a tiny model stays at its size
             overrides["image_size"] = own
+    identity = training_identity(files, init)
     cfg = TrainConfig.for_mode(
-        mode, **{"out_dir": str(out), "preset": preset, "init": str(init) if init else None, "resume": True, **overrides}
-    )
+        mode,
+        **{"out_dir": str(out), "preset": preset, "init": str(init) if init else None, "resume": True, **identity,
+           **overrides},
+    )  # fmt: skip
     final = out / FINAL_DIR
     if _finished(final, cfg):
         return TrainStageResult(str(final), int(json.loads((final / "training.json").read_text())["steps"]), True)

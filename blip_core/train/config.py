@@ -37,8 +37,11 @@ _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Fields that may change between a run and its resume (bookkeeping only). Everything
 # else, the run length included (a cosine schedule spans it), must match the checkpoint.
+# `init` is where the initial weights lie; `init_weights` (their fingerprint) is what counts,
+# so a run folder moved elsewhere resumes.
 OPERATIONAL_FIELDS = frozenset(
-    {"out_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_last", "num_workers", "device", "compile"}
+    {"out_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_last", "num_workers", "device", "compile",
+     "init"}
 )
 
 
@@ -50,6 +53,8 @@ class TrainConfig:
     out_dir: str = "runs/train"
     preset: str = "tiny"  # model preset when training from scratch (tiny | base | large)
     init: str | None = None  # checkpoint folder to start from (ours or a Hugging Face BLIP folder)
+    init_weights: str | None = None  # fingerprint of init's weights: the identity a resume checks
+    data: str | None = None  # identity of the training shards (their fingerprints), set by the caller
     image_size: int = 0  # 0: the mode's BLIP size (224 / 384); the tiny preset keeps its own size
     # -- optimisation --
     epochs: int = 20

@@ -13,7 +13,7 @@ import typer
 
 
 def evaluate(
-    model: Path = typer.Option(None, help="Model folder (ours or a Hugging Face BLIP folder). Default: RUN/models/final."),
+    model: Path = typer.Option(None, help="Model folder (ours or a Hugging Face BLIP folder). Default: the final model RUN's latest run used."),
     test: list[Path] = typer.Option(None, "--test", help="Test pair shards (several rows per image = several references). Default: RUN/ingest/test."),
     run: Path = typer.Option(None, help="Run folder: takes its model, test set, truth, filter and caption outputs; writes RUN/eval/metrics.json."),
     truth: Path = typer.Option(None, help="Synthetic-world folder (or its truth/): scene hits, noise detection, captioner correctness."),
@@ -28,18 +28,20 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
 ) -> None:
     """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks."""
+    from data.layout import MODEL_ENTRY, RunLayout
     from data.shards import list_shards
-    from tasks.evaluate import EvalConfig, evaluate as run_eval, evaluate_to_file, newest_stage_folder, run_truth_dir
+    from tasks.evaluate import EvalConfig, evaluate as run_eval, evaluate_to_file
 
     cfg = EvalConfig(rerank_k=rerank_k, caption_strategy=strategy, prompt=prompt, max_images=max_images,
                      batch_size=batch_size, device=device)
     if run is not None:
-        model = model or run / "models" / "final"
-        test = test or list_shards(run / "ingest" / "test")
-        truth = truth or run_truth_dir(run)
-        filter_dir = filter_dir or newest_stage_folder(run / "filter")
-        caption_dir = caption_dir or newest_stage_folder(run / "caption")
-        out = out or run / "eval" / "metrics.json"
+        layout = RunLayout(run)  # the outputs the run's latest run used (its current.json)
+        model = model or layout.current(MODEL_ENTRY + "final") or layout.models / "final"
+        test = test or list_shards(layout.ingest("test"))
+        truth = truth or layout.truth_dir()
+        filter_dir = filter_dir or layout.current_stage("filter")
+        caption_dir = caption_dir or layout.current_stage("caption")
+        out = out or layout.metrics
     if model is None or not test:
         raise typer.BadParameter("give --run RUN, or --model and --test")
     shards = [p for t in test for p in (list_shards(t) if Path(t).is_dir() else [Path(t)])]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-from tasks.common import ExecutionConfig, StageStats
+from tasks.common import ExecutionConfig
+from tasks.lifecycle import StageStats
 
 # Extra positional words after `--input A` are more inputs (`--input web/*.parquet`).
 _MANY_INPUTS = {"allow_extra_args": True}
@@ -42,7 +43,7 @@ def _one_writer(output: Path) -> Iterator[None]:
     shards' temporary file names). A refusal, or a stage whose failed shards are listed
     (the others completed), exits 1 with the message."""
     from data.run_lock import RunLockedError, lock_scope, run_lock
-    from tasks.common import StageIncompleteError
+    from tasks.lifecycle import StageIncompleteError
 
     try:
         with run_lock(lock_scope(output)):
@@ -53,6 +54,13 @@ def _one_writer(output: Path) -> Iterator[None]:
 
 
 def _report(stats: StageStats) -> None:
+    """Print the stage's totals; when OUTPUT is a run's stage folder (``RUN/filter``), record
+    the settings folder just written as the run's current one (what views and reports read)."""
+    from data.layout import stage_layout
+
+    layout = stage_layout(Path(stats.output).parent, stats.stage)
+    if layout is not None:
+        layout.mark_current(stats.stage, stats.output)
     done = [s for s in stats.shards if not s.skipped]
     summary = {
         "stage": stats.stage,

@@ -16,6 +16,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from data.layout import LayoutError, RunLayout
 from data.catalog import QueryRefused, check_statement, describe, hide_blobs, open_catalog, run_query, view_names
 from data.schema import SchemaError
 from data.shards import CompletionRecord, shard_name, write_completion, write_shard
@@ -63,7 +64,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shard(_pairs("t", 2, "human"), root / "ingest/test/coco" / shard_name(0), "pairs")
     old = root / "caption/oldhash00000" / shard_name(0)
     write_shard(_pairs("old", 5, "synthetic"), old, "pairs")
-    os.utime(old, (1_000_000, 1_000_000))  # an earlier settings folder: not shown
+    os.utime(old, (4_000_000_000, 4_000_000_000))  # written "later", but not the folder the run used: not shown
     new = root / "caption/newhash00000" / shard_name(0)
     write_shard(_pairs("s", 4, "synthetic"), new, "pairs")
     _done(new, {"input": 4, "kept": 4, "rejected": 0, "failed": 0}, "newhash00000")
@@ -75,6 +76,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _done(filt / outcome / shard_name(0), {"input": 6, "kept": 3, "rejected": 2, "failed": 1}, "filterhash00",
               {"outcome": outcome})
     write_shard(_scored("k", 3, True), root / "assemble/asmhash00000" / shard_name(0), "dataset")
+    RunLayout(root).write_current({"caption": root / "caption/newhash00000"})  # the filter and assemble: one folder each
     (root / "truth").mkdir()
     (root / "truth/world.json").write_text("{}")
     return root
@@ -101,7 +103,7 @@ def test_views_answer_over_the_shards(con: duckdb.DuckDBPyConnection) -> None:
     assert _one(con, "SELECT count(*) FROM web") == [(6,)]
     assert _one(con, "SELECT count(*) FROM human") == [(2,)]
     assert _one(con, "SELECT key FROM test ORDER BY key") == [("t0",), ("t1",)]
-    # Only the most recently written caption settings folder.
+    # Only the caption settings folder the run's current.json names.
     assert _one(con, "SELECT DISTINCT settings_hash, count(*) FROM synthetic GROUP BY ALL") == [("newhash00000", 4)]
     assert _one(con, "SELECT outcome, count(*) FROM scored GROUP BY ALL ORDER BY ALL") == [
         ("failed", 1), ("kept", 3), ("rejected", 2)]
@@ -271,3 +273,13 @@ def test_cli_refusals_exit_2(cli: typer.Typer, run: Path, tmp_path: Path) -> Non
     result = _invoke(cli, str(run), "SELECT nope FROM web")
     assert result.exit_code == 1 and "nope" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_several_unrecorded_settings_folders_are_refused_by_name(tmp_path: Path) -> None:
+    for digest in ("aaaa00000000", "bbbb00000000"):
+        write_shard(_pairs(digest[:2], 2, "synthetic"), tmp_path / "caption" / digest / shard_name(0), "pairs")
+    with pytest.raises(LayoutError, match=r"caption holds 2 settings folders \(aaaa00000000, bbbb00000000\)"):
+        open_catalog(tmp_path)
+    RunLayout(tmp_path).mark_current("caption", tmp_path / "caption" / "bbbb00000000")
+    con = open_catalog(tmp_path)
+    assert _one(con, "SELECT DISTINCT settings_hash FROM synthetic") == [("bbbb00000000",)]

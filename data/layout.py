@@ -1,0 +1,192 @@
+"""The run folder's layout: every path in a run, and the record of which outputs are current.
+
+One owner for what lies where in ``runs/<run>/`` (the flow, the stage commands, the
+catalog, the report and the evaluation all ask `RunLayout`), and for ``current.json``:
+the settings-hash folder of each stage (and the model of each role) that the latest run
+used. A stage folder keeps one ``<settings-hash>/`` sub-folder per settings ever run, so
+"which one is current" is a fact the writer records, never a guess from file times.
+
+Paths stored in the record are relative to the run folder, so a run folder that is
+moved or copied elsewhere still reads, and resumes, as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.shards import write_atomic
+
+CURRENT_FILE = "current.json"
+_RECORD_VERSION = 1
+SHARD_STAGES = ("caption", "filter", "assemble")  # stages with <settings-hash>/ output folders
+INGEST_SPLITS = ("human", "web", "test")
+FILTER_OUTCOMES = ("kept", "rejected", "failed")
+MODEL_ENTRY = "model/"  # record entries of trained models: ``model/pretrain``, ``model/round-2/final``
+
+
+class LayoutError(ValueError):
+    """A run folder whose current outputs cannot be told (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where everything of one run lives, under `root`."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def world(self) -> Path:
+        """The synthetic world the demo generates (``capfilt synth`` layout)."""
+        return self.root / "world"
+
+    def ingest(self, split: str) -> Path:
+        """``ingest/<split>``: the pair shards a split was brought in as."""
+        if split not in INGEST_SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {INGEST_SPLITS}")
+        return self.root / "ingest" / split
+
+    @property
+    def truth(self) -> Path:
+        """The synthetic world's truth (read by evaluation only)."""
+        return self.root / "truth"
+
+    def truth_dir(self) -> Path | None:
+        """The truth folder when the run has one (``truth/``, else ``world/truth/``)."""
+        for candidate in (self.truth, self.world / "truth"):
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The vocabulary every scratch model of the run shares."""
+        return self.models / "tokenizer"
+
+    def model_dir(self, role: str, round_index: int = 1) -> Path:
+        """A training stage's folder: ``models/<role>`` in round 1, ``models/round-<r>/<role>`` after."""
+        return self.models / model_name(role, round_index)
+
+    # ------------------------------------------------------------------ stage outputs
+
+    def stage(self, stage: str) -> Path:
+        """A shard stage's folder, holding one ``<settings-hash>/`` per settings run."""
+        if stage not in SHARD_STAGES:
+            raise ValueError(f"unknown shard stage {stage!r}; expected one of {SHARD_STAGES}")
+        return self.root / stage
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def metrics(self) -> Path:
+        return self.eval_dir / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def stages_log(self) -> Path:
+        """``stages.jsonl``: one line per stage that did work (wall times for the report)."""
+        return self.root / "stages.jsonl"
+
+    @property
+    def prefect(self) -> Path:
+        """Prefect's persisted results and output records for this run."""
+        return self.root / ".prefect"
+
+    # ------------------------------------------------------------------ the current record
+
+    @property
+    def current_file(self) -> Path:
+        return self.root / CURRENT_FILE
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the run folder when it lies inside it, else as given (absolute)."""
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def resolve(self, stored: str) -> Path:
+        """A path as stored in the record -> a path to open (relative ones are under `root`)."""
+        path = Path(stored)
+        return path if path.is_absolute() else self.root / path
+
+    def read_current(self) -> dict[str, str]:
+        """The record's entries (name -> stored path); empty when there is no record yet."""
+        try:
+            raw = json.loads(self.current_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"{self.current_file}: unreadable ({exc}); delete it and rerun the run") from exc
+        entries = raw.get("current") if isinstance(raw, dict) else None
+        if not isinstance(entries, dict):
+            raise LayoutError(f"{self.current_file}: no 'current' mapping; delete it and rerun the run")
+        return {str(k): str(v) for k, v in entries.items()}
+
+    def write_current(self, entries: dict[str, str | Path]) -> None:
+        """Replace the record with `entries` (name -> path), atomically; paths stored relative."""
+        stored = {name: self.relative(path) for name, path in sorted(entries.items())}
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.current_file, json.dumps({"version": _RECORD_VERSION, "current": stored}, indent=2) + "\n")
+
+    def mark_current(self, name: str, path: str | Path) -> None:
+        """Record `path` as the current output `name` (``caption``, ``filter``, ``model/final`` ...),
+        keeping the other entries: what a standalone stage command does."""
+        self.write_current({**self.read_current(), name: path})
+
+    def current(self, name: str) -> Path | None:
+        """The recorded output `name`, or None when the record has no such entry."""
+        stored = self.read_current().get(name)
+        return self.resolve(stored) if stored is not None else None
+
+    def current_stage(self, stage: str) -> Path | None:
+        """The settings-hash folder of `stage` that the latest run used.
+
+        From the record; a run folder without one (made by hand, or by an older version)
+        is read only when the stage holds a single settings folder. Several, unrecorded,
+        raise LayoutError naming them: which is current cannot be told.
+        """
+        recorded = self.current(stage)
+        if recorded is not None:
+            return recorded if recorded.is_dir() else None
+        folder = self.stage(stage)
+        hashes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) if folder.is_dir() else []
+        if len(hashes) <= 1:
+            return hashes[0] if hashes else None
+        raise LayoutError(
+            f"{folder} holds {len(hashes)} settings folders ({', '.join(p.name for p in hashes)}) and "
+            f"{self.current_file} does not say which is current; rerun `capfilt run` on this folder, or "
+            f"record one with `capfilt {stage} --output {folder}`"
+        )
+
+
+def model_name(role: str, round_index: int = 1) -> str:
+    """``filter`` in round 1, ``round-2/filter`` after: the name of a model under ``models/``."""
+    if round_index < 1:
+        raise ValueError(f"rounds count from 1, got {round_index}")
+    return role if round_index == 1 else f"round-{round_index}/{role}"
+
+
+def stage_layout(output: str | Path, stage: str) -> RunLayout | None:
+    """The run whose `stage` folder is `output` (``RUN/filter`` -> RUN), or None for a folder
+    outside any run layout (a standalone stage command writing elsewhere)."""
+    output = Path(output)
+    return RunLayout(output.parent) if output.name == stage else None
