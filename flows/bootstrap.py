@@ -62,7 +62,7 @@ class _Run:
 
 
 def _expand(items: list[str]) -> list[str]:
-    from tasks.common import expand_inputs
+    from data.inputs import expand_inputs
 
     return [str(p) for p in expand_inputs(items)] if items else []
 
@@ -209,7 +209,7 @@ def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, An
 
 
 def _shard_name(src: str) -> str:
-    from tasks.common import output_name
+    from data.inputs import output_name
 
     return output_name(Path(src))
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.inputs import expand_item, read_pairs
 from data.schema import SCORED, SchemaError, conform
 from data.shards import (
     CompletionRecord,
@@ -46,10 +47,8 @@ from tasks.common import (
     Timer,
     check_accounting,
     combine_fingerprints,
-    expand_item,
     prefect_task,
     progress_bar,
-    read_pairs,
     semantic_settings,
     stage_dir,
 )

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
 from data.shards import CompletionRecord, file_fingerprint, is_complete, read_completion, write_completion, write_shard
 from tasks.common import (
     ExecutionConfig,
@@ -34,16 +35,12 @@ from tasks.common import (
     Timer,
     check_accounting,
     derive_seed,
-    expand_inputs,
     image_batches,
     index_batches,
     inference_context,
     load_stage_model,
-    ok_mask,
-    plan_outputs,
     prefect_task,
     progress_bar,
-    read_pairs,
     resolve_device,
     resolve_precision,
     run_each_shard,
