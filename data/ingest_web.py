@@ -46,6 +46,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data.images import DEFAULT_MAX_PIXELS
+from data.img2dataset import IMAGE_COLUMNS, KEY_COLUMN, SUCCESS, raw_rows, read_img2dataset, to_pairs
 from data.ingest import IngestStats, RawRow, normalise_rows, write_pairs_shard
 from data.schema import conform
 from data.shards import (
@@ -61,13 +62,11 @@ from data.shards import (
 )
 
 WORK_DIR = "_img2dataset"
-KEY_COLUMN = "capfilt_key"  # our key, carried through img2dataset as an additional column
 NOT_EMITTED = "not_emitted"
 BAD_URL = "bad_url"  # failure kind of a URL that is never fetched (empty, or not http/https)
 _FETCHABLE_SCHEMES = ("http", "https")  # urllib would also read file://, ftp:// and data: URLs
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _FORMAT_ALIASES = {"json": "jsonl"}
-_IMAGE_SUFFIXES = ("jpg", "png", "webp", "jpeg")
 _LOG_TAIL_CHARS = 3000
 _SERVER_START_S = 15.0
 
@@ -239,31 +238,18 @@ def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None) -> No
         raise RuntimeError(f"img2dataset failed (exit {code}); log {log}:\n{tail}")
 
 
-@dataclass
-class RawResult:
-    """What img2dataset reported for one URL."""
-
-    status: str
-    error: str | None
-    data: bytes | None
-
-
-def read_raw_results(raw_parquet: Path, encode_format: str) -> dict[str, RawResult]:
-    """capfilt_key -> img2dataset's status, error message and bytes, from one raw shard."""
+def read_raw_results(raw_parquet: Path) -> dict[str, RawRow]:
+    """capfilt_key -> img2dataset's result for it (bytes or error, `data.img2dataset.raw_rows`),
+    from one raw shard of ours; {} when img2dataset wrote no such file."""
     if not raw_parquet.is_file():
         return {}
-    table = pq.read_table(raw_parquet)
-    names = table.column_names
-    if KEY_COLUMN not in names:
-        raise ValueError(f"{raw_parquet}: no {KEY_COLUMN!r} column; this is not an img2dataset run of capfilt")
-    data_col = encode_format if encode_format in names else None
-    rows = table.select([c for c in (KEY_COLUMN, "status", "error_message", data_col) if c]).to_pylist()
-    results: dict[str, RawResult] = {}
-    for row in rows:
-        results.setdefault(
-            row[KEY_COLUMN], RawResult(row["status"] or "", row.get("error_message"), row.get(data_col) if data_col else None)
+    table = read_img2dataset(raw_parquet)
+    if KEY_COLUMN not in table.column_names:
+        raise ValueError(
+            f"{raw_parquet}: no {KEY_COLUMN!r} column; this is not an img2dataset run of capfilt: "
+            "import such a folder with `capfilt ingest img2dataset` instead"
         )
-    return results
+    return {row.key: row for row in raw_rows(table, raw_parquet)}
 
 
 def url_problem(url: str | None) -> str | None:
@@ -288,7 +274,9 @@ def _fetchable(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
 
 
-def _raw_row(expected: dict, result: RawResult | None, why_missing: str) -> RawRow:
+def _raw_row(expected: dict, result: RawRow | None, why_missing: str) -> RawRow:
+    """The row of one URL-list entry: its key, image_id, caption and url from the list,
+    bytes or error from img2dataset's `result` (a refused URL or no result: failed)."""
     key = expected[KEY_COLUMN]
     row = RawRow(key=key, image_id=expected["image_id"], caption=expected["caption"], data=None, url=expected["url"])
     problem = url_problem(expected["url"])
@@ -296,10 +284,8 @@ def _raw_row(expected: dict, result: RawResult | None, why_missing: str) -> RawR
         row.error = f"{BAD_URL}: {problem}"
     elif result is None:
         row.error = f"{NOT_EMITTED}: {why_missing}"
-    elif result.status == "success":
-        row.data = result.data
     else:
-        row.error = f"{result.status or 'failed'}: {result.error or 'no error message'}"
+        row.data, row.error = result.data, result.error
     return row
 
 
@@ -374,17 +360,19 @@ def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bo
 def normalise_raw_shard(expected: list[dict], raw_path: Path, cfg: WebIngestConfig) -> pa.Table:
     """Pairs rows for exactly the `expected` input rows, from img2dataset's `raw_path`.
 
-    `expected` are input.parquet rows (capfilt_key, image_id, url, caption). A row
-    img2dataset failed keeps ``"<status>: <error_message>"``; a row it never wrote (or a
-    shard file it never wrote) becomes failed with kind ``not_emitted``.
+    `expected` are input.parquet rows (capfilt_key, image_id, url, caption). Bytes and
+    errors follow `data.img2dataset`'s rule (a row img2dataset failed keeps
+    ``"<status>: <error_message>"``, bytes that do not decode fail as ``undecodable``);
+    a row it never wrote (or a shard file it never wrote) becomes failed with kind
+    ``not_emitted``.
     """
-    results = read_raw_results(raw_path, cfg.encode_format)
+    results = read_raw_results(raw_path)
     if raw_path.is_file():
         why = f"img2dataset wrote no row for it in {raw_path.name}"
     else:
         why = f"img2dataset wrote no {raw_path.name}"
-    raw_rows = [_raw_row(row, results.get(row[KEY_COLUMN]), why) for row in expected]
-    return normalise_rows(raw_rows, cfg.source, cfg.max_pixels)
+    rows = [_raw_row(row, results.get(row[KEY_COLUMN]), why) for row in expected]
+    return normalise_rows(rows, cfg.source, cfg.max_pixels)
 
 
 def _record(path: Path) -> CompletionRecord:
@@ -405,7 +393,7 @@ def _retry_failed(out: Path, work: Path, cfg: WebIngestConfig, settings: str) ->
             if r["status"] == "failed"
         ]
     retry = work / "retry"
-    results: dict[str, RawResult] = {}
+    results: dict[str, RawRow] = {}
     if failed:
         retry.mkdir(parents=True, exist_ok=True)
         pq.write_table(_fetchable(pa.Table.from_pylist(failed)), retry / "input.parquet")
@@ -415,7 +403,7 @@ def _retry_failed(out: Path, work: Path, cfg: WebIngestConfig, settings: str) ->
         args = img2dataset_args(retry / "input.parquet", retry / "raw", cfg, "incremental")
         run_img2dataset(args, retry / "raw.log", cfg.run_timeout_s)
         for raw in sorted((retry / "raw").glob("*.parquet")):
-            results.update(read_raw_results(raw, cfg.encode_format))
+            results.update(read_raw_results(raw))
     retried = {row[KEY_COLUMN]: row for row in failed}
     stats = IngestStats()
     for path in list_shards(out):
@@ -450,19 +438,20 @@ def _replace_rows(table: pa.Table, positions: list[int], fresh: pa.Table) -> pa.
 
 @dataclass(frozen=True)
 class ImportConfig:
-    """How an existing img2dataset output folder becomes pairs shards."""
+    """How an existing img2dataset output folder becomes pairs shards (keys: `data.img2dataset`)."""
 
     source: str = "web"
-    key_prefix: str = "web-"  # prepended to img2dataset's key (unless capfilt_key is present)
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStats:
     """Import an img2dataset output folder (parquet or webdataset format) as pairs shards.
 
-    img2dataset shard ``NNNNN`` becomes ``out/part-NNNNN.parquet``; failed rows (kept in
-    img2dataset's parquet files) become failed rows. Safe to rerun: a shard whose
-    record matches the source files' fingerprints is skipped.
+    img2dataset shard ``NNNNN`` becomes ``out/part-NNNNN.parquet``, its rows turned into
+    pairs rows by `data.img2dataset.to_pairs` (the stages' reader gives the same rows for
+    the same parquet file); failed rows (kept in img2dataset's parquet files) become
+    failed rows. Safe to rerun: a shard whose record matches the source files'
+    fingerprints is skipped.
     """
     folder, out = Path(folder), Path(out)
     shards = _img2dataset_shards(folder)
@@ -476,8 +465,8 @@ def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStat
         if is_complete(path, fp, settings):
             stats.add(_record(path), written=False)
             continue
-        rows = _import_rows(meta, tar, cfg)
-        stats.add(write_pairs_shard(normalise_rows(rows, cfg.source, cfg.max_pixels), path, fp, settings), written=True)
+        rows = to_pairs(_import_table(meta, tar), meta or tar, cfg.source, cfg.max_pixels)
+        stats.add(write_pairs_shard(rows, path, fp, settings), written=True)
     return stats
 
 
@@ -506,28 +495,31 @@ def _tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
     return members
 
 
-def _import_rows(meta: Path | None, tar: Path | None, cfg: ImportConfig) -> list[RawRow]:
+def _import_table(meta: Path | None, tar: Path | None) -> pa.Table:
+    """img2dataset rows of one shard: its parquet file, with the images and captions of its
+    webdataset tar (when there is one) filled into the ``jpg`` and ``caption`` columns."""
     files = _tar_members(tar) if tar is not None else {}
     if meta is None:  # a tar without its parquet: every member is a success
-        table_rows = [{"key": k, "status": "success"} for k in sorted(files)]
+        keys = sorted(files)
+        table = pa.table({"key": keys, "status": [SUCCESS] * len(keys), "error_message": pa.nulls(len(keys), pa.string())})
     else:
-        table_rows = pq.read_table(meta).to_pylist()
-    rows = []
-    for r in table_rows:
-        member = files.get(r["key"], {})
-        data = next((r[s] for s in _IMAGE_SUFFIXES if r.get(s) is not None), None)
-        data = data if data is not None else next((member[s] for s in _IMAGE_SUFFIXES if s in member), None)
-        caption = r.get("caption") if r.get("caption") is not None else r.get("txt")
-        if caption is None and "txt" in member:
-            caption = member["txt"].decode("utf-8", errors="replace")
-        key = r.get(KEY_COLUMN) or f"{cfg.key_prefix}{r['key']}"
-        row = RawRow(key=key, image_id=r.get("image_id") or key, caption=caption, data=None, url=r.get("url"))
-        if r.get("status") == "success":
-            row.data = data
-        else:
-            row.error = f"{r.get('status') or 'failed'}: {r.get('error_message') or 'no error message'}"
-        rows.append(row)
-    return rows
+        table = read_img2dataset(meta)
+    if tar is None:
+        return table
+    members = [files.get(k, {}) for k in table.column("key").cast(pa.string()).to_pylist()]
+    image_col = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
+    images = _filled(table, image_col, [next((m[s] for s in IMAGE_COLUMNS if s in m), None) for m in members])
+    texts = [m["txt"].decode("utf-8", errors="replace") if "txt" in m else None for m in members]
+    captions = _filled(table, "caption", texts)
+    table = table.drop_columns([c for c in (image_col, "caption") if c and c in table.column_names])
+    return table.append_column("caption", pa.array(captions, pa.string())).append_column("jpg", pa.array(images, pa.binary()))
+
+
+def _filled(table: pa.Table, name: str | None, fallback: list) -> list:
+    """Column `name`'s values, each null (or the whole column when absent) taken from `fallback`."""
+    if name is None or name not in table.column_names:
+        return fallback
+    return [v if v is not None else f for v, f in zip(table.column(name).to_pylist(), fallback)]
 
 
 # ---------------------------------------------------------------- a local HTTP server

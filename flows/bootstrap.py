@@ -71,7 +71,7 @@ class _Run:
 
 
 def _expand(items: list[str]) -> list[str]:
-    from tasks.common import expand_inputs
+    from data.inputs import expand_inputs
 
     return [str(p) for p in expand_inputs(items)] if items else []
 

@@ -29,15 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.inputs import expand_item, read_pairs
 from data.schema import SCORED, SchemaError, conform
 from data.shards import file_fingerprint, is_complete, read_completion, read_table, shard_name
 from tasks.common import (
     ExecutionConfig,
     combine_fingerprints,
-    expand_item,
     prefect_task,
     progress_bar,
-    read_pairs,
     semantic_settings,
 )
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir

@@ -26,20 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
 from data.shards import file_fingerprint
 from tasks.common import (
     ExecutionConfig,
     derive_seed,
-    expand_inputs,
     image_batches,
     index_batches,
     inference_context,
     load_stage_model,
-    ok_mask,
-    plan_outputs,
     prefect_task,
     progress_bar,
-    read_pairs,
     resolve_device,
     resolve_precision,
     semantic_settings,

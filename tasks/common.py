@@ -7,18 +7,15 @@ or other settings, so a rerun after a crash (SIGKILL included) is the resume, an
 changed semantic setting writes a new folder instead of overwriting the old one.
 Execution settings (batch size, workers, device, progress) never enter the hash.
 
-Inputs may be our ``pairs`` shards or img2dataset's own Parquet output; `read_pairs`
-turns the latter into ``pairs`` rows on read (status other than ``success`` -> failed).
+Which shards a stage reads, and reading them as ``pairs`` rows, is `data.inputs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -28,21 +25,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from blip_core.image import ImageTransform, normalise
 from data.images import decode_image
-from data.schema import SchemaError, conform
-from data.shards import read_table, shard_name
 
-# img2dataset's Parquet columns that identify its output (see PITFALLS.md).
-_IMG2DATASET_COLUMNS = frozenset({"key", "status", "error_message", "jpg"})
-_IMG2DATASET_SUCCESS = "success"
-_OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
-_NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
 _SEED_BYTES = 8
 _SEED_MASK = (1 << 63) - 1
 _MAX_AUTO_WORKERS = 8
@@ -143,118 +131,6 @@ def load_stage_model(model: Any, device: torch.device, role: str, wrong_format: 
             f"weights the {role} needs; pass our checkpoint or the other BLIP folder"
         )
     return model
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def expand_item(item: str | Path) -> list[Path]:
-    """One input: a file, a folder (its ``*.parquet``, sorted) or a glob pattern (sorted).
-
-    Raises FileNotFoundError naming an item that matches nothing.
-    """
-    path = Path(item)
-    if path.is_dir():
-        matches = sorted(p for p in path.glob("*.parquet") if p.is_file())
-    elif path.is_file():
-        matches = [path]
-    else:
-        matches = sorted(Path(p) for p in glob.glob(str(item)) if p.endswith(".parquet"))
-    if not matches:
-        raise FileNotFoundError(f"input {item!s}: no Parquet shards there (give files, folders or globs)")
-    return [p.resolve() for p in matches]
-
-
-def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
-    """Files, folders and globs -> unique Parquet paths sorted by the output they name."""
-    unique = list(dict.fromkeys(p for item in items for p in expand_item(item)))
-    return sorted(unique, key=lambda p: (output_name(p), str(p)))
-
-
-def output_name(src: Path) -> str:
-    """The output shard name for an input: ``part-00042.parquet`` stays, img2dataset's
-    ``00042.parquet`` becomes ``part-00042.parquet``; other names are refused."""
-    name = Path(src).name
-    if _OUR_SHARD.fullmatch(name):
-        return name
-    numbered = _NUMBERED_SHARD.fullmatch(name)
-    if numbered:
-        return shard_name(int(numbered.group(1)))
-    raise ValueError(
-        f"{src}: input shards must be named part-NNNNN.parquet or NNNNN.parquet (img2dataset), "
-        "so outputs can be named after them; rename the file"
-    )
-
-
-def plan_outputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(input, output name) pairs; refuses two inputs that would write the same output."""
-    seen: dict[str, Path] = {}
-    plan = []
-    for src in inputs:
-        name = output_name(src)
-        if name in seen:
-            raise ValueError(
-                f"{src} and {seen[name]} would both write {name}; run the stage once per input folder"
-            )
-        seen[name] = Path(src)
-        plan.append((Path(src), name))
-    return plan
-
-
-def _is_img2dataset(schema: pa.Schema) -> bool:
-    return _IMG2DATASET_COLUMNS <= set(schema.names) and "source" not in schema.names
-
-
-def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
-    if name not in table.column_names:
-        return pa.nulls(table.num_rows, type_)
-    return pc.cast(table.column(name), type_).combine_chunks()
-
-
-def normalise_img2dataset(table: pa.Table, source: str = "web") -> pa.Table:
-    """img2dataset rows -> ``pairs`` rows: key = image_id = img2dataset key; a status other
-    than ``success`` becomes ``failed`` with its error_message and no image bytes."""
-    ok = pc.fill_null(pc.equal(_column(table, "status", pa.string()), _IMG2DATASET_SUCCESS), False)
-    n = table.num_rows
-    key = _column(table, "key", pa.string())
-    columns = {
-        "key": key,
-        "image_id": key,
-        "source": pa.array([source] * n, pa.string()),
-        "caption": _column(table, "caption", pa.string()),
-        "jpg": pc.if_else(ok, _column(table, "jpg", pa.binary()), pa.scalar(None, pa.binary())),
-        "url": _column(table, "url", pa.string()),
-        "width": _column(table, "width", pa.int32()),
-        "height": _column(table, "height", pa.int32()),
-        "sha256": _column(table, "sha256", pa.string()),
-        "status": pc.if_else(ok, "ok", "failed"),
-        "error": pc.if_else(ok, pa.scalar(None, pa.string()), _column(table, "error_message", pa.string())),
-    }
-    if pc.any(pc.is_null(key)).as_py():
-        raise SchemaError("img2dataset shard has rows with a null `key`; cannot name their outputs")
-    return conform(pa.table(columns), "pairs")
-
-
-def read_pairs(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a shard as ``pairs`` rows, whether ours (any kind holding the pair columns) or
-    img2dataset's raw Parquet output. `columns` limits what is read (ours only)."""
-    path = Path(path)
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
-    if _is_img2dataset(schema):
-        table = normalise_img2dataset(pq.read_table(path))
-        return table.select(list(columns)) if columns else table
-    if columns:
-        return read_table(path, "pairs", columns=list(columns))
-    return conform(read_table(path, "pairs"), "pairs")
-
-
-def ok_mask(table: pa.Table) -> np.ndarray:
-    """Rows with status ok and image bytes present, as a bool array."""
-    ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("jpg")))
-    return np.asarray(pc.fill_null(ok, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 # ----------------------------------------------------------------------------- images

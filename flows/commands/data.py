@@ -130,10 +130,9 @@ def ingest_img2dataset_command(
     folder: Path = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset)."),
     out: Path = typer.Argument(..., help="Folder for the pairs shards."),
     source: str = typer.Option("web"),
-    key_prefix: str = typer.Option("web-", help="Prefix added to img2dataset's keys."),
 ) -> None:
-    """Import an existing img2dataset output folder as pairs shards."""
-    _echo_stats(import_img2dataset(folder, out, ImportConfig(source=source, key_prefix=key_prefix)), out)
+    """Import an existing img2dataset output folder as pairs shards (keys: img2dataset's, as the stages read them)."""
+    _echo_stats(import_img2dataset(folder, out, ImportConfig(source=source)), out)
 
 
 def register(app: typer.Typer) -> None:

@@ -158,7 +158,7 @@ def test_img2dataset_parquet_is_read_as_is(tmp_path: Path, loaded) -> None:
     stats = run_filter([src.parent], tmp_path / "out", loaded, FilterConfig(execution=EXEC))
     assert [s.shard for s in stats.shards] == ["part-00007.parquet"]
     failed = _rows(stats.output, "failed")
-    assert [(r["key"], r["error"]) for r in failed] == [("000000001", "HTTP Error 404")]
+    assert [(r["key"], r["error"]) for r in failed] == [("000000001", "failed_to_download: HTTP Error 404")]
     rejected = _rows(stats.output, "rejected")
     assert [r["reject_reason"] for r in rejected if r["key"] == "000000003"] == ["empty_caption"]
     assert stats.totals["input"] == n and stats.totals["kept"] + stats.totals["rejected"] == 3

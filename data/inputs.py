@@ -1,0 +1,106 @@
+"""Which shards a stage reads, and those shards read as ``pairs`` rows.
+
+A stage is given files, folders and globs (`expand_inputs`); each input shard names the
+output shard it writes (`output_name`, `plan_outputs`): ``part-00042.parquet`` stays,
+img2dataset's ``00042.parquet`` becomes ``part-00042.parquet``. Inputs may be our shards
+of any kind holding the pair columns, or img2dataset's own Parquet output, which
+`read_pairs` turns into ``pairs`` rows with the one img2dataset adapter
+(`data.img2dataset`), the same rows ingestion would write for it.
+
+Nothing here writes; reading a shard again gives the same rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data.img2dataset import is_img2dataset, read_as_pairs
+from data.schema import SchemaError, conform
+from data.shards import read_table, shard_name
+
+_OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
+_NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
+
+
+def expand_item(item: str | Path) -> list[Path]:
+    """One input: a file, a folder (its ``*.parquet``, sorted) or a glob pattern (sorted).
+
+    Raises FileNotFoundError naming an item that matches nothing.
+    """
+    path = Path(item)
+    if path.is_dir():
+        matches = sorted(p for p in path.glob("*.parquet") if p.is_file())
+    elif path.is_file():
+        matches = [path]
+    else:
+        matches = sorted(Path(p) for p in glob.glob(str(item)) if p.endswith(".parquet"))
+    if not matches:
+        raise FileNotFoundError(f"input {item!s}: no Parquet shards there (give files, folders or globs)")
+    return [p.resolve() for p in matches]
+
+
+def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
+    """Files, folders and globs -> unique Parquet paths sorted by the output they name."""
+    unique = list(dict.fromkeys(p for item in items for p in expand_item(item)))
+    return sorted(unique, key=lambda p: (output_name(p), str(p)))
+
+
+def output_name(src: Path) -> str:
+    """The output shard name for an input: ``part-00042.parquet`` stays, img2dataset's
+    ``00042.parquet`` becomes ``part-00042.parquet``; other names are refused."""
+    name = Path(src).name
+    if _OUR_SHARD.fullmatch(name):
+        return name
+    numbered = _NUMBERED_SHARD.fullmatch(name)
+    if numbered:
+        return shard_name(int(numbered.group(1)))
+    raise ValueError(
+        f"{src}: input shards must be named part-NNNNN.parquet or NNNNN.parquet (img2dataset), "
+        "so outputs can be named after them; rename the file"
+    )
+
+
+def plan_outputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(input, output name) pairs; refuses two inputs that would write the same output."""
+    seen: dict[str, Path] = {}
+    plan = []
+    for src in inputs:
+        name = output_name(src)
+        if name in seen:
+            raise ValueError(
+                f"{src} and {seen[name]} would both write {name}; run the stage once per input folder"
+            )
+        seen[name] = Path(src)
+        plan.append((Path(src), name))
+    return plan
+
+
+def read_pairs(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a shard as ``pairs`` rows, whether ours (any kind holding the pair columns) or
+    img2dataset's raw Parquet output (`data.img2dataset.read_as_pairs`, source ``web``).
+    `columns` limits what is returned (and, for ours, what is read)."""
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if is_img2dataset(schema):
+        table = read_as_pairs(path)
+        return table.select(list(columns)) if columns else table
+    if columns:
+        return read_table(path, "pairs", columns=list(columns))
+    return conform(read_table(path, "pairs"), "pairs")
+
+
+def ok_mask(table: pa.Table) -> np.ndarray:
+    """Rows with status ok and image bytes present, as a bool array."""
+    ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("jpg")))
+    return np.asarray(pc.fill_null(ok, False).to_numpy(zero_copy_only=False), dtype=bool)
