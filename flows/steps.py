@@ -203,7 +203,7 @@ def ingest_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
         for src in job.params["sources"]:
             outputs += [p for p in link_shards(Path(src), dst, pattern) if not p.endswith(".done.json")]
     elif mode == "urls":
-        from flows.demo import ingest_url_list
+        from flows.ingest import ingest_url_list
 
         outputs = ingest_url_list(job.params, config)
     else:

@@ -9,7 +9,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import artifact_key, stage_row
 from flows.config import load_config
-from flows.demo import demo_config, local_image_server
+from flows.demo import demo_config
+from flows.ingest import local_image_server
 from flows.runners import build_task_runner, gpu_annotation
 
 
