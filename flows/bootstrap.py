@@ -285,9 +285,7 @@ def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], su
     summary["metrics"] = result["metrics"]
     run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
     if cfg.evaluate.report:
-        from tasks.report import report_task
-
-        summary["report"] = report_task(str(run.root))
+        summary["report"] = steps.report_task(str(run.root))
 
 
 @flow(name="capfilt-bootstrap", validate_parameters=True)

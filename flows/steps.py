@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows.artifacts import TrainingProgress
+from flows.artifacts import TrainingProgress, publish_report
 from flows.caching import StepJob, record_outputs, step_cache_key
 from flows.config import RunConfig
 from flows.faults import maybe_fault
@@ -261,6 +262,18 @@ def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
                             batch_size=config.evaluate.batch_size, device=config.device)  # fmt: skip
     record_outputs(job, [str(path)])
     return {"metrics": str(path), "seconds": time.perf_counter() - start}
+
+
+@task(name="report", retries=1, cache_policy=NO_CACHE)
+def report_task(run_dir: str) -> str:
+    """Write ``report.md`` / ``report.html`` from the files the stages wrote and publish
+    the report as a Markdown artifact; returns report.md's path. Not cached: it reads the
+    whole run folder and is cheap, so every run rewrites it (atomically)."""
+    from tasks.report import artifact_markdown, write_report
+
+    path = write_report(Path(run_dir))
+    publish_report(Path(run_dir).name, artifact_markdown(Path(run_dir)), run_dir)
+    return str(path)
 
 
 def _jsonable(value: Any) -> Any:
