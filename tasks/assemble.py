@@ -47,7 +47,6 @@ from tasks.common import (
     check_accounting,
     combine_fingerprints,
     expand_item,
-    prefect_task,
     progress_bar,
     read_pairs,
     semantic_settings,
@@ -230,10 +229,3 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
             )
             bar.update(1)
     return stats
-
-
-def __getattr__(name: str) -> Any:
-    """`assemble_task`: the Prefect task wrapping `run_assemble` (Prefect is imported on first use)."""
-    if name == "assemble_task":
-        return prefect_task(run_assemble, name="capfilt-assemble")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,6 @@ from tasks.common import (
     load_stage_model,
     ok_mask,
     plan_outputs,
-    prefect_task,
     progress_bar,
     read_pairs,
     resolve_device,
@@ -217,10 +216,3 @@ def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfi
     stats = StageStats(stage="caption", output=folder, settings_hash=digest)
     jobs = [(src, functools.partial(caption_shard, src, folder, loaded, cfg, digest, name=name)) for src, name in plan]
     return run_each_shard(stats, jobs)  # a bad input shard does not stop the others
-
-
-def __getattr__(name: str) -> Any:
-    """`caption_task`: the Prefect task wrapping `run_caption` (Prefect is imported on first use)."""
-    if name == "caption_task":
-        return prefect_task(run_caption, name="capfilt-caption")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ turns the latter into ``pairs`` rows on read (status other than ``success`` -> f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import hashlib
 import json
@@ -451,20 +450,3 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
-
-
-# ----------------------------------------------------------------------------- prefect
-
-
-@functools.cache
-def prefect_task(fn: Callable[..., Any], name: str, retries: int = 1) -> Any:
-    """`prefect.task(fn)` made on first use (stage modules expose it through a module
-    `__getattr__`, so importing a stage never imports Prefect), or `fn` itself where
-    Prefect is not installed (the GPU benchmark machine has none)."""
-    try:
-        from prefect import task
-        from prefect.cache_policies import NO_CACHE
-    except ImportError:
-        return fn
-    # the stage skips complete shards itself; Prefect's input hashing would only cost time
-    return task(fn, name=name, retries=retries, cache_policy=NO_CACHE)

@@ -536,18 +536,9 @@ def evaluate_run(
 
 
 def evaluate_folder_to_path(run_dir: str, truth_dir: str | None = None, model_name: str = "final") -> str:
-    """`evaluate_run_folder` with default settings; returns the JSON's path (the Prefect task's body)."""
+    """`evaluate_run_folder` with default settings; returns the JSON's path."""
     evaluate_run_folder(Path(run_dir), Path(truth_dir) if truth_dir else None, model_name=model_name)
     return str(Path(run_dir) / EVAL_FILE)
-
-
-def __getattr__(name: str) -> Any:
-    """`evaluate_task`: the Prefect task wrapping `evaluate_folder_to_path` (Prefect imported on first use)."""
-    if name == "evaluate_task":
-        from tasks.common import prefect_task
-
-        return prefect_task(evaluate_folder_to_path, name="capfilt-evaluate")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def summary_rows(result: EvalResult) -> list[tuple[str, float]]:

@@ -48,7 +48,6 @@ from tasks.common import (
     load_stage_model,
     ok_mask,
     plan_outputs,
-    prefect_task,
     progress_bar,
     read_pairs,
     resolve_device,
@@ -387,10 +386,3 @@ def caption_hash(path: Path | None) -> str | None:
 
 
 _caption_hash = caption_hash  # the name flows/steps.py imported first
-
-
-def __getattr__(name: str) -> Any:
-    """`filter_task`: the Prefect task wrapping `run_filter` (Prefect is imported on first use)."""
-    if name == "filter_task":
-        return prefect_task(run_filter, name="capfilt-filter")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

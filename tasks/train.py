@@ -12,7 +12,6 @@ under `out_dir`:
 A rerun is the resume: it continues from the newest complete checkpoint, and returns
 at once when ``final/training.json`` records the same semantic settings. Different
 settings with checkpoints present raise `CheckpointMismatchError` naming the fields.
-`train_task` is the Prefect task around it (Prefect is imported on first use only).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from blip_core.train import TrainConfig, train
 from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
 from data.shards import list_shards, read_table
-from tasks.common import prefect_task
 
 TOKENIZER_DIR = "tokenizer"
 FINAL_DIR = "final"
@@ -171,10 +169,3 @@ def _train(
 
     result = train(cfg, dataset, tokenizer=tokenizer)
     return TrainStageResult(str(result.final_dir), result.steps, False, dict(result.last_metrics))
-
-
-def __getattr__(name: str) -> Any:
-    """`train_task`: the Prefect task wrapping `train_stage` (Prefect is imported on first use)."""
-    if name == "train_task":
-        return prefect_task(train_stage, name="capfilt-train", retries=1)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -110,3 +110,11 @@ def test_project_has_no_import_cycles() -> None:
     assert "blip_core.med" in graph["blip_core.train.state"]  # the graph sees real imports
     cycle = _find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+# ----------------------------------------------------------------------------- no Prefect in tasks/
+
+
+def test_tasks_do_not_import_prefect() -> None:
+    """Stages are plain functions; their Prefect tasks live in `flows.steps`."""
+    assert "prefect" not in _imports("tasks")
