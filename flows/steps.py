@@ -169,6 +169,8 @@ def link_shards(src_dir: Path, dst_dir: Path, pattern: str = "part-*") -> list[s
     """
     import shutil
 
+    from data.shards import atomic_path
+
     dst_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sorted(src_dir.glob(pattern)):
@@ -178,13 +180,11 @@ def link_shards(src_dir: Path, dst_dir: Path, pattern: str = "part-*") -> list[s
         if dst.exists() and os.path.samefile(src, dst):
             written.append(str(dst))
             continue
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
         written.append(str(dst))
     return written
 

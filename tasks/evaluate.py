@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 
 from data.images import decode_image
-from data.shards import file_fingerprint, list_shards, read_table, settings_hash
+from data.shards import file_fingerprint, list_shards, read_table, settings_hash, write_atomic
 from data.synth import WorldTruth, load_truth
 from data.synth_world import caption_is_true, caption_matches_scene
 from tasks.metrics import (
@@ -465,9 +464,7 @@ def evaluate_to_file(
     result = evaluate(model_dir, test_shards, truth_dir, filter_dir, caption_dir, cfg)
     result.fingerprint = fingerprint
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text(result.to_json())
-    os.replace(tmp, out_file)
+    write_atomic(out_file, result.to_json())
     return result
 
 
