@@ -17,7 +17,6 @@ settings with checkpoints present raise `CheckpointMismatchError` naming the fie
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from blip_core.atomic import replace_folder
 from blip_core.image import ImageTransform
 from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
 from blip_core.train import TrainConfig, train
@@ -73,9 +73,7 @@ def stage_tokenizer(folder: Path, shards: Sequence[Path], vocab_size: int) -> To
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
     return tokenizer
 
 
