@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from blip_core.atomic import atomic_path
 from blip_core.config import MEDConfig
 from blip_core.med import MED
 
@@ -43,12 +43,6 @@ def state_dict_for_saving(model: MED) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(model: MED, tokenizer: Any | None, folder: str | Path) -> Path:
     """Write `folder/config.json`, `folder/model.safetensors` and the tokenizer files.
 
@@ -57,13 +51,13 @@ def save(model: MED, tokenizer: Any | None, folder: str | Path) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state_dict_for_saving(model), str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state_dict_for_saving(model), str(tmp), metadata={"format": FORMAT})
     if tokenizer is not None:
         tokenizer.save(folder)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "med": model.config.to_dict()}
-    _atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

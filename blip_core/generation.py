@@ -19,6 +19,7 @@ preallocated cache. Nucleus sampling draws from one `torch.Generator` per image
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,10 +27,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blip_core.attention import KVCache
-from blip_core.med import MED
+from blip_core.config import MEDConfig
+from blip_core.text import LMHead, TextTransformer
 
 _NEG = -1.0e9  # transformers' beam-search "impossible" score
 STRATEGIES = ("greedy", "beam", "nucleus")
+
+
+class Captioner(Protocol):
+    """What decoding needs of a model (`blip_core.med.MED` is one); typed here so that
+    this module sits below `med` and `MED.generate` can call it without an import circle."""
+
+    config: MEDConfig
+    text_decoder: TextTransformer
+    lm_head: LMHead
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -50,7 +63,7 @@ class DecodeSettings:
 class _CachedDecoder:
     """MED's causal decoder, one step at a time, over `rows` = images x rows_per_image."""
 
-    def __init__(self, model: MED, image_embeds: Tensor, rows_per_image: int, max_length: int):
+    def __init__(self, model: Captioner, image_embeds: Tensor, rows_per_image: int, max_length: int):
         dec, t = model.text_decoder, model.config.text
         self.model = model
         # projected once per image; each image's rows (beams / captions) share them
@@ -80,7 +93,7 @@ def _rows_of(images: Tensor, rows_per_image: int) -> Tensor:
     return (images[:, None] * rows_per_image + offsets).reshape(-1)
 
 
-def _start_ids(model: MED, rows: int, prompt_ids: Tensor | None, device: torch.device) -> Tensor:
+def _start_ids(model: Captioner, rows: int, prompt_ids: Tensor | None, device: torch.device) -> Tensor:
     """(R, P): bos followed by the prompt tokens (the same prompt for every row)."""
     bos = torch.tensor([model.config.text.bos_token_id], device=device)
     prompt = bos if prompt_ids is None else torch.cat([bos, prompt_ids.reshape(-1).to(device)])
@@ -248,7 +261,7 @@ def _beam_search(decoder: _CachedDecoder, start: Tensor, s: DecodeSettings, eos:
 
 @torch.no_grad()
 def generate(
-    model: MED,
+    model: Captioner,
     pixel_values: Tensor,
     strategy: str = "greedy",
     max_length: int = 20,

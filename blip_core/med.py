@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip_core.config import MEDConfig
+from blip_core.generation import generate
 from blip_core.text import ImageKV, LMHead, TextEmbeddings, TextLayer, TextTransformer
 from blip_core.vit import VisionTransformer
 
@@ -153,8 +154,6 @@ class MED(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, strategy: str = "greedy", **kwargs) -> Tensor:
         """Caption token ids (B * num_captions, L), bos first; see `blip_core.generation.generate`."""
-        from blip_core.generation import generate
-
         return generate(self, pixel_values, strategy=strategy, **kwargs)
 
 

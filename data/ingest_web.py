@@ -51,6 +51,7 @@ from data.ingest import IngestStats, RawRow, normalise_rows, write_pairs_shard
 from data.schema import conform
 from data.shards import (
     CompletionRecord,
+    atomic_path,
     completion_path,
     file_fingerprint,
     is_complete,
@@ -319,9 +320,8 @@ def _prepare_work(url_list: Path, out: Path, cfg: WebIngestConfig) -> tuple[Path
     work.mkdir(parents=True, exist_ok=True)
     input_path = work / "input.parquet"
     if not input_path.is_file():
-        tmp = input_path.with_name(input_path.name + ".tmp")
-        pq.write_table(_fetchable(table), tmp)
-        os.replace(tmp, input_path)
+        with atomic_path(input_path) as tmp:
+            pq.write_table(_fetchable(table), tmp)
     manifest_path.write_text(json.dumps(manifest, indent=2))
     n_shards = -(-table.num_rows // max(1, cfg.rows_per_shard))
     for stale in list_shards(out):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,26 +51,31 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    """fsync `tmp` then rename it over `final` (readers see old or new, never half)."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """``with atomic_path(path) as tmp:`` write the file at `tmp`; on a clean exit it is
+    fsynced and renamed over `path`, so readers see the old or the new file, never half.
 
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a small file (JSON, Markdown, PNG) so readers see the old or the new bytes, never half.
-
-    The temporary name is fixed (``<name>.tmp``), so a writer killed mid-way leaves a file
-    that its rerun overwrites and removes; one writer per file (the run lock) is assumed.
+    The one place in `data` and above that renames a file into place. The temporary name
+    is fixed (``<name>.tmp``): a leftover of a killed writer is removed before the block
+    and after it, error or not; one writer per file (the run lock) is assumed.
     """
     path = Path(path)
     tmp = _tmp_path(path)
+    tmp.unlink(missing_ok=True)
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        _replace_atomically(tmp, path)
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a small file (JSON, Markdown, PNG) through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def write_shard(
@@ -87,12 +93,8 @@ def write_shard(
     check_schema(table.schema, kind, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     completion_path(path).unlink(missing_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=max(1, row_group_size))
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data.shards import CompletionRecord, is_complete, settings_hash, shard_name, write_completion, write_shard
+from data.shards import (
+    CompletionRecord,
+    atomic_path,
+    is_complete,
+    settings_hash,
+    shard_name,
+    write_atomic,
+    write_completion,
+    write_shard,
+)
 from data.synth_world import (
     CAPTION_KINDS,
     RenderConfig,
@@ -256,16 +264,13 @@ def _pairs_table(name: str, split: SplitData, rows: list[tuple[str, int, str]], 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _write_truth(folder: Path, splits: dict[str, SplitData], cfg: SynthConfig) -> None:
@@ -357,9 +362,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def write_url_list(out: Path, base_url: str, rows: list[dict[str, str]] | None = None) -> Path:

@@ -75,6 +75,16 @@ def publish_summary(run_name: str, rows: list[dict[str, Any]]) -> None:
     create_table_artifact(key=artifact_key("capfilt", run_name, "stages"), table=table, description="capfilt: every stage")
 
 
+def publish_report(run_name: str, markdown: str, run_dir: str) -> None:
+    """The run's report as a Markdown artifact (Prefect's UI shows no local images, so
+    `markdown` links the figures as files)."""
+    if not _in_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key="capfilt-report", markdown=markdown, description=f"capfilt run report {run_dir}")
+
+
 class Progress:
     """A progress artifact for a long stage, updated as shards finish (at most ~20 updates)."""
 

@@ -139,7 +139,7 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
     from tasks.train import training_identity
 
-    identity = {"train": stage_cfg.model_dump(exclude={"checkpoint_every"}), **training_identity(data, init)}
+    identity = {"mode": mode, "train": stage_cfg.model_dump(exclude={"checkpoint_every"}), **training_identity(data, init)}
     # one folder per (settings, data, init weights): other settings never overwrite a finished model
     out = str(run.layout.model_dir(role, round_index) / settings_hash(identity))
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
@@ -290,9 +290,7 @@ def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], su
     summary["metrics"] = run.use("eval", result["metrics"])
     run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
     if cfg.evaluate.report:
-        from tasks.report import report_task
-
-        summary["report"] = report_task(str(run.root))
+        summary["report"] = steps.report_task(str(run.root))
 
 
 @flow(name="capfilt-bootstrap", validate_parameters=True)

@@ -17,13 +17,12 @@ so a deleted or damaged output is recomputed instead of trusted.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from data.shards import file_fingerprint, read_completion, settings_hash
+from data.shards import file_fingerprint, read_completion, settings_hash, write_atomic
 
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
@@ -111,9 +110,7 @@ def record_outputs(job: StepJob, outputs: list[str]) -> None:
     """After a step succeeded: note its outputs, so later cache hits can be checked."""
     target = _outputs_file(job)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"outputs": outputs}, indent=1))
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps({"outputs": outputs}, indent=1))
 
 
 def outputs_still_complete(job: StepJob) -> bool:

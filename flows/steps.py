@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows.artifacts import TrainingProgress
+from flows.artifacts import TrainingProgress, publish_report
 from flows.caching import StepJob, record_outputs, step_cache_key
 from flows.config import RunConfig
 from flows.faults import maybe_fault
@@ -160,6 +161,8 @@ def link_shards(src_dir: Path, dst_dir: Path, pattern: str = "part-*") -> list[s
     """
     import shutil
 
+    from data.shards import atomic_path
+
     dst_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sorted(src_dir.glob(pattern)):
@@ -169,13 +172,11 @@ def link_shards(src_dir: Path, dst_dir: Path, pattern: str = "part-*") -> list[s
         if dst.exists() and os.path.samefile(src, dst):
             written.append(str(dst))
             continue
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
         written.append(str(dst))
     return written
 
@@ -195,7 +196,7 @@ def ingest_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
         for src in job.params["sources"]:
             outputs += [p for p in link_shards(Path(src), dst, pattern) if not p.endswith(".done.json")]
     elif mode == "urls":
-        from flows.demo import ingest_url_list
+        from flows.ingest import ingest_url_list
 
         outputs = ingest_url_list(job.params, config)
     else:
@@ -253,6 +254,18 @@ def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
                             batch_size=config.evaluate.batch_size, device=config.device)  # fmt: skip
     record_outputs(job, [str(path)])
     return {"metrics": str(path), "seconds": time.perf_counter() - start}
+
+
+@task(name="report", retries=1, cache_policy=NO_CACHE)
+def report_task(run_dir: str) -> str:
+    """Write ``report.md`` / ``report.html`` from the files the stages wrote and publish
+    the report as a Markdown artifact; returns report.md's path. Not cached: it reads the
+    whole run folder and is cheap, so every run rewrites it (atomically)."""
+    from tasks.report import artifact_markdown, write_report
+
+    path = write_report(Path(run_dir))
+    publish_report(Path(run_dir).name, artifact_markdown(Path(run_dir)), run_dir)
+    return str(path)
 
 
 def _jsonable(value: Any) -> Any:

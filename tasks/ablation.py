@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from blip_core.atomic import replace_folder
 from blip_core.train.config import TrainConfig
 from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
@@ -255,7 +255,7 @@ def make_tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
     tok = build_tokenizer(captions, vocab_size=cfg.vocab_size)
     tmp = out / "tokenizer.tmp"
     tok.save(tmp)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
     return tok
 
 
@@ -379,9 +379,7 @@ def write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) -> 
         write_shard(table.slice(start, rows_per_shard), folder / shard_name(i), "pairs")
     counts = {s: int(n) for s, n in zip(*np.unique(table["source"].to_pylist(), return_counts=True))}
     counts["total"] = table.num_rows
-    tmp = folder / (DATASET_FILE + ".tmp")
-    tmp.write_text(json.dumps(counts, sort_keys=True))
-    os.replace(tmp, folder / DATASET_FILE)  # written last: marks the dataset complete
+    write_atomic(folder / DATASET_FILE, json.dumps(counts, sort_keys=True))  # written last: marks the dataset complete
 
 
 def evaluate_on_test(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> EvalResult:

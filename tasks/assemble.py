@@ -35,7 +35,6 @@ from data.shards import file_fingerprint, is_complete, read_completion, read_tab
 from tasks.common import (
     ExecutionConfig,
     combine_fingerprints,
-    prefect_task,
     progress_bar,
     semantic_settings,
 )
@@ -206,10 +205,3 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
     ]  # fmt: skip
     with progress_bar(p.n_shards, "assemble", cfg.execution.progress) as bar:
         return run_stage(stats, jobs, on_done=lambda: bar.update(1))
-
-
-def __getattr__(name: str) -> Any:
-    """`assemble_task`: the Prefect task wrapping `run_assemble` (Prefect is imported on first use)."""
-    if name == "assemble_task":
-        return prefect_task(run_assemble, name="capfilt-assemble")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

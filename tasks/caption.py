@@ -35,7 +35,6 @@ from tasks.common import (
     index_batches,
     inference_context,
     load_stage_model,
-    prefect_task,
     progress_bar,
     resolve_device,
     resolve_precision,
@@ -221,10 +220,3 @@ def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfi
     stats, plan = plan_caption(inputs, out_dir, captioner.loaded, cfg)
     jobs = [caption_job(src, stats.output, stats.settings_hash, name, captioner.caption) for src, name in plan]
     return run_stage(stats, jobs)  # a bad input shard does not stop the others
-
-
-def __getattr__(name: str) -> Any:
-    """`caption_task`: the Prefect task wrapping `run_caption` (Prefect is imported on first use)."""
-    if name == "caption_task":
-        return prefect_task(run_caption, name="capfilt-caption")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,8 @@ Which shards a stage reads, and reading them as ``pairs`` rows, is `data.inputs`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -198,32 +196,3 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
-
-
-class Timer:
-    """Wall-clock seconds of a block: ``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
-
-
-# ----------------------------------------------------------------------------- prefect
-
-
-@functools.cache
-def prefect_task(fn: Callable[..., Any], name: str, retries: int = 1) -> Any:
-    """`prefect.task(fn)` made on first use (stage modules expose it through a module
-    `__getattr__`, so importing a stage never imports Prefect), or `fn` itself where
-    Prefect is not installed (the GPU benchmark machine has none)."""
-    try:
-        from prefect import task
-        from prefect.cache_policies import NO_CACHE
-    except ImportError:
-        return fn
-    # the stage skips complete shards itself; Prefect's input hashing would only cost time
-    return task(fn, name=name, retries=retries, cache_policy=NO_CACHE)

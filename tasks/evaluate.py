@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch
 
 from data.images import decode_image
 from data.layout import MODEL_ENTRY, RunLayout
-from data.shards import file_fingerprint, list_shards, read_table, settings_hash
+from data.shards import file_fingerprint, list_shards, read_table, settings_hash, write_atomic
 from data.synth import WorldTruth, load_truth
 from data.synth_world import caption_is_true, caption_matches_scene
 from tasks.metrics import (
@@ -460,9 +459,7 @@ def evaluate_to_file(
     result = evaluate(model_dir, test_shards, truth_dir, filter_dir, caption_dir, cfg)
     result.fingerprint = fingerprint
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text(result.to_json())
-    os.replace(tmp, out_file)
+    write_atomic(out_file, result.to_json())
     return result
 
 
@@ -525,18 +522,9 @@ def evaluate_run(
 
 
 def evaluate_folder_to_path(run_dir: str, truth_dir: str | None = None, model_name: str = "final") -> str:
-    """`evaluate_run_folder` with default settings; returns the JSON's path (the Prefect task's body)."""
+    """`evaluate_run_folder` with default settings; returns the JSON's path."""
     evaluate_run_folder(Path(run_dir), Path(truth_dir) if truth_dir else None, model_name=model_name)
     return str(Path(run_dir) / EVAL_FILE)
-
-
-def __getattr__(name: str) -> Any:
-    """`evaluate_task`: the Prefect task wrapping `evaluate_folder_to_path` (Prefect imported on first use)."""
-    if name == "evaluate_task":
-        from tasks.common import prefect_task
-
-        return prefect_task(evaluate_folder_to_path, name="capfilt-evaluate")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def summary_rows(result: EvalResult) -> list[tuple[str, float]]:

@@ -41,7 +41,6 @@ from tasks.common import (
     index_batches,
     inference_context,
     load_stage_model,
-    prefect_task,
     progress_bar,
     resolve_device,
     resolve_precision,
@@ -391,10 +390,3 @@ def caption_hash(path: Path | None) -> str | None:
         return None
     record = read_completion(path)
     return record.settings_hash if record else None
-
-
-def __getattr__(name: str) -> Any:
-    """`filter_task`: the Prefect task wrapping `run_filter` (Prefect is imported on first use)."""
-    if name == "filter_task":
-        return prefect_task(run_filter, name="capfilt-filter")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

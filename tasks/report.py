@@ -582,26 +582,3 @@ def artifact_markdown(run_dir: Path) -> str:
         text = text.replace(f"]({png.name})", f"]({png.as_uri()})")
     header = f"Full report: [{md_path}]({md_path.as_uri()}) ([HTML]({(run_dir / REPORT_HTML).as_uri()}))\n\n"
     return header + text
-
-
-def publish_report(run_dir: str) -> str:
-    """Write the report and publish it as a Prefect Markdown artifact; returns report.md's path.
-
-    Call it inside a flow or task run (Prefect attaches the artifact to that run).
-    """
-    from prefect.artifacts import create_markdown_artifact
-
-    path = write_report(Path(run_dir))
-    create_markdown_artifact(
-        key="capfilt-report", markdown=artifact_markdown(Path(run_dir)), description=f"capfilt run report {run_dir}"
-    )
-    return str(path)
-
-
-def __getattr__(name: str) -> Any:
-    """`report_task`: the Prefect task wrapping `publish_report` (Prefect imported on first use)."""
-    if name == "report_task":
-        from tasks.common import prefect_task
-
-        return prefect_task(publish_report, name="capfilt-report")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

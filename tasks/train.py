@@ -12,13 +12,11 @@ under `out_dir`:
 A rerun is the resume: it continues from the newest complete checkpoint, and returns
 at once when ``final/training.json`` records the same semantic settings. Different
 settings with checkpoints present raise `CheckpointMismatchError` naming the fields.
-`train_task` is the Prefect task around it (Prefect is imported on first use only).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from blip_core.atomic import replace_folder
 from blip_core.image import ImageTransform
 from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
 from blip_core.train import TrainConfig, train
 from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
 from data.shards import list_shards, read_table, settings_hash, shard_identity
-from tasks.common import prefect_task
 
 TOKENIZER_DIR = "tokenizer"
 FINAL_DIR = "final"
@@ -75,9 +73,7 @@ def stage_tokenizer(folder: Path, shards: Sequence[Path], vocab_size: int) -> To
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
     return tokenizer
 
 
@@ -192,10 +188,3 @@ def _train(
 
     result = train(cfg, dataset, tokenizer=tokenizer)
     return TrainStageResult(str(result.final_dir), result.steps, False, dict(result.last_metrics))
-
-
-def __getattr__(name: str) -> Any:
-    """`train_task`: the Prefect task wrapping `train_stage` (Prefect is imported on first use)."""
-    if name == "train_task":
-        return prefect_task(train_stage, name="capfilt-train", retries=1)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,6 @@ safetensors, the rest from JSON.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -32,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from blip_core.atomic import atomic_path, replace_folder
 from blip_core.train.distributed import DistInfo, barrier
 
 FORMAT = "capfilt-train-checkpoint/1"
@@ -74,9 +74,8 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to `path` via a temporary file and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def save_checkpoint(
@@ -104,9 +103,7 @@ def save_checkpoint(
     if info.is_main:
         write_shared(tmp)
         write_json(tmp / STATE_FILE, {"format": FORMAT, **state})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         _prune(root, keep_last)
     barrier(info)
     return final

@@ -16,7 +16,6 @@ the schedules are pure functions of the step.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from blip_core.atomic import replace_folder
 from blip_core.checkpoint import save as save_model_folder
 from blip_core.med import MED
 from blip_core.tokenizer import Tokenizer
@@ -223,9 +223,7 @@ def _export_final(state: TrainState, cfg: TrainConfig, out: Path, last: Path | N
         tmp / "training.json",
         {"steps": state.step, "checkpoint": last.name if last else None, "train_config": cfg.to_dict()},
     )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
     return final
 
 

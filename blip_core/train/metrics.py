@@ -7,9 +7,10 @@ that will be run again), so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from blip_core.atomic import atomic_path
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -23,9 +24,8 @@ def truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
 class MetricsWriter:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import typer
 
 from data.catalog import QueryRefused, describe, hide_blobs, open_catalog, run_query
 from data.schema import SchemaError
+from data.shards import atomic_path
 
 DEFAULT_MAX_ROWS = 50
 MAX_CELL_CHARS = 60
@@ -94,13 +94,8 @@ def _sink(output: Path | None, binary: bool) -> Iterator[IO[Any]]:
         yield sys.stdout.buffer if binary else sys.stdout
         return
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
-        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
-            yield handle
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(output) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+        yield handle
 
 
 def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: Path | None) -> int:

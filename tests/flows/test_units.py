@@ -9,7 +9,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import artifact_key, stage_row
 from flows.config import load_config
-from flows.demo import demo_config, local_image_server
+from flows.demo import demo_config
+from flows.ingest import local_image_server
 from flows.runners import build_task_runner, gpu_annotation
 
 
@@ -56,3 +57,10 @@ def test_demo_config_and_local_server(tmp_path: Path) -> None:
             assert response.read() == b"png bytes"
     with local_image_server(tmp_path, port_file) as again:
         assert again == base  # same port on a rerun: the URL list stays identical
+
+
+def test_report_step_writes_the_report_outside_a_run(tmp_path: Path) -> None:
+    from flows.steps import report_task
+
+    path = Path(report_task.fn(str(tmp_path)))  # no flow run: the artifact is skipped
+    assert path == tmp_path / "report.md" and path.is_file() and (tmp_path / "report.html").is_file()

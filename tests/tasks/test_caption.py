@@ -103,9 +103,3 @@ def test_settings_hash_ignores_execution(loaded) -> None:
     a = caption_settings(loaded.fingerprint, CaptionConfig(execution=EXEC), cpu)
     b = caption_settings(loaded.fingerprint, CaptionConfig(execution=ExecutionConfig(batch_size=64, num_workers=4)), cpu)
     assert a == b and a["captioner"] == loaded.fingerprint and a["top_p"] == 0.9
-
-
-def test_prefect_wrapper_is_the_plain_function() -> None:
-    from tasks.caption import caption_task
-
-    assert caption_task.fn is run_caption and caption_task.name == "capfilt-caption"

@@ -69,12 +69,6 @@ def test_missing_shards_are_named(tmp_path: Path) -> None:
         expand_shards([tmp_path / "empty"])
 
 
-def test_train_task_is_a_prefect_task() -> None:
-    import tasks.train as stage
-
-    assert stage.train_task.fn is train_stage
-
-
 def test_capfilt_train_cli(world: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
