@@ -39,7 +39,7 @@ from data.shards import list_shards, read_table
 from data.synth import SynthConfig, generate_world, load_truth
 from data.synth_world import CAPTION_KINDS
 from tasks import ablation as A
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.evaluate import filter_noise_detection, read_scored_rows
 from tasks.filter import FilterConfig, run_filter
 

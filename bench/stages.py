@@ -42,7 +42,7 @@ from blip_core.med import MED
 from blip_core.tokenizer import build_tokenizer
 from data.shards import list_shards, read_table, shard_name, write_shard
 from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.filter import FilterConfig, run_filter
 
 warnings.filterwarnings("ignore")

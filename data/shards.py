@@ -241,6 +241,11 @@ def file_fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}-{digest.hexdigest()}"
 
 
+def combine_fingerprints(parts: list[str]) -> str:
+    """One fingerprint for several inputs (order matters)."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def shard_identity(path: Path) -> str:
     """What a shard holds, cheaply: from its completion record (the stage's input
     fingerprint, settings hash and byte count) when it has a valid one, else the file's

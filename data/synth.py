@@ -33,7 +33,6 @@ from PIL import Image
 
 from data.shards import (
     CompletionRecord,
-    atomic_path,
     is_complete,
     settings_hash,
     shard_name,
@@ -263,14 +262,13 @@ def _pairs_table(name: str, split: SplitData, rows: list[tuple[str, int, str]], 
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    _write_if_changed(path, buffer.getvalue().to_pybytes())
 
 
 def _write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
+    _write_if_changed(path, text.encode())
 
 
 def _write_truth(folder: Path, splits: dict[str, SplitData], cfg: SynthConfig) -> None:
@@ -359,6 +357,8 @@ def _broken_rows(www: Path, web: SplitData, cfg: SynthConfig) -> list[tuple[str,
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write `data` atomically unless the file holds it already (a rerun, or a moved run
+    folder resumed, leaves the world's files untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_bytes() == data:
         return

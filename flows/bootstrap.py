@@ -28,6 +28,7 @@ from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
+from tasks.execution import semantic_settings
 
 
 class _Run:
@@ -233,7 +234,7 @@ def _shard_jobs(run: _Run, stage: str, plan: dict[str, Any], model: str) -> list
 def caption_stage(run: _Run, web: list[str], captioner: str) -> str:
     """Caption every web shard; returns the ``caption/<hash>`` folder."""
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-caption", inputs=[captioner], settings=run.config.caption.model_dump(exclude={"batch_size"}),
+        job=run.job("plan-caption", inputs=[captioner], settings=semantic_settings(run.config.caption),
                     params={"model": captioner, "out_dir": str(run.layout.stage("caption")), "web": web}),  # fmt: skip
         config=run.config,
     )
@@ -246,7 +247,7 @@ def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | N
     # the caption folder is named by its settings hash; its records are what the plan reads
     plan_inputs = [filter_model] + ([captions] if captions else [])
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-filter", inputs=plan_inputs, settings=run.config.filter.model_dump(exclude={"batch_size"}),
+        job=run.job("plan-filter", inputs=plan_inputs, settings=semantic_settings(run.config.filter),
                     params={"model": filter_model, "out_dir": str(run.layout.stage("filter")), "captions": captions,
                             "web": web}),  # fmt: skip
         config=run.config,
@@ -259,7 +260,7 @@ def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
     """D' = human + kept (web and synthetic); returns its shards."""
     start = time.perf_counter()
     kept = sorted(str(p) for p in (Path(filter_dir) / "kept").glob("part-*.parquet"))
-    job = run.job("assemble", inputs=human + kept, settings=run.config.assemble.model_dump(),
+    job = run.job("assemble", inputs=human + kept, settings=semantic_settings(run.config.assemble),
                   params={"human": human, "kept": kept, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
     row = artifacts.stage_row("assemble", result["shard_stats"], time.perf_counter() - start)

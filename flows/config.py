@@ -1,7 +1,10 @@
 """One typed run configuration for the bootstrap flow, with presets and YAML loading.
 
 `RunConfig` is the flow's only parameter, so Prefect validates it (and shows it in the
-UI); the CLI and YAML files build the same model. Sub-models hold one component each.
+UI); the CLI and YAML files build the same model. Sub-models hold one component each,
+and a stage's block is that stage's own config class (`tasks.caption.CaptionConfig`,
+`tasks.filter.FilterConfig`, `tasks.assemble.AssembleConfig`), so a field added there is
+settable here, from YAML and from `capfilt run --set caption.top_k=50`, with no copy.
 A config may name a `preset` ("demo", "demo-quick", "gpu"): the preset fills in every
 field the config does not set, so a YAML file or a deployment lists only what differs.
 
@@ -17,6 +20,10 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.assemble import AssembleConfig
+from tasks.caption import CaptionConfig
+from tasks.filter import FilterConfig
 
 # The bootstrap's stages in order; `stop_after` names one of them.
 Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble", "final", "evaluate"]
@@ -96,36 +103,6 @@ class TrainConfig(_Model):
     nproc_per_node: int = Field(1, ge=1, description=">1 launches torchrun with this many processes")
 
 
-class CaptionConfig(_Model):
-    """Synthetic caption generation (BLIP: nucleus sampling, top_p 0.9, one per image)."""
-
-    strategy: Literal["nucleus", "beam", "greedy"] = "nucleus"
-    num_captions: int = Field(1, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    num_beams: int = Field(3, ge=1)
-    max_length: int = Field(20, ge=2)
-    min_length: int = Field(5, ge=0)
-    seed: int = 0
-    batch_size: int = Field(64, ge=1)
-
-
-class FilterConfig(_Model):
-    """Re-filtering: keep a pair when its ITM match probability >= threshold."""
-
-    threshold: float = Field(0.5, ge=0, le=1)
-    top_k: int | None = Field(None, ge=1, description="also keep the top-k synthetic captions per image")
-    batch_size: int = Field(64, ge=1)
-
-
-class AssembleConfig(_Model):
-    """D' = human + kept web + kept synthetic, deduplicated and resharded."""
-
-    shard_rows: int = Field(10_000, ge=1)
-    dedupe: bool = True
-
-
 class EvaluateConfig(_Model):
     """Evaluation of the final model on the test set and the run report."""
 
@@ -165,6 +142,7 @@ class RunConfig(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # the stages' own configs, as they are (one definition each, next to the code that reads it)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
@@ -248,8 +226,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"world": {"n_human": 1000, "n_web": 4000, "n_test": 500, "shard_rows": 1000}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
-        "caption": {"batch_size": 256},
-        "filter": {"batch_size": 256},
+        "caption": {"execution": {"batch_size": 256}},
+        "filter": {"execution": {"batch_size": 256}},
     },
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
@@ -257,9 +235,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"world": {"n_human": 200, "n_web": 300, "n_test": 60, "shard_rows": 100}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=20, finetune_steps=10, batch=32),
-        "caption": {"batch_size": 128},
-        "filter": {"batch_size": 128},
-        "assemble": {"shard_rows": 500},
+        "caption": {"execution": {"batch_size": 128}},
+        "filter": {"execution": {"batch_size": 128}},
+        "assemble": {"rows_per_shard": 500},
     },
     # A real run: base MED at BLIP's settings, on GPUs, shard stages fanned out over Dask.
     # Its default data is a large synthetic world; point data.human / data.web / data.test
@@ -282,8 +260,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "schedule": "step", "augment": True},
             "nproc_per_node": 8,
         },
-        "caption": {"batch_size": 128, "repetition_penalty": 1.1},
-        "filter": {"batch_size": 256},
+        "caption": {"repetition_penalty": 1.1, "execution": {"batch_size": 128}},
+        "filter": {"execution": {"batch_size": 256}},
         "evaluate": {"itm_top_k": 256},
         "runner": {"kind": "dask", "dask_workers": 8, "gpus_per_task": 1, "gpu_concurrency": "capfilt-gpu"},
     },
@@ -298,7 +276,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         message = err["msg"].removeprefix("Value error, ")
         if not where:  # a whole-config check: its message starts with the field it is about
             where, _, message = message.partition(": ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown field (check the spelling; see `capfilt run --help` or flows/config.py)"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
@@ -326,8 +304,31 @@ def preset(name: str, **overrides: Any) -> RunConfig:
     return load_config({"preset": name}, source=f"preset {name}", **overrides)
 
 
-def load_yaml(path: str | Path, **overrides: Any) -> RunConfig:
-    """Read a YAML run config (it may name a `preset`) and validate it."""
+def dotted_overrides(items: list[str]) -> dict[str, Any]:
+    """``["caption.top_k=50", "filter.threshold=0.3"]`` -> nested values to merge over a
+    config (each value read as YAML: numbers, booleans, null, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set filter.threshold=0.3")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        *parents, last = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value above; it cannot hold fields")
+        node[last] = value
+    return out
+
+
+def load_yaml(path: str | Path, sets: list[str] | None = None, **overrides: Any) -> RunConfig:
+    """Read a YAML run config (it may name a `preset`), apply `sets` (``FIELD=VALUE``, see
+    `dotted_overrides`) and top-level `overrides`, and validate it."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -335,4 +336,4 @@ def load_yaml(path: str | Path, **overrides: Any) -> RunConfig:
         raise ConfigError(f"{path}: cannot read the run config ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
-    return load_config(raw, source=str(path), **overrides)
+    return load_config(_deep_merge(raw, dotted_overrides(sets or [])), source=str(path), **overrides)

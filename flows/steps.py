@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +24,8 @@ from flows.config import RunConfig
 from flows.faults import maybe_fault
 from flows.runners import gpu_slot
 
+StageConfig = TypeVar("StageConfig")
+
 _TASK_OPTIONS: dict[str, Any] = {
     "cache_key_fn": step_cache_key,
     "persist_result": True,
@@ -32,30 +34,18 @@ _TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-def _execution(config: RunConfig, batch_size: int) -> Any:
-    from tasks.common import ExecutionConfig
-
-    return ExecutionConfig(batch_size=batch_size, num_workers=config.loader_workers, device=config.device, progress=False)
-
-
-def caption_config(config: RunConfig) -> Any:
-    """The caption stage's dataclass config from the run config."""
-    from tasks.caption import CaptionConfig
-
-    c = config.caption
-    return CaptionConfig(
-        strategy=c.strategy, num_captions=c.num_captions, top_p=c.top_p, temperature=c.temperature,
-        num_beams=c.num_beams, repetition_penalty=c.repetition_penalty, max_length=c.max_length,
-        min_length=c.min_length, seed=c.seed, execution=_execution(config, c.batch_size),
+def stage_config(config: RunConfig, cfg: StageConfig) -> StageConfig:
+    """A stage's config as the run gives it, for the flow's tasks: its `execution.device`
+    left at ``auto`` and `num_workers` at -1 follow the run's `device` and `loader_workers`;
+    progress bars are off (a Prefect worker logs instead)."""
+    run = cfg.execution
+    execution = dataclasses.replace(
+        run,
+        device=config.device if run.device == "auto" else run.device,
+        num_workers=config.loader_workers if run.num_workers == -1 else run.num_workers,
+        progress=False,
     )
-
-
-def filter_config(config: RunConfig) -> Any:
-    """The filter stage's dataclass config from the run config."""
-    from tasks.filter import FilterConfig
-
-    f = config.filter
-    return FilterConfig(threshold=f.threshold, top_k=f.top_k, execution=_execution(config, f.batch_size))
+    return dataclasses.replace(cfg, execution=execution)
 
 
 def _log() -> Any:
@@ -78,13 +68,13 @@ def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
     if stage == "caption":
         from tasks.caption import plan_caption
 
-        stats, plan = plan_caption(web, out_dir, loaded, caption_config(config))
+        stats, plan = plan_caption(web, out_dir, loaded, stage_config(config, config.caption))
         shards = [{"src": str(src), "name": name, "captions": None} for src, name in plan]
     elif stage == "filter":
         from tasks.filter import plan_filter
 
         captions = job.params.get("captions")
-        stats, items = plan_filter(web, out_dir, loaded, filter_config(config), Path(captions) if captions else None)
+        stats, items = plan_filter(web, out_dir, loaded, stage_config(config, config.filter), Path(captions) if captions else None)
         shards = [{"src": str(src), "name": name, "captions": str(cap) if cap else None} for src, name, cap in items]
     else:
         raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
@@ -108,7 +98,7 @@ def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault("caption", job.index)
     p = job.params
     with gpu_slot(config):
-        stats = caption_shard(Path(p["src"]), Path(p["folder"]), p["model"], caption_config(config), p["digest"], name=p["name"])
+        stats = caption_shard(Path(p["src"]), Path(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
     record_outputs(job, [str(Path(p["folder"]) / p["name"])])
     return _stats_dict(stats)
 
@@ -123,7 +113,7 @@ def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     captions = Path(p["captions"]) if p.get("captions") else None
     with gpu_slot(config):
         stats = filter_shard(
-            Path(p["src"]), captions, Path(p["folder"]), p["model"], filter_config(config), p["digest"], name=p["name"]
+            Path(p["src"]), captions, Path(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
         )
     record_outputs(job, [str(path) for path in output_paths(Path(p["folder"]), p["name"]).values()])
     return _stats_dict(stats)
@@ -228,13 +218,11 @@ def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 @task(name="assemble", **_TASK_OPTIONS)
 def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Assemble D' = human + kept web + kept synthetic into ``assemble/<hash>/``."""
-    from tasks.assemble import AssembleConfig, run_assemble
+    from tasks.assemble import run_assemble
 
     maybe_fault("assemble")
     p = job.params
-    cfg = AssembleConfig(
-        rows_per_shard=config.assemble.shard_rows, dedupe=config.assemble.dedupe, execution=_execution(config, 256)
-    )
+    cfg = stage_config(config, config.assemble)
     inputs = [Path(x) for x in p["human"]] + [Path(x) for x in p["kept"]]  # priority order: human first
     stats = run_assemble(inputs, Path(p["out_dir"]), cfg)
     shards = sorted(str(x) for x in Path(stats.output).glob("part-*.parquet"))

@@ -318,7 +318,7 @@ def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[
     """Finetune filter + captioner from `base` into ``root/models``, caption and filter the
     web set into ``root/caption`` and ``root/filter``."""
     from tasks.caption import CaptionConfig, run_caption
-    from tasks.common import ExecutionConfig
+    from tasks.execution import ExecutionConfig
     from tasks.filter import FilterConfig, run_filter
 
     human = list_shards(world / "human")

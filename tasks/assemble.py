@@ -31,13 +31,8 @@ import pyarrow.parquet as pq
 
 from data.inputs import expand_item, read_pairs
 from data.schema import SCORED, SchemaError, conform
-from data.shards import file_fingerprint, is_complete, read_completion, read_table, shard_name
-from tasks.common import (
-    ExecutionConfig,
-    combine_fingerprints,
-    progress_bar,
-    semantic_settings,
-)
+from data.shards import combine_fingerprints, file_fingerprint, is_complete, read_completion, read_table, shard_name
+from tasks.execution import ExecutionConfig, progress_bar, require, semantic_settings
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
 
 # Outcome codes per input row.
@@ -47,11 +42,17 @@ _DEDUPE_READ = ["key", "status", "caption", "sha256", "jpg"]
 
 @dataclass
 class AssembleConfig:
-    """Assemble settings; all but `execution` enter the output folder's hash."""
+    """Assemble settings; all but `execution` enter the output folder's hash. The run
+    config's `assemble:` block is this class (`flows.config.RunConfig`)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
 
     rows_per_shard: int = 10_000  # rows per output shard of D'
     dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def __post_init__(self) -> None:
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
 @dataclass

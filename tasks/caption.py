@@ -16,10 +16,11 @@ text byte for byte; a complete shard (same input bytes, same settings) is skippe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,28 +29,32 @@ import torch
 
 from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
 from data.shards import file_fingerprint
-from tasks.common import (
+from tasks.execution import (
     ExecutionConfig,
-    derive_seed,
-    image_batches,
-    index_batches,
     inference_context,
     load_stage_model,
     progress_bar,
+    require,
     resolve_device,
     resolve_precision,
     semantic_settings,
 )
+from tasks.image_batches import image_batches, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
+_SEED_BYTES = 8
+_SEED_MASK = (1 << 63) - 1
 
 
 @dataclass
 class CaptionConfig:
-    """Caption stage settings; all but `execution` enter the output folder's hash."""
+    """Caption stage settings; all but `execution` enter the output folder's hash. The run
+    config's `caption:` block is this class (`flows.config.RunConfig`)."""
 
-    strategy: str = "nucleus"  # nucleus | beam | greedy
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
+
+    strategy: Literal["nucleus", "beam", "greedy"] = "nucleus"
     num_captions: int = 1  # synthetic captions per image (the paper: 1)
     top_p: float = 0.9  # nucleus mass (BLIP: 0.9)
     top_k: int = 0  # 0 = off (BLIP's released code ran with transformers' default 50)
@@ -65,10 +70,21 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
+        require(self.num_captions >= 1, f"num_captions must be >= 1, got {self.num_captions}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        require(self.temperature > 0 and self.repetition_penalty > 0, "temperature and repetition_penalty must be > 0")
+        require(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        require(0 <= self.min_length <= self.max_length and self.max_length >= 2,
+                f"need 0 <= min_length <= max_length and max_length >= 2, got {self.min_length}, {self.max_length}")
         if self.strategy == "greedy" and self.num_captions > 1:
             raise ValueError("greedy decoding gives one caption per image; use nucleus for num_captions > 1")
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from (run seed, row key): the same row samples the same text in any run."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:_SEED_BYTES], "little") & _SEED_MASK
 
 
 def _load(model: Any, device: torch.device) -> Any:

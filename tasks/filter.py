@@ -33,19 +33,18 @@ import torch
 
 from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
 from data.schema import SchemaError
-from data.shards import file_fingerprint, read_completion
-from tasks.common import (
+from data.shards import combine_fingerprints, file_fingerprint, read_completion
+from tasks.execution import (
     ExecutionConfig,
-    combine_fingerprints,
-    image_batches,
-    index_batches,
     inference_context,
     load_stage_model,
     progress_bar,
+    require,
     resolve_device,
     resolve_precision,
     semantic_settings,
 )
+from tasks.image_batches import image_batches, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
@@ -53,12 +52,20 @@ _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "
 
 @dataclass
 class FilterConfig:
-    """Filter stage settings; all but `execution` enter the output folder's hash."""
+    """Filter stage settings; all but `execution` enter the output folder's hash. The run
+    config's `filter:` block is this class (`flows.config.RunConfig`)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
 
     threshold: float = 0.5  # keep when softmax ITM P(match) >= threshold (BLIP: 0.5)
     top_k: int | None = None  # keep at most this many synthetic captions per image (best first)
     max_text_tokens: int = 35  # ITM text length, [ENC] and [SEP] included (BLIP: 35)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
+        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
+        require(self.max_text_tokens >= 3, f"max_text_tokens must be >= 3 ([ENC], a word, [SEP]), got {self.max_text_tokens}")
 
 
 @dataclass

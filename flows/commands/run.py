@@ -87,6 +87,8 @@ def _demo_ablation(folder: Path, quick: bool, again: str) -> None:
 def run(
     config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML run config (may name a preset)."),
     run_dir: str = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+    sets: list[str] = typer.Option(None, "--set", help="Override any field: FIELD=VALUE, e.g. "
+                                   "--set filter.threshold=0.3 --set caption.execution.batch_size=64 (repeatable)."),
 ) -> None:
     """Run (or resume) the bootstrap described by a YAML run config, in this process."""
     _offline_env()
@@ -94,12 +96,13 @@ def run(
     from flows.config import ConfigError, load_yaml
 
     try:
-        cfg = load_yaml(config, run_dir=run_dir)
+        cfg = load_yaml(config, sets=sets, run_dir=run_dir)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     from flows.interrupt import exit_on_interrupt
 
     again = f"capfilt run --config {config}" + (f" --run-dir {run_dir}" if run_dir else "")
+    again += "".join(f" --set {item}" for item in sets or [])
     with exit_on_interrupt(again):
         summary = run_bootstrap(cfg)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=2, default=str))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.lifecycle import StageStats
 
 # Extra positional words after `--input A` are more inputs (`--input web/*.parquet`).

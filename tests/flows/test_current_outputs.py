@@ -34,9 +34,11 @@ def _capfilt(*args: str) -> str:
 
 
 def _results(root: Path) -> dict[str, tuple[int, int]]:
-    """(inode, mtime_ns) of every shard, completion record, model and metrics file."""
+    """(inode, mtime_ns) of every shard, completion record, model and metrics file (not the
+    world's URL list, which names the port the demo serves its images on this time)."""
     return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and p.name.endswith(_RESULTS) and ".prefect" not in p.parts}  # fmt: skip
+            if p.is_file() and p.name.endswith(_RESULTS) and ".prefect" not in p.parts
+            and p.name != "web_urls.parquet"}  # fmt: skip
 
 
 def _query(run: Path, sql: str) -> list[dict]:

@@ -80,3 +80,32 @@ def test_shipped_yaml_configs_validate() -> None:
     assert files
     for path in files:
         assert load_yaml(path).run_dir
+
+
+def test_every_stage_setting_is_reachable_from_yaml_and_set(tmp_path: Path) -> None:
+    from tasks.caption import CaptionConfig
+    from tasks.filter import FilterConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: demo-quick\ncaption:\n  top_k: 50\n  prompt: 'an image of '\nfilter:\n  max_text_tokens: 30\n")
+    cfg = load_yaml(path, sets=["filter.threshold=0.3", "caption.execution.batch_size=7", "filter.top_k=null"])
+    assert isinstance(cfg.caption, CaptionConfig) and isinstance(cfg.filter, FilterConfig)  # the stages' own classes
+    assert (cfg.caption.top_k, cfg.caption.prompt, cfg.filter.max_text_tokens) == (50, "an image of ", 30)
+    assert cfg.filter.threshold == 0.3 and cfg.filter.top_k is None and cfg.caption.execution.batch_size == 7
+    assert cfg.caption.execution.num_workers == -1  # untouched fields keep the stage's defaults
+    with pytest.raises(ConfigError, match=r"caption\.execution\.batchsize: unknown field"):
+        load_yaml(path, sets=["caption.execution.batchsize=7"])
+    with pytest.raises(ConfigError, match=r"filter: threshold must be in \[0, 1\], got 3"):
+        load_yaml(path, sets=["filter.threshold=3"])
+    with pytest.raises(ConfigError, match=r"--set 'filter.threshold': write FIELD=VALUE"):
+        load_yaml(path, sets=["filter.threshold"])
+
+
+def test_a_stage_block_follows_the_run_device_unless_it_names_its_own() -> None:
+    from flows.steps import stage_config
+
+    cfg = load_config({"preset": "demo-quick", "loader_workers": 3, "filter": {"execution": {"device": "cpu"}}})
+    caption = stage_config(cfg, cfg.caption)
+    assert (caption.execution.device, caption.execution.num_workers, caption.execution.progress) == ("cpu", 3, False)
+    assert caption.execution.batch_size == 128 and caption.top_p == cfg.caption.top_p
+    assert stage_config(cfg, cfg.filter).execution.device == "cpu"

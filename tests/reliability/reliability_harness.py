@@ -245,7 +245,7 @@ def build_world(root: Path, web_sizes: tuple[int, ...] = (6, 6, 6, 6)) -> dict[s
     """A tiny random captioner/filter model, web shards (a failed and an undecodable row
     each), human shards, and the caption + filter outputs the later stages read."""
     from tasks.caption import CaptionConfig, run_caption
-    from tasks.common import ExecutionConfig
+    from tasks.execution import ExecutionConfig
     from tasks.filter import FilterConfig, run_filter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def run_hostile_pipeline(root: Path, model: Path) -> dict:
     from hostile_corpus import write_corpus
     from tasks.assemble import AssembleConfig, run_assemble
     from tasks.caption import CaptionConfig, run_caption
-    from tasks.common import ExecutionConfig
+    from tasks.execution import ExecutionConfig
     from tasks.filter import FilterConfig, run_filter
 
     execution = ExecutionConfig(num_workers=0, progress=False, batch_size=8)

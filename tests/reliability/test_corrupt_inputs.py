@@ -16,7 +16,7 @@ import blip_core
 from data.shards import list_shards, read_completion
 from tasks.assemble import AssembleConfig, run_assemble
 from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.lifecycle import StageIncompleteError
 from tasks.filter import FilterConfig, run_filter
 

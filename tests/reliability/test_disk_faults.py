@@ -19,7 +19,7 @@ from stage_helpers import web_rows, write_pairs
 
 from data.shards import is_complete, list_shards, read_completion
 from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.lifecycle import StageIncompleteError
 from tasks.filter import FilterConfig, run_filter
 

@@ -12,7 +12,7 @@ from stage_helpers import web_rows, write_pairs
 from data.schema import SCORED
 from data.shards import list_shards, read_completion, read_table, write_shard
 from tasks.assemble import AssembleConfig, normalised_caption, run_assemble
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 
 EXEC = ExecutionConfig(progress=False)
 

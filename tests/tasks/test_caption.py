@@ -15,7 +15,8 @@ from blip_core.image import ImageTransform
 from data.images import decode_image
 from data.shards import list_shards, read_completion, read_table
 from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig, derive_seed
+from tasks.caption import derive_seed
+from tasks.execution import ExecutionConfig
 
 EXEC = ExecutionConfig(batch_size=3, num_workers=0, progress=False)
 PROMPT = "a picture of "

@@ -16,7 +16,7 @@ import blip_core
 from blip_core.image import ImageTransform
 from data.images import decode_image
 from data.shards import list_shards, read_completion, read_table
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 from tasks.filter import FilterConfig, run_filter
 
 EXEC = ExecutionConfig(batch_size=3, num_workers=0, progress=False)

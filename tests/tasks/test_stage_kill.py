@@ -18,7 +18,7 @@ from stage_helpers import tiny_model, web_shards
 
 from data.shards import list_shards, read_completion, read_table
 from tasks.caption import CaptionConfig, run_caption
-from tasks.common import ExecutionConfig
+from tasks.execution import ExecutionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = 8
