@@ -16,8 +16,6 @@ from tasks.evaluate.measure import evaluate
 from tasks.evaluate.metrics import DEFAULT_RERANK_K
 from tasks.evaluate.result import EvalResult
 
-EVAL_FILE = Path("eval") / "metrics.json"
-
 
 def _inputs_fingerprint(model_dir: Path, test_shards: Sequence[Path], cfg: EvalConfig, extra: Sequence[Path]) -> str:
     weights = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
@@ -111,7 +109,7 @@ def evaluate_run(
     out_dir = Path(out) if out is not None else model.parent.parent / "eval"
     layout = RunLayout(out_dir.parent)
     cfg = EvalConfig(rerank_k=itm_top_k, batch_size=batch_size, device=device)
-    out_file = out_dir / EVAL_FILE.name
+    out_file = out_dir / layout.metrics.name
     evaluate_to_file(
         model, [Path(p) for p in test], out_file,
         Path(truth) if truth else None,

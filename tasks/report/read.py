@@ -17,17 +17,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.layout import INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout
+from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table
 
-EVAL_JSON = Path("eval") / "metrics.json"
-# Optional: one JSON object per line {"stage": ..., "seconds": ...} (a flow's stage rows),
-# used for stages whose completion records carry no time.
-STAGES_JSONL = "stages.jsonl"
-# Keys a stage may use in a completion record's `extra` for its wall time in seconds.
+# Keys a stage may use in a completion record's `extra` (or a ``stages.jsonl`` line) for its
+# wall time in seconds.
 TIME_KEYS = ("seconds", "wall_s", "elapsed_s", "duration_s", "time_s")
-# Subfolders of one filter output that together make up the stage.
-FILTER_PARTS = ("kept", "rejected", "failed")
 # Filter subfolders whose rows were scored (failed rows have no score).
 SCORED_PARTS = ("kept", "rejected")
 _SCORE_COLUMNS = ["key", "image_id", "source", "caption", "itm_score", "keep", "reject_reason", "threshold"]
@@ -78,7 +73,7 @@ def stage_accounting(run_dir: Path) -> list[StageAccount]:
     for stage, folder in stage_folders(run_dir).items():
         acc = StageAccount(stage=stage)
         seen: set[str] = set()
-        parts = [folder] + [folder / p for p in FILTER_PARTS]
+        parts = [folder] + [folder / p for p in FILTER_OUTCOMES]
         for part in parts:
             for done in sorted(part.glob("*" + DONE_SUFFIX)) if part.is_dir() else []:
                 record = read_completion(done)
@@ -97,8 +92,12 @@ def stage_accounting(run_dir: Path) -> list[StageAccount]:
 
 
 def read_stage_times(run_dir: Path) -> dict[str, float]:
-    """Stage -> seconds from ``stages.jsonl`` (last line per stage wins; torn lines skipped)."""
-    path = run_dir / STAGES_JSONL
+    """Stage -> seconds from ``stages.jsonl`` (last line per stage wins; torn lines skipped).
+
+    The file is optional: one JSON object per line ``{"stage": ..., "seconds": ...}`` (a
+    flow's stage rows), used for stages whose completion records carry no time.
+    """
+    path = RunLayout(run_dir).stages_log
     out: dict[str, float] = {}
     if not path.is_file():
         return out
@@ -178,5 +177,5 @@ def read_ok_captions(folder: Path | None, kind: str) -> list[str]:
 
 def read_eval_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``eval/metrics.json`` as a dict, or None before any evaluation."""
-    path = run_dir / EVAL_JSON
+    path = RunLayout(run_dir).metrics
     return json.loads(path.read_text()) if path.is_file() else None

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 
 from tasks.report.figures import caption_length_histograms, example_grid, itm_histograms, keep_rate_bars
 from tasks.report.figures import loss_curves, save_figure
-from tasks.report.read import EVAL_JSON, STAGES_JSONL, read_eval_metrics, read_image_bytes, read_ok_captions
+from data.layout import RunLayout
+from tasks.report.read import read_eval_metrics, read_image_bytes, read_ok_captions
 from tasks.report.read import read_scored, read_stage_times, read_training_metrics, stage_accounting, stage_folders
 from tasks.report.render import Block, Figure, Heading, Table, Text
 
@@ -65,7 +66,7 @@ def _accounting_section(run_dir: Path) -> list[Block]:
         blocks.append(Heading("Time and throughput", 3))
         blocks.append(Table(["stage", "seconds", "rows", "rows/s"], trows))
     else:
-        blocks.append(Text(f"No stage recorded its wall time (`extra.seconds` in a completion record, or `{STAGES_JSONL}`)."))
+        blocks.append(Text(f"No stage recorded its wall time (`extra.seconds` in a completion record, or `{RunLayout(run_dir).stages_log.name}`)."))
     return blocks
 
 
@@ -217,7 +218,8 @@ def _eval_section(run_dir: Path) -> list[Block]:
     data = read_eval_metrics(run_dir)
     blocks: list[Block] = [Heading("Evaluation")]
     if data is None:
-        return blocks + [Text(f"No evaluation yet (`{EVAL_JSON}`).")]
+        layout = RunLayout(run_dir)
+        return blocks + [Text(f"No evaluation yet (`{layout.relative(layout.metrics)}`).")]
     scalars = [[k, v] for k, v in data.items() if not isinstance(v, (dict, list))]
     if scalars:
         blocks.append(Table(["field", "value"], scalars))

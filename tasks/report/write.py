@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.layout import RunLayout
 from data.shards import write_atomic
 from tasks.report.render import to_html, to_markdown
 from tasks.report.sections import ReportConfig, report_blocks
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
+REPORT_HTML = "report.html"  # beside report.md (`RunLayout.report_md`)
 
 
 def write_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
@@ -20,7 +20,7 @@ def write_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     blocks = report_blocks(run_dir, cfg)
-    md_path = run_dir / REPORT_MD
+    md_path = RunLayout(run_dir).report_md
     write_atomic(md_path, to_markdown(blocks))
     write_atomic(run_dir / REPORT_HTML, to_html(blocks, f"capfilt report: {run_dir.name}"))
     return md_path
@@ -32,7 +32,7 @@ def artifact_markdown(run_dir: Path) -> str:
     Prefect's UI cannot show local images, so the figures become file links.
     """
     run_dir = Path(run_dir).resolve()
-    md_path = run_dir / REPORT_MD
+    md_path = RunLayout(run_dir).report_md
     if not md_path.is_file():
         write_report(run_dir)
     text = md_path.read_text()
