@@ -5,27 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from data.synth import WorldTruth, load_truth
+from data.synth import load_truth
 from tasks.evaluate.captioning import captioning_metrics
 from tasks.evaluate.config import EvalConfig, semantic_settings
 from tasks.evaluate.result import EvalResult
 from tasks.evaluate.retrieval import retrieval_metrics
-from tasks.evaluate.testset import TestSet, read_test_set
+from tasks.evaluate.testset import read_test_set
 from tasks.evaluate.truth_checks import truth_checks
-
-
-def evaluate_model(
-    model: Any, tokenizer: Any, test: TestSet, cfg: EvalConfig, truth: WorldTruth | None = None
-) -> dict[str, Any]:
-    """Retrieval and captioning metrics of a loaded MED on a test set (a plain dict)."""
-    model.eval()
-    out: dict[str, Any] = dict(retrieval_metrics(model, tokenizer, test, cfg, truth))
-    out["captioning"], out["examples"] = captioning_metrics(model, tokenizer, test, cfg, truth)
-    return out
 
 
 def evaluate(
@@ -50,19 +39,21 @@ def evaluate(
     loaded = blip_core.load(Path(model_dir), device=device)
     test = read_test_set(test_shards, cfg.max_images)
     truth = load_truth(Path(truth_dir)) if truth_dir is not None else None
+    loaded.model.eval()
     with torch.inference_mode():
-        metrics = evaluate_model(loaded.model, loaded.tokenizer, test, cfg, truth)
+        retrieval = retrieval_metrics(loaded.model, loaded.tokenizer, test, cfg, truth)
+        captioning, examples = captioning_metrics(loaded.model, loaded.tokenizer, test, cfg, truth)
     result = EvalResult(
         model_dir=str(model_dir),
         model_fingerprint=loaded.fingerprint,
         n_images=len(test.image_ids),
         n_texts=len(test.texts),
-        retrieval=metrics["retrieval"],
-        retrieval_id=metrics["retrieval_id"],
-        captioning=metrics["captioning"],
-        retrieval_itc=metrics["retrieval_itc"],
+        retrieval=retrieval["retrieval"],
+        retrieval_id=retrieval["retrieval_id"],
+        captioning=captioning,
+        retrieval_itc=retrieval["retrieval_itc"],
         settings=semantic_settings(cfg),
-        examples=metrics["examples"],
+        examples=examples,
     )
     if truth is not None:
         result.filter_detection, result.captioner = truth_checks(truth, filter_dir, caption_dir)
