@@ -40,7 +40,7 @@ from data.synth import SynthConfig, generate_world, load_truth
 from data.synth_world import CAPTION_KINDS
 from tasks import ablation as A
 from tasks.execution import ExecutionConfig
-from tasks.evaluate import filter_noise_detection, read_scored_rows
+from tasks.evaluate.truth_checks import filter_noise_detection, read_scored_rows
 from tasks.filter import FilterConfig, run_filter
 
 _SHUFFLE_SEED = 123

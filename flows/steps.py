@@ -233,7 +233,7 @@ def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 @task(name="evaluate", **_TASK_OPTIONS)
 def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Evaluate the final model on the test set into ``eval/metrics.json``."""
-    from tasks.evaluate import evaluate_run
+    from tasks.evaluate.run import evaluate_run
 
     maybe_fault("evaluate")
     start = time.perf_counter()

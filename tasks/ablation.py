@@ -57,16 +57,12 @@ from blip_core.atomic import replace_folder
 from blip_core.train.config import TrainConfig
 from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
-from tasks.evaluate import (
-    EvalConfig,
-    EvalResult,
-    captioner_correctness,
-    evaluate_to_file,
-    filter_noise_detection,
-    pair_itc_scores,
-    read_scored_rows,
-)
-from tasks.metrics import roc_auc
+from tasks.evaluate.config import EvalConfig
+from tasks.evaluate.metrics import roc_auc
+from tasks.evaluate.result import EvalResult
+from tasks.evaluate.retrieval import pair_itc_scores
+from tasks.evaluate.run import evaluate_to_file
+from tasks.evaluate.truth_checks import captioner_correctness, filter_noise_detection, read_scored_rows
 
 ROWS: tuple[str, ...] = ("no_cf", "filter", "captioner", "cf", "human")
 # rows whose data CapFilt makes: with several rounds, they train on the last round's

@@ -30,7 +30,9 @@ def evaluate(
     """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks."""
     from data.layout import MODEL_ENTRY, RunLayout
     from data.shards import list_shards
-    from tasks.evaluate import EvalConfig, evaluate as run_eval, evaluate_to_file
+    from tasks.evaluate.config import EvalConfig
+    from tasks.evaluate.measure import evaluate as run_eval
+    from tasks.evaluate.run import evaluate_to_file
 
     cfg = EvalConfig(rerank_k=rerank_k, caption_strategy=strategy, prompt=prompt, max_images=max_images,
                      batch_size=batch_size, device=device)

@@ -17,14 +17,10 @@ from data.schema import SCORED
 from data.shards import list_shards, read_table, shard_name, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
 from data.synth_world import correct_captions, weak_captions
-from tasks.evaluate import (
-    EvalConfig,
-    captioner_correctness,
-    evaluate,
-    evaluate_run,
-    evaluate_run_folder,
-    filter_noise_detection,
-)
+from tasks.evaluate.config import EvalConfig
+from tasks.evaluate.measure import evaluate
+from tasks.evaluate.run import evaluate_run, evaluate_run_folder
+from tasks.evaluate.truth_checks import captioner_correctness, filter_noise_detection
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +146,7 @@ def test_empty_test_set_is_a_clear_error(tmp_path: Path, model_dir: Path) -> Non
 def test_pair_itc_scores_match_the_model(world: Path, model_dir: Path) -> None:
     from blip_core.image import ImageTransform
     from data.images import decode_image
-    from tasks.evaluate import pair_itc_scores
+    from tasks.evaluate.retrieval import pair_itc_scores
 
     web = read_table(list_shards(world / "web")[0], "pairs").slice(0, 6)
     images, texts = web["jpg"].to_pylist(), web["caption"].to_pylist()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from tasks.evaluate.metrics import (
     caption_scores,
     detection_scores,
     first_hit_ranks,

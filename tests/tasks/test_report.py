@@ -11,16 +11,9 @@ import pytest
 from PIL import Image
 
 from data.shards import CompletionRecord, shard_name, write_completion, write_shard
-from tasks.report import (
-    artifact_markdown,
-    read_training_metrics,
-    stage_accounting,
-    to_html,
-    to_markdown,
-    write_report,
-    Heading,
-    Table,
-)
+from tasks.report import artifact_markdown, write_report
+from tasks.report.read import read_training_metrics, stage_accounting
+from tasks.report.render import Heading, Table, to_html, to_markdown
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
