@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from data.catalog import open_catalog, run_query, view_names
 from data.images import decode_image
+from data.layout import RunLayout
 from data.shards import write_atomic
 
 DEFAULT_LIMIT = 200
@@ -422,3 +423,21 @@ def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(out), gallery.html)
     return gallery
+
+
+def write_review_galleries(run_dir: Path, limit: int = DEFAULT_LIMIT) -> list[tuple[GalleryQuery, Path, Gallery]]:
+    """Write each of `REVIEW_GALLERIES` as ``RUN/gallery-<name>.html`` (what the report links).
+
+    Nothing is written before the filter has scored rows (no ``scored`` view); a rerun
+    replaces each page whole.
+    """
+    con = open_catalog(run_dir)
+    try:
+        scored = "scored" in view_names(con)
+    finally:
+        con.close()
+    if not scored:
+        return []
+    layout = RunLayout(run_dir)
+    return [(q, layout.gallery(q.name), write_gallery(run_dir, q.sql, layout.gallery(q.name), limit, q.title))
+            for q in REVIEW_GALLERIES]

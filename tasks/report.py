@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from data.gallery import write_review_galleries  # noqa: E402
 from data.images import decode_image  # noqa: E402
 from data.layout import INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout  # noqa: E402
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table, write_atomic  # noqa: E402
@@ -46,6 +48,9 @@ FILTER_PARTS = ("kept", "rejected", "failed")
 DEFAULT_THRESHOLD = 0.5
 LOSS_PARTS = ("itc", "itm", "lm")
 MAIN_COUNTS = ("input", "kept", "rejected", "failed")  # the accounting table's own columns
+# A Markdown link to a page beside the report, ``[text](gallery-x.html)``: a link in report.html too.
+_LOCAL_LINK = re.compile(r"\[([^\]]+)\]\(([\w.-]+\.html)\)")
+_LOCAL_LINK_HTML = r'<a href="\2">\1</a>'
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         if isinstance(b, Heading):
             body.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
         elif isinstance(b, Text):
-            body.append(f"<p>{html.escape(b.text)}</p>")
+            body.append(f"<p>{_LOCAL_LINK.sub(_LOCAL_LINK_HTML, html.escape(b.text))}</p>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
             rows = "".join(
@@ -533,6 +538,22 @@ def _eval_section(run_dir: Path) -> list[Block]:
     return blocks
 
 
+# --------------------------------------------------------------------------- galleries
+
+
+def _gallery_section(run_dir: Path) -> list[Block]:
+    """Write the review galleries beside the report (rejected web captions, kept synthetic
+    captions, borderline scores: `data.gallery.write_review_galleries`) and link them."""
+    written = write_review_galleries(run_dir)
+    if not written:
+        return []
+    blocks: list[Block] = [Heading("Galleries"), Text("Open in a browser; `capfilt browse RUN \"SQL\"` makes more.")]
+    for query, path, gallery in written:
+        rows = f"the first {gallery.shown} of {gallery.total}" if gallery.truncated else str(gallery.total)
+        blocks.append(Text(f"[{query.title}]({path.name}): {rows} rows."))
+    return blocks
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -551,6 +572,7 @@ def report_blocks(run_dir: Path, cfg: ReportConfig | None = None) -> list[Block]
     blocks += _filter_section(run_dir, scored, cfg)
     blocks += _caption_length_section(run_dir, folders, cfg)
     blocks += _examples_section(run_dir, filter_dir, scored, cfg)
+    blocks += _gallery_section(run_dir)
     blocks += _eval_section(run_dir)
     return blocks
 
