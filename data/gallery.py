@@ -195,6 +195,13 @@ def _td(content: str, sort_value: Any = None, css: str = "", title: str = "") ->
     return f"<td{attrs}>{content}</td>"
 
 
+def _same_caption(sibling: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether `sibling` is the query row itself: by key, or by source + caption when the query has no key."""
+    if "key" in row:
+        return sibling["key"] == row["key"]
+    return (sibling["source"], sibling.get("caption")) == (row.get("source"), row.get("caption"))
+
+
 def _caption_card(row: dict[str, Any]) -> str:
     """One caption of an image, for the side-by-side cell."""
     judged = verdict(row)
@@ -375,7 +382,7 @@ def render(table: pa.Table, total: int, sql: str, title: str, run_name: str, lim
     def siblings_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
         if captions is None:
             return None
-        return [c for c in captions.get(row.get("image_id") or "", []) if c["key"] != row.get("key")]
+        return [c for c in captions.get(row.get("image_id") or "", []) if not _same_caption(c, row)]
 
     body = "".join(_row(i, row, cols, thumb_of(row), siblings_of(row)) for i, row in enumerate(rows))
     table_html = (

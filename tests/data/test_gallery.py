@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -138,6 +139,8 @@ def test_an_image_shows_its_other_captions_side_by_side(run: Path) -> None:
     cards = re.findall(r'<div class="cap (\w+)"><b>\w+</b> ([\d.]+) <span class="v (\w+)">', page)
     assert cards == [("synthetic", "0.830", "kept"), ("synthetic", "0.440", "rejected")]  # not w1 itself
     assert "other captions of this image" in page and "rejected: itm_below_threshold" in page
+    keyless = build_gallery(run, "SELECT image_id, source, caption FROM scored WHERE key = 's1a'").html
+    assert re.findall(r'<div class="cap (\w+)">', keyless) == ["web", "synthetic"]  # w1 and s1b, not s1a itself
 
 
 def test_images_and_captions_are_looked_up_when_the_query_lacks_them(run: Path) -> None:
@@ -171,6 +174,15 @@ def test_verdicts_and_thumbnails() -> None:
 
     assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (128, 64)
     assert thumbnail_uri(b"<html>not an image</html>") is None and thumbnail_uri(None) is None
+
+
+def test_the_readme_examples_run(run: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    examples = [shlex.split(line)[3] for line in readme.splitlines() if line.startswith(".venv/bin/capfilt browse ")]
+    assert len(examples) >= 3
+    pages = [build_gallery(run, sql) for sql in examples]
+    assert _keys(pages[0].html) == ["s1a", "s2a"]  # synthetic captions that replaced a rejected web caption
+    assert _keys(pages[1].html)[:2] == ["w3", "s2a"]  # kept rows, lowest score first
 
 
 # ----------------------------------------------------------------------------- the command
