@@ -14,7 +14,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -219,6 +221,23 @@ def test_the_page_is_served_on_the_loopback(run: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_browse_without_out_serves_until_ctrl_c(run: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "browse", str(run), ALL_SCORED, "--limit", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        address = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert address and "3 of 10 rows" in line, line + proc.stderr.read()
+        with urllib.request.urlopen(address.group(0), timeout=10) as response:
+            assert len(_keys(response.read().decode())) == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- in a real browser
