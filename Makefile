@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install chromium demo test test-fast clean
 
 install: $(STAMP)
 
@@ -24,10 +24,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/capfilt demo
 
-test: install
+# The browser test (tests/data/test_gallery.py) needs Debian's `chromium`: installed here when
+# missing and possible (root with apt-get); otherwise that test skips, naming the package.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+	      || echo "could not install chromium; the browser test will be skipped"; \
+	  else echo "chromium is not installed (needs root with apt-get); the browser test will be skipped"; fi; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

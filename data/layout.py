@@ -99,6 +99,10 @@ class RunLayout:
     def report_md(self) -> Path:
         return self.root / "report.md"
 
+    def gallery(self, name: str) -> Path:
+        """``gallery-<name>.html``: a `capfilt browse` page written next to the report."""
+        return self.root / f"gallery-{name}.html"
+
     @property
     def stages_log(self) -> Path:
         """``stages.jsonl``: one line per stage that did work (wall times for the report)."""

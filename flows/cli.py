@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from flows.commands import browse as browse_commands
 from flows.commands import data as data_commands
 from flows.commands import evaluate as evaluate_commands
 from flows.commands import query as query_commands
@@ -17,7 +18,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands, query_commands):
+for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands, query_commands,
+             browse_commands):
     area.register(app)
 
 

@@ -4,10 +4,15 @@ GitHub-flavoured Markdown and one self-contained HTML page."""
 from __future__ import annotations
 
 import html
+import re
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+# A Markdown link to a page beside the report, ``[text](gallery-x.html)``: a link in report.html too.
+_LOCAL_LINK = re.compile(r"\[([^\]]+)\]\(([\w.-]+\.html)\)")
+_LOCAL_LINK_HTML = r'<a href="\2">\1</a>'
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         if isinstance(b, Heading):
             body.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
         elif isinstance(b, Text):
-            body.append(f"<p>{html.escape(b.text)}</p>")
+            body.append(f"<p>{_LOCAL_LINK.sub(_LOCAL_LINK_HTML, html.escape(b.text))}</p>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
             rows = "".join(

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data.gallery import write_review_galleries
 from tasks.report.figures import caption_length_histograms, example_grid, itm_histograms, keep_rate_bars
 from tasks.report.figures import loss_curves, save_figure
 from data.layout import RunLayout
@@ -230,6 +231,19 @@ def _eval_section(run_dir: Path) -> list[Block]:
     return blocks
 
 
+def _gallery_section(run_dir: Path) -> list[Block]:
+    """Write the review galleries beside the report (rejected web captions, kept synthetic
+    captions, borderline scores: `data.gallery.write_review_galleries`) and link them."""
+    written = write_review_galleries(run_dir)
+    if not written:
+        return []
+    blocks: list[Block] = [Heading("Galleries"), Text("Open in a browser; `capfilt browse RUN \"SQL\"` makes more.")]
+    for query, path, gallery in written:
+        rows = f"the first {gallery.shown} of {gallery.total}" if gallery.truncated else str(gallery.total)
+        blocks.append(Text(f"[{query.title}]({path.name}): {rows} rows."))
+    return blocks
+
+
 def report_blocks(run_dir: Path, cfg: ReportConfig | None = None) -> list[Block]:
     """Build every section (writing its PNGs into `run_dir`) and return the blocks."""
     cfg = cfg or ReportConfig()
@@ -245,5 +259,6 @@ def report_blocks(run_dir: Path, cfg: ReportConfig | None = None) -> list[Block]
     blocks += _filter_section(run_dir, scored, cfg)
     blocks += _caption_length_section(run_dir, folders, cfg)
     blocks += _examples_section(run_dir, filter_dir, scored, cfg)
+    blocks += _gallery_section(run_dir)
     blocks += _eval_section(run_dir)
     return blocks

@@ -1,0 +1,82 @@
+"""`capfilt browse RUN "SQL"`: the rows of a query as a self-contained HTML gallery (data/gallery.py).
+
+With ``--out FILE.html`` the page is written there (atomically) and opens from the file;
+without it the page is served on 127.0.0.1 at a free port, printed, until Ctrl-C.
+The query runs through the read-only catalog, so the same statements are refused as
+by `capfilt query` (exit 2) and query errors exit 1.
+"""
+
+from __future__ import annotations
+
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import duckdb
+import typer
+
+from data.catalog import QueryRefused
+from data.gallery import DEFAULT_LIMIT, build_gallery, write_gallery
+from data.schema import SchemaError
+from flows.commands.query import EXIT_ERROR, EXIT_REFUSED, resolve_run
+
+HOST = "127.0.0.1"
+
+
+def page_server(page: str, host: str = HOST, port: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving) that answers ``GET /`` with `page`; port 0 picks a free one."""
+    body = page.encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("#")[0].split("?")[0] not in ("/", "/index.html"):
+                self.send_error(404, "only / is served")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
+            return  # quiet: the address is printed once, requests are not
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def browse(
+    run: Path = typer.Argument(..., help="the run folder (or a name under runs/)"),
+    sql: str = typer.Argument(..., help="one SELECT / WITH over the run's views (capfilt query RUN --schema lists them)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write the page here instead of serving it"),
+    limit: int = typer.Option(DEFAULT_LIMIT, "--limit", "-n", min=1, help="rows on the page (the page says when cut)"),
+    title: str | None = typer.Option(None, "--title", help="the page's heading"),
+) -> None:
+    """Show a query's rows as an HTML gallery: thumbnail, caption, source, ITM score, verdict,
+    and the other captions of each image side by side; sortable by any column."""
+    try:
+        if out is not None:
+            gallery = write_gallery(resolve_run(run), sql, out, limit, title)
+        else:
+            gallery = build_gallery(resolve_run(run), sql, limit, title)
+    except (QueryRefused, duckdb.PermissionException) as exc:
+        typer.echo(f"capfilt browse: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    except (duckdb.Error, SchemaError, FileNotFoundError) as exc:
+        typer.echo(f"capfilt browse: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    shown = f"{gallery.shown} of {gallery.total} rows" if gallery.truncated else f"{gallery.total} rows"
+    if out is not None:
+        typer.echo(f"wrote {out} ({shown}); open {out.resolve().as_uri()}")
+        return
+    server = page_server(gallery.html)
+    typer.echo(f"serving the gallery ({shown}) at http://{HOST}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def register(app: typer.Typer) -> None:
+    """Add `capfilt browse` to the app."""
+    app.command("browse")(browse)
