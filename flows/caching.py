@@ -106,21 +106,34 @@ def output_complete(path: str | Path) -> bool:
     return path.is_file()
 
 
+def output_stamp(path: str | Path) -> str | None:
+    """What an output is now, cheaply: size and mtime of a file, of a model folder's weights;
+    None when it is missing. Any rewrite changes it (a rename, as a moved run, does not)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return None
+    return ",".join(f"{p.stat().st_size}-{p.stat().st_mtime_ns}" for p in files)
+
+
 def record_outputs(job: StepJob, outputs: list[str]) -> None:
-    """After a step succeeded: note its outputs, so later cache hits can be checked."""
+    """After a step succeeded: note its outputs and their stamps, so a later cache hit can
+    tell they are still the ones this step wrote (not rewritten by a run with other settings)."""
     target = _outputs_file(job)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, json.dumps({"outputs": outputs}, indent=1))
+    write_atomic(target, json.dumps({"outputs": {p: output_stamp(p) for p in outputs}}, indent=1))
 
 
 def outputs_still_complete(job: StepJob) -> bool:
-    """True when the step's recorded outputs all exist and are complete."""
+    """True when the step's recorded outputs all exist, are complete and unchanged since."""
     target = _outputs_file(job)
     try:
         outputs = json.loads(target.read_text())["outputs"]
     except (OSError, ValueError, KeyError):
         return False
-    return all(output_complete(p) for p in outputs)
+    if not isinstance(outputs, dict):  # an older record without stamps: trust nothing
+        return False
+    return all(output_complete(p) and output_stamp(p) == stamp for p, stamp in outputs.items())
 
 
 def step_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -136,6 +149,7 @@ __all__ = [
     "StepJob",
     "job_cache_key",
     "output_complete",
+    "output_stamp",
     "record_outputs",
     "result_storage",
     "results_dir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,3 +72,21 @@ def test_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
         maybe_fault("pretrain")
     monkeypatch.delenv("CAPFILT_FAULT")
     maybe_fault("caption", 2)
+
+
+def test_cached_result_is_dropped_when_another_run_rewrote_its_output(tmp_path: Path) -> None:
+    """A step whose output path is shared across settings (eval/metrics.json): once a run
+    with other settings rewrote it, the first settings' cached result no longer describes it."""
+    src = _shard(tmp_path / "in" / "part-00000.parquet")
+    metrics = tmp_path / "eval" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"threshold": 0.5}')
+    job = _job(tmp_path, src)
+    stored = results_dir(tmp_path) / job_cache_key(job)
+    stored.parent.mkdir(parents=True)
+    stored.write_text("{}")
+    record_outputs(job, [str(metrics)])
+    assert step_cache_key(None, {"job": job}) and stored.exists()
+    os.utime(metrics, ns=(1, 1))  # rewritten by a run with other settings (same size, other time)
+    step_cache_key(None, {"job": job})
+    assert not stored.exists()
