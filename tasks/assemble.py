@@ -148,11 +148,12 @@ def _segments(files: list[Path], cfg: AssembleConfig) -> list[tuple[Path, np.nda
         return [(f, None, False) for f in files]
     source = {f: _read(f, ["source"]).column("source") for f in files}
     wanted = pa.array(cfg.sources, pa.string())
-    return [
-        *((f, np.flatnonzero(pc.fill_null(pc.equal(source[f], s), False).to_numpy(zero_copy_only=False)), False)
-          for s in cfg.sources for f in files),
-        *((f, np.flatnonzero(~pc.is_in(source[f], value_set=wanted).to_numpy(zero_copy_only=False)), True) for f in files),
-    ]  # fmt: skip
+
+    def where(mask: pa.ChunkedArray) -> np.ndarray:
+        return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
+
+    taken = [(f, where(pc.equal(source[f], s)), False) for s in cfg.sources for f in files]
+    return taken + [(f, where(pc.invert(pc.is_in(source[f], value_set=wanted))), True) for f in files]
 
 
 def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
