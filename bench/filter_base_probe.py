@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data.shards import list_shards, read_table
+from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
 from data.synth import SynthConfig, generate_world, load_truth
 from data.synth_world import CAPTION_KINDS
 from tasks import ablation as A
@@ -44,30 +44,37 @@ from tasks.evaluate.truth_checks import filter_noise_detection, read_scored_rows
 from tasks.filter import FilterConfig, run_filter
 
 _SHUFFLE_SEED = 123
+_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]
+_DONE = "dataset.json"  # written after the shards: the folder is complete
 
 
-def training_rows(world: Path, kinds: set[str], out: Path) -> Path:
-    """Write human + the web rows of `kinds` (shuffled over all rows) as a dataset folder."""
+def training_rows(world: Path, kinds: set[str], out: Path, rows_per_shard: int = 2000) -> Path:
+    """Write human + the web rows of `kinds`, shuffled over all rows, as pair shards (a
+    selection by the truth, which no pipeline stage makes; the ablation's rows are
+    `run_assemble`'s)."""
     folder = out / "datasets" / "base"
-    if (folder / A.DATASET_FILE).is_file():
+    if (folder / _DONE).is_file():
         return folder
     truth = load_truth(world)
-    web = pa.concat_tables([read_table(p, "pairs", columns=A.PAIR_COLUMNS) for p in list_shards(world / "web")])
+    web = pa.concat_tables([read_table(p, "pairs", columns=_COLUMNS) for p in list_shards(world / "web")])
     web = web.filter(pa.array([truth.web_kinds.get(k) in kinds for k in web["key"].to_pylist()]))
-    human = [read_table(p, "pairs", columns=A.PAIR_COLUMNS) for p in list_shards(world / "human")]
+    human = [read_table(p, "pairs", columns=_COLUMNS) for p in list_shards(world / "human")]
     rows = pa.concat_tables([*human, web])
-    order = np.random.default_rng(_SHUFFLE_SEED).permutation(rows.num_rows)
-    A.write_dataset(folder, rows.take(pa.array(order)))
+    rows = rows.take(pa.array(np.random.default_rng(_SHUFFLE_SEED).permutation(rows.num_rows)))
+    for i, start in enumerate(range(0, rows.num_rows, rows_per_shard)):
+        write_shard(rows.slice(start, rows_per_shard), folder / shard_name(i), "pairs")
+    write_atomic(folder / _DONE, json.dumps({"total": rows.num_rows}))
     return folder
 
 
-def warm_model(cfg: A.AblationConfig, out: Path, seed: int, tokenizer: object) -> Path:
-    """A model pretrained on the human split of another world (same sizes, seed `seed`)."""
+def warm_model(cfg: A.AblationConfig, out: Path, seed: int) -> Path:
+    """A model pretrained on the human split of another world (same sizes, seed `seed`),
+    with the experiment's tokenizer."""
     other = out / f"world-{seed}"
     generate_world(other, SynthConfig(seed=seed, human_images=cfg.human_images, web_images=10, test_images=10,
                                       human_vague_rate=cfg.human_vague_rate))
-    return A.train_or_resume(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm",
-                             cfg.capfilt_seed, tokenizer=tokenizer)
+    return Path(A.train_or_resume(cfg, "pretrain", list_shards(other / "human"), out / "models" / "warm",
+                                  cfg.capfilt_seed).final_dir)
 
 
 def score(model: Path, world: Path, out: Path) -> dict[str, float]:
@@ -93,14 +100,13 @@ def main() -> None:
     cfg = A.AblationConfig(out_dir=str(args.out), pretrain_steps=args.steps, threads=args.threads)
     started = time.perf_counter()
     world = A.make_world(cfg, args.out)
-    tokenizer = A.make_tokenizer(cfg, world, args.out)
-    init = warm_model(cfg, args.out, args.warm_seed, tokenizer) if args.warm_seed is not None else None
-    base = A.train_or_resume(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)),
-                             args.out / "models" / "base", cfg.capfilt_seed,
-                             tokenizer=tokenizer if init is None else None, init=init)
+    A.make_tokenizer(cfg, world, args.out)  # into args.out/tokenizer, where every pretraining reads it
+    init = warm_model(cfg, args.out, args.warm_seed) if args.warm_seed is not None else None
+    base = Path(A.train_or_resume(cfg, "pretrain", list_shards(training_rows(world, kinds, args.out)),
+                                  args.out / "models" / "base", cfg.capfilt_seed, init=init).final_dir)
     retrieval = A.evaluate_on_test(cfg, base, world, args.out / "eval" / "base.json").retrieval
-    filt = A.train_or_resume(cfg, "finetune-filter", list_shards(world / "human"), args.out / "models" / "filter",
-                             cfg.capfilt_seed, init=base)
+    filt = Path(A.train_or_resume(cfg, "finetune-filter", list_shards(world / "human"), args.out / "models" / "filter",
+                                  cfg.capfilt_seed, init=base).final_dir)
     result = {
         "kinds": sorted(kinds), "warm_seed": args.warm_seed, "steps": args.steps,
         "base TR@1 / IR@1": [round(retrieval["TR@1"], 1), round(retrieval["IR@1"], 1)],

@@ -14,18 +14,21 @@ and pretrain a fresh MED on each with the same budget (steps x batch), for sever
 seeds, and evaluate each on the held-out test set (`tasks.evaluate`). The table puts the
 mean and spread over seeds next to the paper's Table 1.
 
-Everything lands under one output folder laid out like a run folder (so `capfilt report`
-works on it too). Each piece is skipped when its output is complete, so a rerun after a
-crash (or with more seeds) continues where it stopped:
+The experiment composes the pipeline's own stages: `tasks.train.train_stage` for every
+model, `run_caption` / `run_filter` for CapFilt and `run_assemble` for every training set.
+Each of them skips what it finds complete (a finished model with the same settings, a
+complete shard), so a rerun after a crash, or with more seeds or rounds, continues where
+it stopped. Everything lands under one output folder laid out like a run folder (so
+`capfilt report` works on it too):
 
 ```
 OUT/world/                      the synthetic world (with truth/)
 OUT/ingest/{human,web,test}     links to the world's splits
-OUT/tokenizer/                  WordPiece vocabulary of the training captions
+OUT/tokenizer/                  WordPiece vocabulary of the world's human and web captions
 OUT/models/<row>-s<seed>/       final pretraining runs (no_cf-s<capfilt_seed> is also CapFilt's base)
 OUT/models/filter/ models/captioner/
 OUT/caption/<hash>/ OUT/filter/<hash>/   the CapFilt stage outputs
-OUT/datasets/<row>/             each row's training shards + dataset.json (row counts)
+OUT/datasets/<row>/<hash>/      each row's training shards (the assemble stage's output)
 OUT/eval/<row>-s<seed>.json     evaluation of each model; OUT/eval/capfilt.json
 OUT/table.md  OUT/table.json    the result
 OUT/round-<r>/                  with --rounds r > 1: round r's models/filter, models/captioner,
@@ -43,6 +46,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +59,19 @@ import torch
 
 from blip_core.atomic import replace_folder
 from blip_core.train.config import TrainConfig
-from data.shards import list_shards, read_table, shard_name, write_atomic, write_shard
+from data.shards import list_shards, read_table, write_atomic
 from data.synth import SynthConfig, generate_world, load_truth
+from tasks.assemble import AssembleConfig, run_assemble
+from tasks.caption import CaptionConfig, run_caption
 from tasks.evaluate.config import EvalConfig
 from tasks.evaluate.metrics import roc_auc
 from tasks.evaluate.result import EvalResult
 from tasks.evaluate.retrieval import pair_itc_scores
 from tasks.evaluate.run import evaluate_to_file
 from tasks.evaluate.truth_checks import captioner_correctness, filter_noise_detection, read_scored_rows
+from tasks.execution import ExecutionConfig
+from tasks.filter import FilterConfig, run_filter
+from tasks.train import TrainStageResult, init_image_size, stage_tokenizer, train_stage
 
 ROWS: tuple[str, ...] = ("no_cf", "filter", "captioner", "cf", "human")
 # rows whose data CapFilt makes: with several rounds, they train on the last round's
@@ -94,7 +103,6 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("CIDEr", "captioning", "CIDEr"),
     ("exact caps %", "captioning", "scene_exact"),
 )
-DATASET_FILE = "dataset.json"
 SETTINGS_FILE = "ablation.json"
 # a rerun may change these: more rounds reuse every piece of the earlier ones
 _RERUN_SETTINGS = ("out_dir", "seeds", "rows", "rounds", "threads")
@@ -212,6 +220,8 @@ class AblationResult:
 # Public so that experiments beside the table (bench/filter_base_probe.py) build on the same
 # world, tokenizer, training recipe and evaluation; each skips work whose output is complete.
 
+_EXECUTION = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
+
 
 def make_world(cfg: AblationConfig, out: Path) -> Path:
     """Generate the experiment's world into ``out/world`` (kept when complete) and link its
@@ -232,67 +242,30 @@ def make_world(cfg: AblationConfig, out: Path) -> Path:
     return world
 
 
-def _captions_of(shards: Sequence[Path]) -> list[str]:
-    out: list[str] = []
-    for p in shards:
-        out += [c for c in read_table(p, "pairs", columns=["caption"])["caption"].to_pylist() if c]
-    return out
-
-
 def make_tokenizer(cfg: AblationConfig, world: Path, out: Path) -> Any:
-    """The WordPiece tokenizer of the world's human and web captions, built once into
-    ``out/tokenizer`` and read back from there afterwards."""
-    from blip_core.tokenizer import Tokenizer, build_tokenizer
-
-    folder = out / "tokenizer"
-    if folder.is_dir() and any(folder.iterdir()):
-        return Tokenizer.from_folder(folder)
-    captions = _captions_of(list_shards(world / "human") + list_shards(world / "web"))
-    tok = build_tokenizer(captions, vocab_size=cfg.vocab_size)
-    tmp = out / "tokenizer.tmp"
-    tok.save(tmp)
-    replace_folder(tmp, folder)
-    return tok
+    """The WordPiece tokenizer of the world's human and web captions (the training stage's
+    own helper), built once into ``out/tokenizer``, where every pretraining reads it."""
+    return stage_tokenizer(out / "tokenizer", list_shards(world / "human") + list_shards(world / "web"), cfg.vocab_size)
 
 
 def train_or_resume(
-    cfg: AblationConfig, mode: str, shards: list[Path], out_dir: Path, seed: int,
-    tokenizer: Any = None, init: Path | None = None,
-) -> Path:
-    """Train (or resume, or skip when finished) one model; returns its final folder."""
-    from blip_core.image import ImageTransform
-    from blip_core.train import train
-    from data.dataset import PairDataset
-
-    final = out_dir / "final"
-    if (final / "config.json").is_file():
-        return final
+    cfg: AblationConfig, mode: str, shards: list[Path], out_dir: Path, seed: int, init: Path | None = None
+) -> TrainStageResult:
+    """Train one model with the training stage (which resumes from its checkpoints, or finds
+    it finished with the same settings). A model trained from scratch uses the tokenizer of
+    ``cfg.out_dir/tokenizer`` (`make_tokenizer`); one trained from `init` keeps init's."""
     pretrain = mode == "pretrain"
-    tcfg = TrainConfig.for_mode(
-        mode, out_dir=str(out_dir), preset=cfg.preset, init=str(init) if init else None,
-        image_size=0 if init is None else _image_size(init),
+    return train_stage(
+        out_dir, shards, mode, init=init, preset=cfg.preset, augment=False,  # no crop, no flip (module doc)
+        vocab_size=cfg.vocab_size, tokenizer_dir=Path(cfg.out_dir) / "tokenizer",
+        image_size=0 if init is None else init_image_size(init),  # 0: the preset's; a finetune keeps init's
         epochs=10_000, max_steps=cfg.pretrain_steps if pretrain else cfg.finetune_steps,
         batch_size=cfg.batch_size, lr=cfg.lr if pretrain else cfg.finetune_lr,
         warmup_steps=cfg.warmup_steps if pretrain else 0, schedule="cosine",
-        queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha, seed=seed, device="cpu", num_workers=0, progress=False,
-        mix_units=cfg.mix_units,
-        log_every=10, checkpoint_every=max(cfg.pretrain_steps, cfg.finetune_steps), keep_last=1, resume=True,
-    )
-    size = tcfg.resolved_image_size()
-    # no crop, no flip: positions and relations are what the captions say
-    transform = ImageTransform(size, train=False)
-
-    def factory(rank: int, world_size: int) -> PairDataset:
-        return PairDataset(shards, transform=lambda img, rng: transform(img), seed=seed, rank=rank,
-                           world_size=world_size, mix_units=tcfg.mix_units)
-
-    result = train(tcfg, factory, tokenizer=tokenizer if init is None else None)
-    return Path(result.final_dir)
-
-
-def _image_size(model_dir: Path) -> int:
-    data = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(data["med"]["vision"]["image_size"])
+        queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha, seed=seed, device="cpu", num_workers=0,
+        progress=False, mix_units=cfg.mix_units,
+        log_every=10, checkpoint_every=max(cfg.pretrain_steps, cfg.finetune_steps), keep_last=1,
+    )  # fmt: skip
 
 
 def round_folder(out: Path, round_index: int) -> Path:
@@ -310,72 +283,67 @@ def finetune_recipe(cfg: AblationConfig, round_index: int) -> AblationConfig:
     return dataclasses.replace(cfg, finetune_steps=steps, finetune_lr=cfg.lr * cfg.later_finetune_lr_ratio)
 
 
-def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> tuple[Path, Path]:
+@dataclass
+class _CapFiltRound:
+    """One CapFilt round's models and stage outputs; `computed` when any model was trained."""
+
+    filter_model: Path
+    caption_dir: Path
+    filter_dir: Path
+    computed: bool
+
+
+def _capfilt(cfg: AblationConfig, root: Path, world: Path, base: Path) -> _CapFiltRound:
     """Finetune filter + captioner from `base` into ``root/models``, caption and filter the
-    web set into ``root/caption`` and ``root/filter``."""
-    from tasks.caption import CaptionConfig, run_caption
-    from tasks.execution import ExecutionConfig
-    from tasks.filter import FilterConfig, run_filter
-
-    human = list_shards(world / "human")
-    seed = cfg.capfilt_seed
-    filt = train_or_resume(cfg, "finetune-filter", human, root / "models" / "filter", seed, init=base)
-    capt = train_or_resume(cfg, "finetune-captioner", human, root / "models" / "captioner", seed, init=base)
-    execution = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
-    web = list_shards(world / "web")
+    web set into ``root/caption`` and ``root/filter`` (each stage skips complete shards)."""
+    human, web = list_shards(world / "human"), list_shards(world / "web")
+    filt = train_or_resume(cfg, "finetune-filter", human, root / "models" / "filter", cfg.capfilt_seed, init=base)
+    capt = train_or_resume(cfg, "finetune-captioner", human, root / "models" / "captioner", cfg.capfilt_seed, init=base)
     caption_cfg = CaptionConfig(strategy=cfg.caption_strategy, top_p=cfg.top_p, num_captions=cfg.num_captions,
-                                seed=cfg.world_seed, execution=execution)
-    captions = run_caption(web, root / "caption", capt, caption_cfg)
-    filtered = run_filter(web, root / "filter", filt, FilterConfig(threshold=cfg.threshold, execution=execution),
-                          caption_dir=Path(captions.output))
-    return Path(captions.output), Path(filtered.output)
+                                seed=cfg.world_seed, execution=_EXECUTION)  # fmt: skip
+    filter_cfg = FilterConfig(threshold=cfg.threshold, execution=_EXECUTION)
+    captions = run_caption(web, root / "caption", Path(capt.final_dir), caption_cfg)
+    filtered = run_filter(web, root / "filter", Path(filt.final_dir), filter_cfg, caption_dir=Path(captions.output))
+    return _CapFiltRound(Path(filt.final_dir), Path(captions.output), Path(filtered.output),
+                         computed=not (filt.skipped and capt.skipped))
 
 
-PAIR_COLUMNS = ["key", "image_id", "source", "caption", "jpg", "status"]  # of every training dataset
+# Each row's training set is the assemble stage over the row's inputs, taking these sources
+# one after another: every human pair, then every web pair, then every synthetic one, each
+# in input order (the F row takes no synthetic caption from the filter's kept shards). No
+# dedupe: the rows are the paper's sets as they are. Shards of 2,000 rows, read in 256-row
+# groups by the trainer.
+_SOURCES = ("human", "web", "synthetic")
+_ROW_SOURCES: dict[str, tuple[str, ...]] = {row: _SOURCES for row in ROWS} | {"filter": ("human", "web")}
+_ROWS_PER_SHARD = 2000
 
 
-def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, rows: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Write each row's training shards to ``OUT/datasets/<row>/`` (pairs, ok rows only).
+def _row_inputs(row: str, world: Path, caption_dir: Path, filter_dir: Path) -> list[Path]:
+    human, web = list_shards(world / "human"), list_shards(world / "web")
+    synthetic, kept = list_shards(caption_dir), list_shards(filter_dir / "kept")
+    return {"no_cf": human + web, "filter": human + kept, "captioner": human + web + synthetic,
+            "cf": human + kept, "human": human}[row]  # fmt: skip
 
-    Returns rows per source for every dataset. A dataset whose ``dataset.json`` exists
-    is left as it is (its inputs are fixed for an output folder), so reruns are free.
-    """
-    def read(paths: list[Path], kind: str) -> pa.Table:
-        t = pa.concat_tables([read_table(p, kind, columns=PAIR_COLUMNS) for p in paths])
-        return t.filter(pc.equal(t["status"], "ok"))
 
-    sizes: dict[str, dict[str, int]] = {}
-    pending = [r for r in rows if not (out / "datasets" / r / DATASET_FILE).is_file()]
-    if pending:
-        human = read(list_shards(world / "human"), "pairs")
-        web = read(list_shards(world / "web"), "pairs")
-        synthetic = read(list_shards(caption_dir), "pairs")
-        kept = read(list_shards(filter_dir / "kept"), "scored")
-        kept_web = kept.filter(pc.equal(kept["source"], "web"))
-        kept_syn = kept.filter(pc.equal(kept["source"], "synthetic"))
-        parts = {
-            "no_cf": [human, web],
-            "filter": [human, kept_web],
-            "captioner": [human, web, synthetic],
-            "cf": [human, kept_web, kept_syn],
-            "human": [human],
-        }
-        for row in pending:
-            write_dataset(out / "datasets" / row, pa.concat_tables(parts[row]))
+def build_datasets(out: Path, world: Path, caption_dir: Path, filter_dir: Path, rows: Sequence[str]) -> dict[str, Path]:
+    """Assemble each row's training set into ``out/datasets/<row>/<hash>/``; returns the
+    folder of each. A rerun finds the shards complete (same inputs, same settings) and
+    writes nothing."""
+    folders: dict[str, Path] = {}
     for row in rows:
-        sizes[row] = json.loads((out / "datasets" / row / DATASET_FILE).read_text())
-    return sizes
+        acfg = AssembleConfig(rows_per_shard=_ROWS_PER_SHARD, dedupe=False, sources=_ROW_SOURCES[row],
+                              execution=_EXECUTION)  # fmt: skip
+        inputs = _row_inputs(row, world, caption_dir, filter_dir)
+        folders[row] = Path(run_assemble(inputs, out / "datasets" / row, acfg).output)
+    return folders
 
 
-def write_dataset(folder: Path, table: pa.Table, rows_per_shard: int = 2000) -> None:
-    """Write `table` (PAIR_COLUMNS) as pair shards into `folder`, then ``dataset.json`` (row
-    counts per source), which marks the dataset complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        write_shard(table.slice(start, rows_per_shard), folder / shard_name(i), "pairs")
-    counts = {s: int(n) for s, n in zip(*np.unique(table["source"].to_pylist(), return_counts=True))}
-    counts["total"] = table.num_rows
-    write_atomic(folder / DATASET_FILE, json.dumps(counts, sort_keys=True))  # written last: marks the dataset complete
+def dataset_rows(folder: Path) -> dict[str, int]:
+    """Rows of a training set per source, and ``total`` (keys sorted)."""
+    counts: Counter[str] = Counter()
+    for shard in list_shards(folder):
+        counts.update(read_table(shard, "dataset", columns=["source"])["source"].to_pylist())
+    return dict(sorted({**counts, "total": counts.total()}.items()))
 
 
 def evaluate_on_test(cfg: AblationConfig, model: Path, world: Path, out_file: Path) -> EvalResult:
@@ -384,7 +352,7 @@ def evaluate_on_test(cfg: AblationConfig, model: Path, world: Path, out_file: Pa
     return evaluate_to_file(model, list_shards(world / "test"), out_file, world, cfg=ecfg)
 
 
-def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, Any]:
+def _capfilt_diagnostics(world: Path, round_: _CapFiltRound, out: Path) -> dict[str, Any]:
     """The filter's noise detection and the captioner's correctness against the truth.
 
     Besides the filter's ITM verdicts, the ROC-AUC of the same filter model's ITC
@@ -394,6 +362,7 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
     rerun reads it back instead of scoring every web pair again.
     """
     path = out / "eval" / "capfilt.json"
+    filter_dir = round_.filter_dir
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.pop("filter_output", None) == filter_dir.name:
@@ -405,18 +374,17 @@ def _capfilt_diagnostics(world: Path, filter_dir: Path, out: Path) -> dict[str, 
         "captioner": captioner_correctness(scored.filter(pc.equal(scored["source"], "synthetic")), truth),
     }
     web = pa.concat_tables([read_table(p, "pairs", columns=["key", "caption", "jpg", "status"])
-                            for p in list_shards(world / "web")])
+                            for p in list_shards(world / "web")])  # fmt: skip
     web = web.filter(pc.equal(web["status"], "ok"))
     keys = web["key"].to_pylist()
     known = [i for i, k in enumerate(keys) if k in truth.web_kinds]
-    itc = pair_itc_scores(out / "models" / "filter" / "final", [web["jpg"][i].as_py() for i in known],
-                          [web["caption"][i].as_py() or "" for i in known])
+    itc = pair_itc_scores(round_.filter_model, [web["jpg"][i].as_py() for i in known],
+                          [web["caption"][i].as_py() or "" for i in known])  # fmt: skip
     clean = [not truth.is_noisy(keys[i]) for i in known]
     diag["filter"]["itc_roc_auc"] = roc_auc(itc, clean)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({"filter_output": filter_dir.name, **diag}, indent=2, allow_nan=True))
     return diag
-
 
 # --------------------------------------------------------------------------- the experiment
 
@@ -459,78 +427,96 @@ def _check_settings(cfg: AblationConfig, out: Path) -> None:
         )
 
 
-def _model_done(folder: Path) -> bool:
-    return (folder / "final" / "config.json").is_file()
+class _Experiment:
+    """One invocation over an output folder: trains (or finds) models, keeps the timings."""
+
+    def __init__(self, cfg: AblationConfig, say: Any) -> None:
+        self.cfg, self.say = cfg, say
+        self.out = Path(cfg.out_dir)
+        self.world = self.out / "world"
+        self.timings = _Timings(self.out / "timings.json")
+
+    def pretrain(self, shards: list[Path], root: Path, name: str, seed: int) -> Path:
+        """Pretrain ``root/models/<name>`` on `shards`, timed as ``[round-r/]train <name>``."""
+        t = time.perf_counter()
+        result = train_or_resume(self.cfg, "pretrain", shards, root / "models" / name, seed)
+        self.timings.record(f"{self._prefix(root)}train {name}", time.perf_counter() - t, not result.skipped)
+        return Path(result.final_dir)
+
+    def capfilt_round(self, round_index: int, base: Path) -> tuple[_CapFiltRound, dict[str, Any]]:
+        """Round `round_index`'s CapFilt from `base`, and its diagnostics."""
+        root = round_folder(self.out, round_index)
+        t = time.perf_counter()
+        done = _capfilt(finetune_recipe(self.cfg, round_index), root, self.world, base)
+        self.timings.record(f"{self._prefix(root)}capfilt (finetune x2, caption, filter)", time.perf_counter() - t,
+                            done.computed)  # fmt: skip
+        diag = _capfilt_diagnostics(self.world, done, root)
+        self.say(f"capfilt round {round_index}: filter ROC-AUC {diag['filter']['roc_auc']:.3f}, "
+                 f"captioner exact {diag['captioner']['exact']:.3f}")  # fmt: skip
+        return done, diag
+
+    def evaluate(self, model: Path, root: Path, name: str) -> EvalResult:
+        path = root / "eval" / f"{name}.json"
+        t, fresh = time.perf_counter(), not path.is_file()
+        result = evaluate_on_test(self.cfg, model, self.world, path)
+        self.timings.record(f"{self._prefix(root)}eval {name}", time.perf_counter() - t, fresh)
+        return result
+
+    def _prefix(self, root: Path) -> str:
+        return "" if root == self.out else f"{root.name}/"
+
+    def run(self) -> AblationResult:
+        cfg, out = self.cfg, self.out
+        t = time.perf_counter()
+        make_world(cfg, out)
+        make_tokenizer(cfg, self.world, out)
+        self.timings.record("world + tokenizer", time.perf_counter() - t, computed=False)
+        rows = list(cfg.rows)
+        # CapFilt's base model is a no-C/F run (same data, same budget), the one of capfilt_seed.
+        name = f"no_cf-s{cfg.capfilt_seed}"
+        raw = list_shards(self.world / "human") + list_shards(self.world / "web")
+        base = self.pretrain(raw, out, name, cfg.capfilt_seed)
+        self.say(f"base model {base} ({self.timings.values[f'train {name}']:.0f} s)")
+        diagnostics: list[dict[str, Any]] = []
+        for round_index in range(1, cfg.rounds + 1):
+            done, diag = self.capfilt_round(round_index, base)
+            diagnostics.append(diag)
+            root = round_folder(out, round_index)
+            if round_index < cfg.rounds:  # the next round's base: this round's C+F model of capfilt_seed
+                cf = build_datasets(root, self.world, done.caption_dir, done.filter_dir, ["cf"])["cf"]
+                base = self.pretrain(list_shards(cf), root, f"cf-s{cfg.capfilt_seed}", cfg.capfilt_seed)
+        # the rows CapFilt makes train on the last round's data; the others do not depend on it
+        made = [r for r in rows if r in BOOTSTRAPPED]
+        folders = build_datasets(root, self.world, done.caption_dir, done.filter_dir, made)
+        folders |= build_datasets(out, self.world, done.caption_dir, done.filter_dir, [r for r in rows if r not in made])
+        values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
+        for seed in cfg.seeds:
+            for row in rows:
+                row_root = root if row in BOOTSTRAPPED else out
+                name = f"{row}-s{seed}"
+                model = self.pretrain(list_shards(folders[row]), row_root, name, seed)  # a base's time is kept
+                res = self.evaluate(model, row_root, name)
+                for label, section, key in METRICS:
+                    values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
+                self.say(f"{row} seed {seed}: TR@1 {res.retrieval['TR@1']:.1f} IR@1 {res.retrieval['IR@1']:.1f} "
+                         f"ITC TR@1 {res.retrieval_itc.get('TR@1', float('nan')):.1f}")  # fmt: skip
+        seconds = dict(self.timings.values)
+        seconds["total"] = round(sum(seconds.values()), 1)
+        return AblationResult(config=dataclasses.asdict(cfg), values=values,
+                              dataset_rows={r: dataset_rows(f) for r, f in folders.items()}, capfilt=diagnostics[-1],
+                              seconds=seconds, capfilt_rounds=diagnostics[:-1])  # fmt: skip
 
 
 def run_ablation(cfg: AblationConfig, log: Any = None) -> AblationResult:
     """Run (or resume) the whole experiment; writes ``table.md`` / ``table.json`` in the out folder."""
-    say = log or (lambda msg: None)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(cfg, out)
-    timings = _Timings(out / "timings.json")
-    t = time.perf_counter()
-    world = make_world(cfg, out)
-    tokenizer = make_tokenizer(cfg, world, out)
-    timings.record("world + tokenizer", time.perf_counter() - t, computed=False)
-    rows = list(cfg.rows)
-    # CapFilt's base model is a no-C/F run (same data, same budget), the one of capfilt_seed.
-    base_dir = out / "models" / f"no_cf-s{cfg.capfilt_seed}"
-    t, fresh = time.perf_counter(), not _model_done(base_dir)
-    base = train_or_resume(cfg, "pretrain", list_shards(world / "human") + list_shards(world / "web"), base_dir,
-                           cfg.capfilt_seed, tokenizer=tokenizer)
-    took = timings.record(f"train {base_dir.name}", time.perf_counter() - t, fresh)
-    say(f"base model {base} ({took:.0f} s)")
-    capfilt_rounds: list[dict[str, Any]] = []
-    for round_index in range(1, cfg.rounds + 1):
-        root, last = round_folder(out, round_index), round_index == cfg.rounds
-        prefix = "" if round_index == 1 else f"{root.name}/"
-        recipe = finetune_recipe(cfg, round_index)
-        t = time.perf_counter()
-        fresh = not (_model_done(root / "models" / "filter") and _model_done(root / "models" / "captioner"))
-        caption_dir, filter_dir = _capfilt(recipe, root, world, base)
-        timings.record(f"{prefix}capfilt (finetune x2, caption, filter)", time.perf_counter() - t, fresh)
-        capfilt = _capfilt_diagnostics(world, filter_dir, root)
-        capfilt_rounds.append(capfilt)
-        say(f"capfilt round {round_index}: filter ROC-AUC {capfilt['filter']['roc_auc']:.3f}, "
-            f"captioner exact {capfilt['captioner']['exact']:.3f}")
-        if last:
-            sizes = build_datasets(root, world, caption_dir, filter_dir, [r for r in rows if r in BOOTSTRAPPED])
-            sizes.update(build_datasets(out, world, caption_dir, filter_dir, [r for r in rows if r not in BOOTSTRAPPED]))
-        else:  # the next round's base: this round's C+F model of capfilt_seed
-            build_datasets(root, world, caption_dir, filter_dir, ["cf"])
-            base_dir = root / "models" / f"cf-s{cfg.capfilt_seed}"
-            t, fresh = time.perf_counter(), not _model_done(base_dir)
-            base = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / "cf"), base_dir, cfg.capfilt_seed,
-                                   tokenizer=tokenizer)
-            timings.record(f"{prefix}train {base_dir.name}", time.perf_counter() - t, fresh)
-    values: dict[str, dict[str, list[float]]] = {r: {m[0]: [] for m in METRICS} for r in rows}
-    for seed in cfg.seeds:
-        for row in rows:
-            root = round_folder(out, cfg.rounds) if row in BOOTSTRAPPED else out
-            prefix = "" if root == out else f"{root.name}/"
-            name = f"{row}-s{seed}"
-            t, fresh = time.perf_counter(), not _model_done(root / "models" / name)
-            model = train_or_resume(cfg, "pretrain", list_shards(root / "datasets" / row), root / "models" / name,
-                                    seed, tokenizer=tokenizer)
-            timings.record(f"{prefix}train {name}", time.perf_counter() - t, fresh)  # keeps a base's time
-            t, fresh = time.perf_counter(), not (root / "eval" / f"{name}.json").is_file()
-            res = evaluate_on_test(cfg, model, world, root / "eval" / f"{name}.json")
-            timings.record(f"{prefix}eval {name}", time.perf_counter() - t, fresh)
-            for label, section, key in METRICS:
-                values[row][label].append(float(getattr(res, section).get(key, float("nan"))))
-            say(f"{row} seed {seed}: TR@1 {res.retrieval['TR@1']:.1f} IR@1 {res.retrieval['IR@1']:.1f} "
-                f"ITC TR@1 {res.retrieval_itc.get('TR@1', float('nan')):.1f}")
-    seconds = dict(timings.values)
-    seconds["total"] = round(sum(seconds.values()), 1)
-    result = AblationResult(config=dataclasses.asdict(cfg), values=values, dataset_rows=sizes, capfilt=capfilt,
-                            seconds=seconds, capfilt_rounds=capfilt_rounds[:-1])
+    result = _Experiment(cfg, log or (lambda msg: None)).run()
     write_atomic(out / "table.json", result.to_json())
     write_atomic(out / "table.md", format_table(result))
     return result
-
 
 
 # --------------------------------------------------------------------------- the table

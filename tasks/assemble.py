@@ -14,6 +14,11 @@ attributed to the output shard that was filling when it was read, so every compl
 record holds input = kept + rejected + failed for its shard, and the sums over shards
 are the totals. A rerun recomputes the plan (cheap, no model) and rewrites only shards
 whose record is missing.
+
+With `sources` set, the dataset takes those sources one after another, each over all
+inputs in order (so every kept web pair comes before any synthetic one, and a source
+listed earlier wins a duplicate tie); rows of other sources are rejected as
+``excluded_source`` and counted in the last shard.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from tasks.execution import ExecutionConfig, progress_bar, require, semantic_set
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
 
 # Outcome codes per input row.
-KEPT, DUPLICATE, REJECTED, FAILED = 0, 1, 2, 3
+KEPT, DUPLICATE, REJECTED, FAILED, EXCLUDED = 0, 1, 2, 3, 4
 _DEDUPE_READ = ["key", "status", "caption", "sha256", "jpg"]
 
 
@@ -49,6 +54,8 @@ class AssembleConfig:
 
     rows_per_shard: int = 10_000  # rows per output shard of D'
     dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
+    # () = every row, in input order; else only these sources, source by source (see module doc)
+    sources: tuple[str, ...] = ()
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:
@@ -57,11 +64,13 @@ class AssembleConfig:
 
 @dataclass
 class _Plan:
-    """Per input file, the outcome of each row and the output shard it is attributed to."""
+    """Per segment (an input file, or with `sources` the rows of one source in one file),
+    the outcome of each of its rows and the output shard it is attributed to."""
 
-    files: list[Path]
-    outcome: list[np.ndarray]  # per file (n_i,) int8 codes
-    shard: list[np.ndarray]  # per file (n_i,) output shard index
+    files: list[Path]  # per segment, its file (a file recurs with `sources`)
+    rows: list[np.ndarray]  # per segment (n_i,) row indices in its file
+    outcome: list[np.ndarray]  # per segment (n_i,) int8 codes
+    shard: list[np.ndarray]  # per segment (n_i,) output shard index
     n_shards: int
 
 
@@ -119,10 +128,40 @@ def _outcomes(table: pa.Table, seen: set[bytes], dedupe: bool) -> np.ndarray:
     return outcome
 
 
+def _segments(files: list[Path], cfg: AssembleConfig) -> list[tuple[Path, np.ndarray | None, bool]]:
+    """(file, row indices or None for all, excluded) in reading order: each file whole, or with
+    `sources` the rows of each source over all files, then each file's other rows (excluded)."""
+    if not cfg.sources:
+        return [(f, None, False) for f in files]
+    source = {f: _read(f, ["source"]).column("source") for f in files}
+    wanted = pa.array(cfg.sources, pa.string())
+
+    def where(mask: pa.ChunkedArray) -> np.ndarray:
+        return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
+
+    taken = [(f, where(pc.equal(source[f], s)), False) for s in cfg.sources for f in files]
+    return taken + [(f, where(pc.invert(pc.is_in(source[f], value_set=wanted))), True) for f in files]
+
+
 def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
-    """Read the dedupe columns of every input once and decide each row's fate and shard."""
+    """Read the dedupe columns of every input and decide each row's fate and shard."""
     seen: set[bytes] = set()
-    outcomes = [_outcomes(_read(f, _DEDUPE_READ), seen, cfg.dedupe) for f in files]
+    read: list[Path] = []
+    rows: list[np.ndarray] = []
+    outcomes: list[np.ndarray] = []
+    for f, segment, excluded in _segments(files, cfg):
+        if excluded:
+            outcome = np.full(len(segment), EXCLUDED, dtype=np.int8)
+        else:
+            table = _read(f, _DEDUPE_READ)
+            if segment is None:
+                segment = np.arange(table.num_rows)
+            else:
+                table = table.take(pa.array(segment, pa.int64()))
+            outcome = _outcomes(table, seen, cfg.dedupe)
+        read.append(f)
+        rows.append(segment)
+        outcomes.append(outcome)
     kept_total = sum(int((o == KEPT).sum()) for o in outcomes)
     n_shards = max(1, -(-kept_total // cfg.rows_per_shard))
     shards, before = [], 0
@@ -131,7 +170,7 @@ def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
         survivors_before = before + np.cumsum(kept) - kept  # kept rows read before this row
         shards.append(np.minimum(survivors_before // cfg.rows_per_shard, n_shards - 1))
         before += int(kept.sum())
-    return _Plan(files=files, outcome=outcomes, shard=shards, n_shards=n_shards)
+    return _Plan(files=read, rows=rows, outcome=outcomes, shard=shards, n_shards=n_shards)
 
 
 def _shard_counts(p: _Plan, j: int) -> dict[str, int]:
@@ -139,11 +178,13 @@ def _shard_counts(p: _Plan, j: int) -> dict[str, int]:
     counts = {
         "input": len(codes),
         "kept": int((codes == KEPT).sum()),
-        "rejected": int(((codes == DUPLICATE) | (codes == REJECTED)).sum()),
+        "rejected": int(((codes == DUPLICATE) | (codes == REJECTED) | (codes == EXCLUDED)).sum()),
         "failed": int((codes == FAILED).sum()),
         "duplicate": int((codes == DUPLICATE).sum()),
         "rejected_by_filter": int((codes == REJECTED).sum()),
     }
+    if (codes == EXCLUDED).any():
+        counts["excluded_source"] = int((codes == EXCLUDED).sum())
     check_accounting(counts, f"assemble shard {j}")
     return counts
 
@@ -159,8 +200,8 @@ def _select(p: _Plan, j: int, cache: dict[Path, pa.Table]) -> ShardOutput:
     """The stage's own work for output shard j: gather its kept rows from the inputs (one
     input file held at a time)."""
     parts = []
-    for path, outcome, shard in zip(p.files, p.outcome, p.shard):
-        rows = np.flatnonzero((shard == j) & (outcome == KEPT))
+    for path, segment, outcome, shard in zip(p.files, p.rows, p.outcome, p.shard):
+        rows = segment[(shard == j) & (outcome == KEPT)]
         if len(rows) == 0:
             continue
         if path not in cache:
@@ -189,6 +230,8 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
     files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
     fingerprint = combine_fingerprints([file_fingerprint(f) for f in files])
     settings: dict[str, Any] = {"stage": "assemble", **semantic_settings(cfg), "inputs": fingerprint}
+    if not cfg.sources:
+        settings.pop("sources")  # the option's default: the folders made before it keep their hash
     folder, digest = stage_dir(out_dir, settings)
     stats = StageStats(stage="assemble", output=folder, settings_hash=digest)
     total = _complete(folder, fingerprint, digest)

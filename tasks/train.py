@@ -26,7 +26,7 @@ from typing import Any
 import torch.distributed as dist
 from blip_core.atomic import replace_folder
 from blip_core.image import ImageTransform
-from blip_core.tokenizer import DEFAULT_PROMPT, Tokenizer, build_tokenizer
+from blip_core.tokenizer import Tokenizer, build_tokenizer
 from blip_core.train import TrainConfig, train
 from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
@@ -69,7 +69,7 @@ def stage_tokenizer(folder: Path, shards: Sequence[Path], vocab_size: int) -> To
     captions: list[str] = []
     for shard in shards:
         captions += [c for c in read_table(shard, "pairs", columns=["caption"]).column("caption").to_pylist() if c]
-    tokenizer = build_tokenizer([*captions, DEFAULT_PROMPT], vocab_size=vocab_size)
+    tokenizer = build_tokenizer(captions, vocab_size=vocab_size)  # it adds the captioner prompt itself
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)

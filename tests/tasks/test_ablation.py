@@ -18,6 +18,7 @@ from tasks.ablation import (
     AblationResult,
     beats,
     build_datasets,
+    dataset_rows,
     finetune_recipe,
     format_table,
     mean_spread,
@@ -140,29 +141,33 @@ def test_format_table_of_a_second_round() -> None:
 
 def test_build_datasets(tmp_path: Path) -> None:
     world = tmp_path / "world"
-    generate_world(world, SynthConfig(seed=1, human_images=8, web_images=10, test_images=2, test_captions=1))
-    web = read_table(list_shards(world / "web")[0], "pairs")
-    syn = web.set_column(web.schema.get_field_index("source"), "source", pa.array(["synthetic"] * web.num_rows))
-    syn = syn.set_column(0, "key", pc.binary_join_element_wise(web["key"], pa.scalar("/syn0"), "")).cast(web.schema)
-    caption_dir = tmp_path / "caption" / "h"
-    write_shard(syn, caption_dir / shard_name(0), "pairs")
-    # keep web rows 0-3 and synthetic rows 0-5
-    kept = pa.concat_tables([web.slice(0, 4), syn.slice(0, 6)])
-    filter_dir = tmp_path / "filter" / "h"
-    write_shard(kept, filter_dir / "kept" / shard_name(0), "scored")
-    sizes = build_datasets(tmp_path, world, caption_dir, filter_dir, ["no_cf", "filter", "captioner", "cf", "human"])
-    assert sizes["no_cf"] == {"human": 8, "web": 10, "total": 18}
-    assert sizes["filter"] == {"human": 8, "web": 4, "total": 12}
-    assert sizes["captioner"] == {"human": 8, "web": 10, "synthetic": 10, "total": 28}
-    assert sizes["cf"] == {"human": 8, "web": 4, "synthetic": 6, "total": 18}
-    assert sizes["human"] == {"human": 8, "total": 8}
-    rows = sum(read_table(p, "pairs").num_rows for p in list_shards(tmp_path / "datasets" / "cf"))
-    assert rows == 18
+    generate_world(world, SynthConfig(seed=1, human_images=8, web_images=10, test_images=2, test_captions=1,
+                                      rows_per_shard=6))
+    webs = [read_table(p, "pairs") for p in list_shards(world / "web")]  # two shards: 6 + 4 rows
+    caption_dir, filter_dir = tmp_path / "caption" / "h", tmp_path / "filter" / "h"
+    for i, web in enumerate(webs):
+        syn = web.set_column(web.schema.get_field_index("source"), "source", pa.array(["synthetic"] * web.num_rows))
+        syn = syn.set_column(0, "key", pc.binary_join_element_wise(web["key"], pa.scalar("/syn0"), "")).cast(web.schema)
+        write_shard(syn, caption_dir / shard_name(i), "pairs")
+        # as the filter writes them: per web shard, its kept web rows, then its kept synthetic ones
+        kept = pa.concat_tables([web.slice(0, 2), syn.slice(0, 3)])
+        kept = kept.append_column("keep", pa.array([True] * kept.num_rows))
+        write_shard(kept, filter_dir / "kept" / shard_name(i), "scored")
+    folders = build_datasets(tmp_path, world, caption_dir, filter_dir, ["no_cf", "filter", "captioner", "cf", "human"])
+    assert dataset_rows(folders["no_cf"]) == {"human": 8, "web": 10, "total": 18}
+    assert dataset_rows(folders["filter"]) == {"human": 8, "web": 4, "total": 12}
+    assert dataset_rows(folders["captioner"]) == {"human": 8, "synthetic": 10, "total": 28, "web": 10}
+    assert dataset_rows(folders["cf"]) == {"human": 8, "synthetic": 6, "total": 18, "web": 4}
+    assert dataset_rows(folders["human"]) == {"human": 8, "total": 8}
+    assert folders["cf"].parent == tmp_path / "datasets" / "cf"
+    # every kept web pair before any synthetic one, each in shard order (the paper's concatenation)
+    keys = [k for p in list_shards(folders["cf"]) for k in read_table(p, "dataset")["key"].to_pylist()]
+    web_keys = [w["key"][i].as_py() for w in webs for i in (0, 1)]
+    assert keys[8:] == web_keys + [f"{w['key'][i].as_py()}/syn0" for w in webs for i in (0, 1, 2)]
     # complete datasets are not rebuilt
-    marker = tmp_path / "datasets" / "cf" / "dataset.json"
-    before = marker.stat().st_mtime_ns
-    build_datasets(tmp_path, world, caption_dir, filter_dir, ["cf"])
-    assert marker.stat().st_mtime_ns == before
+    before = {p: p.stat().st_mtime_ns for p in list_shards(folders["cf"])}
+    assert build_datasets(tmp_path, world, caption_dir, filter_dir, ["cf"])["cf"] == folders["cf"]
+    assert {p: p.stat().st_mtime_ns for p in list_shards(folders["cf"])} == before
 
 
 @pytest.mark.slow

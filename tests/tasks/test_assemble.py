@@ -83,6 +83,25 @@ def test_rerun_skips_and_changed_inputs_write_elsewhere(tmp_path: Path, inputs) 
     assert other.output != first.output and other.totals["kept"] == 6  # w0100 is no longer a duplicate
 
 
+def test_sources_take_one_source_after_another_and_count_the_rest(tmp_path: Path, inputs) -> None:
+    human, kept = inputs
+    web_part, syn_part = list_shards(kept)
+    # a kept shard holding web and synthetic rows, as the filter writes them, given first
+    mixed = read_table(syn_part, "scored").slice(0, 2)
+    _scored(tmp_path / "mixed" / "part-00000.parquet", [*read_table(web_part, "scored").slice(1, 1).to_pylist(),
+            *mixed.to_pylist()], [True, True, True], [0.8, 0.6, 0.7])
+    inputs = [tmp_path / "mixed", human, kept]
+    cfg = AssembleConfig(rows_per_shard=4, dedupe=False, sources=("human", "web"), execution=EXEC)
+    stats = run_assemble(inputs, tmp_path / "out", cfg)
+    keys = [r["key"] for p in list_shards(stats.output) for r in read_table(p, "dataset").to_pylist()]
+    # human first although its shard is not; then web over all inputs in order; no synthetic
+    assert keys == ["w0000", "w0001", "w0002", "w0101", "w0100", "w0101", "w0103"]
+    totals = stats.totals
+    assert totals == {**totals, "input": 3 + 3 + 5 + 4, "kept": 7, "excluded_source": 2 + 4, "failed": 1}
+    assert "excluded_source" in read_completion(list_shards(stats.output)[-1]).counts  # counted in the last shard
+    every = run_assemble(inputs, tmp_path / "out", AssembleConfig(rows_per_shard=4, dedupe=False, execution=EXEC))
+    assert every.output != stats.output and every.totals["kept"] == 7 + 2 + 4  # all sources, input order
+
 def test_normalised_caption() -> None:
     got = normalised_caption(pa.array(["  A  Dog\tRUNS ", None, "a dog runs"])).to_pylist()
     assert got == ["a dog runs", "", "a dog runs"]

@@ -117,3 +117,23 @@ def test_train_stage_under_torchrun_shares_one_tokenizer(world: Path, tmp_path: 
     assert load(tmp_path / "ddp" / "final").tokenizer.vocab_size == load(
         tmp_path / "ddp" / "checkpoints" / "step-00000003").tokenizer.vocab_size
     assert not (tmp_path / "ddp" / "tokenizer.tmp").exists()
+
+
+
+def test_stage_tokenizer_counts_the_captioner_prompt_once(world: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from blip_core.tokenizer import build_tokenizer
+    from data.shards import list_shards, read_table, write_shard
+    from tasks.train import stage_tokenizer
+
+    # "picture" (once here, once in the prompt) ties with "ab" and loses on spelling; counting
+    # the prompt twice would rank it first and shift every word id after it
+    captions = ["picture", "ab", "ab"]
+    rows = read_table(list_shards(world / "human")[0], "pairs").slice(0, 3)
+    shard = tmp_path / "pairs" / "part-00000.parquet"
+    write_shard(rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions)), shard, "pairs")
+    built = stage_tokenizer(tmp_path / "tok", [shard], vocab_size=200)
+    assert built.bert.get_vocab() == build_tokenizer(captions, vocab_size=200).bert.get_vocab()
+    assert built.bert.convert_tokens_to_ids("ab") < built.bert.convert_tokens_to_ids("picture")
+    assert stage_tokenizer(tmp_path / "tok", [], vocab_size=200).bert.get_vocab() == built.bert.get_vocab()  # read back
