@@ -54,8 +54,7 @@ class AssembleConfig:
 
     rows_per_shard: int = 10_000  # rows per output shard of D'
     dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
-    # () = every row, in input order; else only these sources, source by source (see module doc)
-    sources: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # only these row sources, one after another (see module doc); () = all, in input order
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:

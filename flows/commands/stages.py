@@ -8,22 +8,20 @@ Run standalone with ``python -m flows.commands.stages caption ...``.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from tasks.execution import ExecutionConfig
+from flows.commands.config_options import config_command
 from tasks.lifecycle import StageStats
 
 # Extra positional words after `--input A` are more inputs (`--input web/*.parquet`).
 _MANY_INPUTS = {"allow_extra_args": True}
-
-
-def _execution(batch_size: int, workers: int, device: str, precision: str, progress: bool) -> ExecutionConfig:
-    return ExecutionConfig(batch_size=batch_size, num_workers=workers, device=device, precision=precision, progress=progress)
 
 
 def _inputs(ctx: typer.Context, first: list[str]) -> list[str]:
@@ -75,90 +73,83 @@ def _report(stats: StageStats) -> None:
     typer.echo(json.dumps(summary, indent=2))
 
 
-def caption(
-    ctx: typer.Context,
-    model: Path = typer.Option(..., help="Captioner: our checkpoint or a transformers BlipForConditionalGeneration folder."),
-    input: list[str] = typer.Option(..., "--input", help="Web pair shards or img2dataset Parquet (files, folders, globs)."),
-    output: Path = typer.Option(..., help="Stage folder; shards go to OUTPUT/<settings-hash>/."),
-    strategy: str = typer.Option("nucleus", help="nucleus | beam | greedy."),
-    num_captions: int = typer.Option(1, help="Synthetic captions per image."),
-    top_p: float = typer.Option(0.9),
-    top_k: int = typer.Option(0, help="0 = off."),
-    temperature: float = typer.Option(1.0),
-    num_beams: int = typer.Option(3),
-    repetition_penalty: float = typer.Option(1.0),
-    max_length: int = typer.Option(20, help="Tokens including [DEC] and the prompt."),
-    min_length: int = typer.Option(5),
-    prompt: str = typer.Option("a picture of "),
-    seed: int = typer.Option(0, help="Run seed; each image's seed derives from it and the row key."),
-    batch_size: int = typer.Option(32),
-    workers: int = typer.Option(-1, help="DataLoader processes decoding images (-1 = auto, 0 = none)."),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (CUDA)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Write synthetic captions for every web image (resumable; reruns skip complete shards)."""
-    from tasks.caption import CaptionConfig, run_caption
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
-    cfg = CaptionConfig(
-        strategy=strategy, num_captions=num_captions, top_p=top_p, top_k=top_k, temperature=temperature,
-        num_beams=num_beams, repetition_penalty=repetition_penalty, max_length=max_length,
-        min_length=min_length, prompt=prompt, seed=seed,
-        execution=_execution(batch_size, workers, device, precision, progress),
-    )
+
+def _io(model_help: str | None, output_help: str, input_help: str) -> list[inspect.Parameter]:
+    """The parameters every stage command takes before its config's: inputs, output, model."""
+    params = [
+        _param("ctx", typer.Context, inspect.Parameter.empty),
+        _param("input", list[str], typer.Option(..., "--input", help=input_help)),
+        _param("output", Path, typer.Option(..., help=output_help)),
+    ]
+    if model_help is not None:
+        params.append(_param("model", Path, typer.Option(..., help=model_help)))
+    return params
+
+
+def _run_caption(cfg: Any, ctx: typer.Context, input: list[str], output: Path, model: Path) -> None:
+    from tasks.caption import run_caption
+
     with _one_writer(output):
         _report(run_caption(_inputs(ctx, input), output, model, cfg))
 
 
-def filter_(
-    ctx: typer.Context,
-    model: Path = typer.Option(..., help="Filter: our checkpoint or a transformers BlipForImageTextRetrieval folder."),
-    input: list[str] = typer.Option(..., "--input", help="Web pair shards or img2dataset Parquet (files, folders, globs)."),
-    output: Path = typer.Option(..., help="Stage folder; shards go to OUTPUT/<settings-hash>/{kept,rejected,failed}/."),
-    captions: Path = typer.Option(None, help="Caption stage folder (OUTPUT/<hash> of `capfilt caption`) to score too."),
-    threshold: float = typer.Option(0.5, help="Keep when the ITM match probability is >= this."),
-    top_k: int = typer.Option(0, help="Keep at most this many synthetic captions per image (0 = all that pass)."),
-    max_text_tokens: int = typer.Option(35),
-    batch_size: int = typer.Option(32, help="Images per model call."),
-    workers: int = typer.Option(-1, help="DataLoader processes decoding images (-1 = auto, 0 = none)."),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (CUDA)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Score web and synthetic captions with ITM; write kept / rejected / failed shards (resumable)."""
-    from tasks.filter import FilterConfig, run_filter
+def _run_filter(cfg: Any, ctx: typer.Context, input: list[str], output: Path, model: Path, captions: Path | None) -> None:
+    from tasks.filter import run_filter
 
-    cfg = FilterConfig(
-        threshold=threshold, top_k=top_k or None, max_text_tokens=max_text_tokens,
-        execution=_execution(batch_size, workers, device, precision, progress),
-    )
     with _one_writer(output):
         _report(run_filter(_inputs(ctx, input), output, model, cfg, caption_dir=captions))
 
 
-def assemble(
-    ctx: typer.Context,
-    input: list[str] = typer.Option(
-        ..., "--input", help="In priority order: human pair shards, then filter kept folders (files, folders, globs)."
-    ),
-    output: Path = typer.Option(..., help="Stage folder; D' goes to OUTPUT/<hash>/."),
-    rows_per_shard: int = typer.Option(10_000),
-    dedupe: bool = typer.Option(True, "--dedupe/--no-dedupe", help="Drop exact duplicate (image, caption) pairs."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Assemble D' = human + kept web + kept synthetic pairs, deduplicated and resharded."""
-    from tasks.assemble import AssembleConfig, run_assemble
+def _run_assemble(cfg: Any, ctx: typer.Context, input: list[str], output: Path) -> None:
+    from tasks.assemble import run_assemble
 
-    cfg = AssembleConfig(rows_per_shard=rows_per_shard, dedupe=dedupe, execution=ExecutionConfig(progress=progress))
     with _one_writer(output):
         _report(run_assemble(_inputs(ctx, input), output, cfg))
 
 
+_WEB_INPUT = "Web pair shards or img2dataset Parquet (files, folders, globs)."
+
+
+def _commands() -> dict[str, Any]:
+    """`caption`, `filter`, `assemble`: their options are their config classes' fields."""
+    from tasks.assemble import AssembleConfig
+    from tasks.caption import CaptionConfig
+    from tasks.filter import FilterConfig
+
+    caption = config_command(
+        CaptionConfig,
+        _io("Captioner: our checkpoint or a transformers BlipForConditionalGeneration folder.",
+            "Stage folder; shards go to OUTPUT/<settings-hash>/.", _WEB_INPUT),
+        _run_caption,
+        "Write synthetic captions for every web image (resumable; reruns skip complete shards).",
+    )  # fmt: skip
+    captions = _param("captions", Path | None, typer.Option(
+        None, help="Caption stage folder (OUTPUT/<hash> of `capfilt caption`) to score too."))  # fmt: skip
+    filter_ = config_command(
+        FilterConfig,
+        _io("Filter: our checkpoint or a transformers BlipForImageTextRetrieval folder.",
+            "Stage folder; shards go to OUTPUT/<settings-hash>/{kept,rejected,failed}/.", _WEB_INPUT) + [captions],
+        _run_filter,
+        "Score web and synthetic captions with ITM; write kept / rejected / failed shards (resumable).",
+    )  # fmt: skip
+    assemble = config_command(
+        AssembleConfig,
+        _io(None, "Stage folder; D' goes to OUTPUT/<hash>/.",
+            "In priority order: human pair shards, then filter kept folders (files, folders, globs)."),
+        _run_assemble,
+        "Assemble D' = human + kept web + kept synthetic pairs, deduplicated and resharded.",
+        exclude={"batch_size", "num_workers", "device", "precision"},  # no model: only `progress` applies
+    )  # fmt: skip
+    return {"caption": caption, "filter": filter_, "assemble": assemble}
+
+
 def register(app: typer.Typer) -> None:
     """Add `caption`, `filter` and `assemble` to the app."""
-    app.command("caption", context_settings=_MANY_INPUTS)(caption)
-    app.command("filter", context_settings=_MANY_INPUTS)(filter_)
-    app.command("assemble", context_settings=_MANY_INPUTS)(assemble)
+    for name, command in _commands().items():
+        app.command(name, context_settings=_MANY_INPUTS)(command)
 
 
 if __name__ == "__main__":
