@@ -14,6 +14,7 @@ skips complete shards itself; training continues from its newest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -140,16 +141,18 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
     from tasks.train import training_identity
 
-    identity = {"mode": mode, "train": stage_cfg.model_dump(exclude={"checkpoint_every"}), **training_identity(data, init)}
+    stage = dataclasses.asdict(stage_cfg)
+    identity = {"mode": mode, "train": {k: v for k, v in stage.items() if k != "checkpoint_every"},
+                **training_identity(data, init)}  # fmt: skip
     # one folder per (settings, data, init weights): other settings never overwrite a finished model
     out = str(run.layout.model_dir(role, round_index) / settings_hash(identity))
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
-              **stage_cfg.model_dump(), "device": run.config.device, "loader_workers": run.config.loader_workers,
+              "stage": stage, "device": run.config.device, "loader_workers": run.config.loader_workers,
               "vocab_size": run.config.model.vocab_size,
               "tokenizer_dir": str(run.layout.tokenizer), "tokenizer_shards": run.tokenizer_shards,
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
     settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
-                **stage_cfg.model_dump()}  # fmt: skip
+                **stage}  # fmt: skip
     inputs = data + ([init] if init else [])
     index = round_index if round_index > 1 else None
     params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index)}

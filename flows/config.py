@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.assemble import AssembleConfig
 from tasks.caption import CaptionConfig
 from tasks.filter import FilterConfig
+from tasks.train import TrainStageConfig
 
 # The bootstrap's stages in order; `stop_after` names one of them.
 Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble", "final", "evaluate"]
@@ -75,25 +76,7 @@ class ModelConfig(_Model):
     captioner: str | None = Field(None, description="use this captioner checkpoint; skips the captioner finetune")
 
 
-class TrainStageConfig(_Model):
-    """One training stage (pretrain, a finetune, or the final re-pretrain)."""
-
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_fraction: float = Field(0.05, ge=0, le=1)
-    schedule: Literal["step", "cosine"] = "cosine"
-    queue_size: int | None = Field(None, ge=1, description="ITC momentum queue (a multiple of the batch); None: BLIP's")
-    mix_units: int | None = Field(None, ge=1, description="row groups shuffled together, so batches mix shards and "
-                                  "sources (1: each batch from one row group); None: the trainer's (TrainConfig)")
-    augment: bool = Field(False, description="random crop + flip (off for the shapes world: a flip changes 'left of')")
-    image_size: int | None = Field(None, ge=8, description="None: the preset's (scratch) or the init model's size")
-    checkpoint_every: int = Field(200, ge=1)
-    seed: int = 0
-
-
-class TrainConfig(_Model):
+class TrainStagesConfig(_Model):
     """The four training stages and how they are launched."""
 
     pretrain: TrainStageConfig = Field(default_factory=TrainStageConfig)
@@ -141,7 +124,7 @@ class RunConfig(_Model):
     loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding images for the model stages")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainStagesConfig = Field(default_factory=TrainStagesConfig)
     # the stages' own configs, as they are (one definition each, next to the code that reads it)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)

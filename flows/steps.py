@@ -207,7 +207,7 @@ def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     p = job.params
     start = time.perf_counter()
     metrics = Path(p["kwargs"]["out"]) / "metrics.jsonl"
-    with gpu_slot(config), TrainingProgress(job.label, metrics, int(p["kwargs"]["steps"])):
+    with gpu_slot(config), TrainingProgress(job.label, metrics, int(p["kwargs"]["stage"]["steps"])):
         result = train_model(**p["kwargs"])
     seconds = time.perf_counter() - start
     _log().info("%s: model %s (%s steps) in %.1f s", job.label, result["final"], result["steps"], seconds)

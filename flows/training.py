@@ -30,18 +30,7 @@ def train_model(
     out: str,
     init: str | None,
     preset: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    warmup_fraction: float,
-    schedule: str,
-    queue_size: int | None,
-    mix_units: int | None,
-    augment: bool,
-    image_size: int | None,
-    checkpoint_every: int,
-    seed: int,
+    stage: dict[str, Any],
     device: str,
     loader_workers: int,
     vocab_size: int,
@@ -51,27 +40,21 @@ def train_model(
 ) -> dict[str, Any]:
     """Train (or resume, or find finished) one model into `out`; returns its final folder and steps.
 
-    `tokenizer_shards` are the captions a scratch model's vocabulary is built from when
-    ``tokenizer_dir`` does not exist yet (the first pretrain's human + web shards).
+    `stage` is the run config's `TrainStageConfig` of this stage, as a dict (so it travels
+    as JSON to torchrun's ranks). `tokenizer_shards` are the captions a scratch model's
+    vocabulary is built from when ``tokenizer_dir`` does not exist yet.
     """
-    from tasks.train import stage_tokenizer, train_stage
+    from tasks.train import TrainStageConfig, stage_tokenizer, train_stage
 
-    arguments = {k: v for k, v in locals().items() if k not in ("nproc_per_node", "stage_tokenizer", "train_stage")}
+    arguments = {k: v for k, v in locals().items() if k not in ("nproc_per_node", "stage_tokenizer", "train_stage",
+                                                                  "TrainStageConfig")}  # fmt: skip
     if init is None and "LOCAL_RANK" not in os.environ:  # built once, before any torchrun rank starts
         stage_tokenizer(Path(tokenizer_dir), [Path(p) for p in tokenizer_shards], vocab_size)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(arguments, nproc_per_node)
-    overrides: dict[str, Any] = {
-        "epochs": 1_000_000, "max_steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "warmup_steps": round(warmup_fraction * steps), "schedule": schedule, "seed": seed, "device": device,
-        "num_workers": loader_workers, "progress": False, "checkpoint_every": checkpoint_every, "keep_last": 2,
-    }  # fmt: skip
-    for name, value in (("queue_size", queue_size), ("mix_units", mix_units)):
-        if value is not None:  # None: the trainer's default
-            overrides[name] = value
-    if image_size is not None:
-        overrides["image_size"] = image_size
-    result = train_stage(out, data, mode, init=init, preset=preset, augment=augment, vocab_size=vocab_size,
+    cfg = TrainStageConfig(**stage)
+    overrides = {**cfg.overrides(), "device": device, "num_workers": loader_workers, "progress": False, "keep_last": 2}
+    result = train_stage(out, data, mode, init=init, preset=preset, augment=cfg.augment, vocab_size=vocab_size,
                          tokenizer_dir=tokenizer_dir, **overrides)  # fmt: skip
     return {"final": result.final_dir, "steps": result.steps, "finished_before": result.skipped,
             "last_metrics": {k: float(v) for k, v in result.last_metrics.items()}}  # fmt: skip

@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch.distributed as dist
 from blip_core.atomic import replace_folder
@@ -31,9 +31,49 @@ from blip_core.train import TrainConfig, train
 from blip_core.train.distributed import DistInfo, barrier, init_distributed
 from data.dataset import PairDataset
 from data.shards import list_shards, read_table, settings_hash, shard_identity
+from tasks.execution import require
 
 TOKENIZER_DIR = "tokenizer"
 FINAL_DIR = "final"
+
+
+@dataclass
+class TrainStageConfig:
+    """One training stage of a run (pretrain, a finetune, or the final re-pretrain): the
+    trainer settings a run config sets (its `train.<stage>` blocks are this class), turned
+    into `TrainConfig` fields by `overrides` in one place."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
+
+    steps: int = 600  # optimizer steps (the schedule spans them)
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05  # of `steps`
+    schedule: Literal["step", "cosine"] = "cosine"
+    queue_size: int | None = None  # ITC momentum queue (a multiple of the batch); None: BLIP's
+    mix_units: int | None = None  # row groups shuffled together (1: each batch from one); None: the trainer's
+    augment: bool = False  # random crop + flip (off for the shapes world: a flip changes 'left of')
+    image_size: int | None = None  # None: the preset's (scratch) or the init model's size
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1 and self.batch_size >= 1 and self.checkpoint_every >= 1,
+                "steps, batch_size and checkpoint_every must be >= 1")  # fmt: skip
+        require(self.lr > 0 and self.weight_decay >= 0, f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        require(0 <= self.warmup_fraction <= 1, f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        for name in ("queue_size", "mix_units"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
+        require(self.image_size is None or self.image_size >= 8, f"image_size must be >= 8 or null, got {self.image_size}")
+
+    def overrides(self) -> dict[str, Any]:
+        """The `TrainConfig` fields these settings give (None ones left to the trainer's defaults)."""
+        out = {"epochs": 1_000_000, "max_steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+               "weight_decay": self.weight_decay, "warmup_steps": round(self.warmup_fraction * self.steps),
+               "schedule": self.schedule, "seed": self.seed, "checkpoint_every": self.checkpoint_every}  # fmt: skip
+        optional = {"queue_size": self.queue_size, "mix_units": self.mix_units, "image_size": self.image_size}
+        return {**out, **{name: value for name, value in optional.items() if value is not None}}
 
 
 @dataclass

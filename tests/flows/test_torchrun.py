@@ -18,9 +18,10 @@ def test_training_stage_under_torchrun(tmp_path: Path, random_tiny_model) -> Non
     data = [str(p) for p in sorted((tmp_path / "world" / "human").glob("part-*.parquet"))]
     result = train_model(
         mode="finetune-filter", data=data, out=str(tmp_path / "filter"), init=str(random_tiny_model), preset="tiny",
-        steps=2, batch_size=8, lr=1e-3, weight_decay=0.05, warmup_fraction=0.0, schedule="cosine", queue_size=32,
-        augment=False, image_size=None, checkpoint_every=2, seed=0, device="cpu", loader_workers=0, vocab_size=256,
-        tokenizer_dir=str(tmp_path / "tok"), tokenizer_shards=data, nproc_per_node=2, mix_units=3,
+        stage={"steps": 2, "batch_size": 8, "lr": 1e-3, "warmup_fraction": 0.0, "queue_size": 32, "checkpoint_every": 2,
+               "mix_units": 3},
+        device="cpu", loader_workers=0, vocab_size=256, tokenizer_dir=str(tmp_path / "tok"), tokenizer_shards=data,
+        nproc_per_node=2,
     )  # fmt: skip
     assert result["processes"] == 2 and result["steps"] == 2
     record = json.loads((Path(result["final"]) / "training.json").read_text())
