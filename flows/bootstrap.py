@@ -29,6 +29,7 @@ from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
+from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
 
 
@@ -287,13 +288,13 @@ def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], su
               "filter_dir": summary.get("filter_dir"), "caption_dir": summary.get("caption_dir")}  # fmt: skip
     inputs = [final_model, *splits["test"], *([splits["truth"]] if splits["truth"] else [])]
     # the filter / caption folders are named by their settings hash: their names are their identity
-    settings = {**cfg.evaluate.model_dump(exclude={"batch_size", "report"}), "filter": params["filter_dir"],
+    settings = {**eval_settings(cfg.evaluate), "filter": params["filter_dir"],
                 "caption": params["caption_dir"]}  # fmt: skip
     job = run.job("evaluate", inputs=inputs, settings=settings, params=params)
     result = run.tasks["evaluate_task"](job=job, config=cfg)
     summary["metrics"] = run.use("eval", result["metrics"])
     run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
-    if cfg.evaluate.report:
+    if cfg.stages.report:
         summary["report"] = steps.report_task(str(run.root))
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tasks.assemble import AssembleConfig
 from tasks.caption import CaptionConfig
+from tasks.evaluate.config import EvalConfig
 from tasks.filter import FilterConfig
 from tasks.train import TrainStageConfig
 
@@ -86,18 +87,11 @@ class TrainStagesConfig(_Model):
     nproc_per_node: int = Field(1, ge=1, description=">1 launches torchrun with this many processes")
 
 
-class EvaluateConfig(_Model):
-    """Evaluation of the final model on the test set and the run report."""
-
-    itm_top_k: int = Field(16, ge=1, description="re-rank the ITC top k by ITM (BLIP: 256 on COCO)")
-    batch_size: int = Field(64, ge=1)
-    report: bool = True
-
-
 class StagesConfig(_Model):
     """Which part of the bootstrap to run."""
 
     stop_after: Stage = Field("evaluate", description="the last stage to run")
+    report: bool = Field(True, description="write RUN/report.md and .html after the evaluation")
 
 
 class RunnerConfig(_Model):
@@ -129,7 +123,7 @@ class RunConfig(_Model):
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
@@ -245,7 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "caption": {"repetition_penalty": 1.1, "execution": {"batch_size": 128}},
         "filter": {"execution": {"batch_size": 256}},
-        "evaluate": {"itm_top_k": 256},
+        "evaluate": {"rerank_k": 256},
         "runner": {"kind": "dask", "dask_workers": 8, "gpus_per_task": 1, "gpu_concurrency": "capfilt-gpu"},
     },
 }

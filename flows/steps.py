@@ -238,8 +238,8 @@ def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault("evaluate")
     start = time.perf_counter()
     with gpu_slot(config):
-        path = evaluate_run(**job.params, itm_top_k=config.evaluate.itm_top_k,
-                            batch_size=config.evaluate.batch_size, device=config.device)  # fmt: skip
+        cfg = config.evaluate
+        path = evaluate_run(**job.params, cfg=dataclasses.replace(cfg, device=config.device if cfg.device == "auto" else cfg.device))
     record_outputs(job, [str(path)])
     return {"metrics": str(path), "seconds": time.perf_counter() - start}
 

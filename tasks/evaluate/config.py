@@ -7,11 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.evaluate.metrics import DEFAULT_RERANK_K
+from tasks.execution import require
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation settings; all but `batch_size` and `device` are semantic (they change the numbers)."""
+    """Evaluation settings; all but `batch_size` and `device` are semantic (they change the
+    numbers). The run config's `evaluate:` block is this class (`flows.config.RunConfig`)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
 
     rerank_k: int = DEFAULT_RERANK_K  # ITC top-k re-scored by ITM per query (BLIP: 256 on COCO)
     max_text_tokens: int = 35
@@ -24,6 +28,11 @@ class EvalConfig:
     image_size: int | None = None  # None: the model's own
     batch_size: int = 64  # execution only: images per forward pass
     device: str = "auto"  # execution only: auto (cuda when available) | cpu | cuda[:N]
+
+    def __post_init__(self) -> None:
+        require(self.rerank_k >= 1 and self.batch_size >= 1, "rerank_k and batch_size must be >= 1")
+        require(self.caption_strategy in ("beam", "greedy", "nucleus"),
+                f"caption_strategy must be beam, greedy or nucleus, got {self.caption_strategy!r}")  # fmt: skip
 
 
 _EXECUTION_FIELDS = ("batch_size", "device")

@@ -13,7 +13,6 @@ from data.layout import MODEL_ENTRY, RunLayout
 from data.shards import file_fingerprint, list_shards, settings_hash, write_atomic
 from tasks.evaluate.config import EvalConfig, semantic_settings
 from tasks.evaluate.measure import evaluate
-from tasks.evaluate.metrics import DEFAULT_RERANK_K
 from tasks.evaluate.result import EvalResult
 
 
@@ -91,9 +90,7 @@ def evaluate_run(
     test: Sequence[str | Path],
     truth: str | Path | None = None,
     out: str | Path | None = None,
-    itm_top_k: int = DEFAULT_RERANK_K,
-    batch_size: int = 64,
-    device: str = "auto",
+    cfg: EvalConfig | None = None,
     filter_dir: str | Path | None = None,
     caption_dir: str | Path | None = None,
 ) -> Path:
@@ -108,13 +105,12 @@ def evaluate_run(
     model = Path(model)
     out_dir = Path(out) if out is not None else model.parent.parent / "eval"
     layout = RunLayout(out_dir.parent)
-    cfg = EvalConfig(rerank_k=itm_top_k, batch_size=batch_size, device=device)
     out_file = out_dir / layout.metrics.name
     evaluate_to_file(
         model, [Path(p) for p in test], out_file,
         Path(truth) if truth else None,
         Path(filter_dir) if filter_dir else layout.current_stage("filter"),
         Path(caption_dir) if caption_dir else layout.current_stage("caption"),
-        cfg,
+        cfg or EvalConfig(),
     )
     return out_file

@@ -130,7 +130,7 @@ def test_evaluate_run_writes_json_and_skips_rerun(world: Path, model_dir: Path, 
 def test_evaluate_run_flow_signature(world: Path, model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run" / "eval"
     path = evaluate_run(model=str(model_dir), test=[str(p) for p in list_shards(world / "test")],
-                        truth=str(world), out=str(out), itm_top_k=2, batch_size=8, device="cpu")
+                        truth=str(world), out=str(out), cfg=EvalConfig(rerank_k=2, batch_size=8, device="cpu"))
     data = json.loads(Path(path).read_text())
     assert path == out / "metrics.json" and data["settings"]["rerank_k"] == 2 and data["n_images"] == 12
     assert data["filter_detection"] is None  # no filter output in this run folder
