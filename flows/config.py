@@ -126,12 +126,24 @@ class AssembleConfig(_Model):
     dedupe: bool = True
 
 
+class VideoEvalSettings(_Model):
+    """Zero-shot video: the final and pretrain models on synthetic clips of the world."""
+
+    clips: int = Field(0, ge=0, description="synthetic clips (drifting shapes) to evaluate on; 0: no video evaluation")
+    frames: int = Field(8, ge=1, description="frames sampled uniformly per clip (BLIP: 8 for retrieval)")
+    clip_frames: int = Field(16, ge=1, description="frames encoded per clip")
+    captions: int = Field(5, ge=1, le=5, description="correct captions per clip")
+    codec: Literal["h264-lossless", "h264", "vp9", "ffv1"] = "h264-lossless"
+    batch_size: int = Field(16, ge=1, description="clips per forward pass (each `frames` images)")
+
+
 class EvaluateConfig(_Model):
     """Evaluation of the final model on the test set and the run report."""
 
     itm_top_k: int = Field(16, ge=1, description="re-rank the ITC top k by ITM (BLIP: 256 on COCO)")
     batch_size: int = Field(64, ge=1)
     report: bool = True
+    video: VideoEvalSettings = Field(default_factory=VideoEvalSettings)
 
 
 class StagesConfig(_Model):
@@ -250,6 +262,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
         "caption": {"batch_size": 256},
         "filter": {"batch_size": 256},
+        "evaluate": {"video": {"clips": 40}},
     },
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
@@ -260,6 +273,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "caption": {"batch_size": 128},
         "filter": {"batch_size": 128},
         "assemble": {"shard_rows": 500},
+        "evaluate": {"video": {"clips": 40}},
     },
     # A real run: base MED at BLIP's settings, on GPUs, shard stages fanned out over Dask.
     # Its default data is a large synthetic world; point data.human / data.web / data.test

@@ -256,6 +256,24 @@ def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     return {"metrics": str(path), "seconds": time.perf_counter() - start}
 
 
+@task(name="evaluate-video", **_TASK_OPTIONS)
+def video_eval_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Zero-shot video: synthetic clips into ``world/videos``, the named models on them
+    into ``eval/video.json`` (both skip what is already complete)."""
+    from data.synth_video import VideoWorldConfig
+    from tasks.video_eval import VideoEvalConfig, evaluate_video_world
+
+    maybe_fault("evaluate-video")
+    v, w, p = config.evaluate.video, config.data.world, job.params
+    assert w is not None
+    world = VideoWorldConfig(seed=w.seed, clips=v.clips, frames=v.clip_frames, captions=v.captions, codec=v.codec)
+    cfg = VideoEvalConfig(frames=v.frames, rerank_k=config.evaluate.itm_top_k, batch_size=v.batch_size, device=config.device)
+    with gpu_slot(config):
+        result = evaluate_video_world(p["models"], Path(p["world"]), Path(p["out"]), world, cfg)
+    record_outputs(job, [p["out"]])
+    return {"video": p["out"], "seconds": result["seconds"]}
+
+
 @task(name="report", retries=1, cache_policy=NO_CACHE)
 def report_task(run_dir: str) -> str:
     """Write ``report.md`` / ``report.html`` from the files the stages wrote and publish

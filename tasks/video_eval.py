@@ -33,7 +33,7 @@ import torch
 
 from data.ingest import failure_kind
 from data.shards import file_fingerprint, list_shards, read_table, settings_hash, write_atomic
-from data.synth_video import find_video_truth, load_video_truth
+from data.synth_video import VideoWorldConfig, find_video_truth, generate_video_world, load_video_truth
 from data.synth_world import Scene, caption_is_true, caption_matches_scene
 from data.video import MAX_DURATION_S, VideoLimits, sample_frames
 from tasks.metrics import DEFAULT_RERANK_K, caption_scores, relevance_matrix, rerank_top_k, retrieval_recall
@@ -356,3 +356,20 @@ def summary(result: Mapping[str, Any]) -> dict[str, Any]:
                      "retrieval": r["retrieval"], "retrieval_itc": r["retrieval_itc"], "captioning": r["captioning"],
                      "embed_videos_per_s": round(r["timing"]["embed_videos_per_s"], 1)}  # fmt: skip
     return out
+
+
+def evaluate_video_world(
+    models: Mapping[str, str | Path],
+    world_dir: Path,
+    out_file: Path,
+    world: VideoWorldConfig,
+    cfg: VideoEvalConfig | None = None,
+) -> dict[str, Any]:
+    """The demo's zero-shot video check: write the synthetic clips of `world` into
+    `world_dir` (complete shards are kept) and evaluate each named model on them into
+    `out_file` (models whose stored result matches are not evaluated again)."""
+    start = time.perf_counter()
+    generate_video_world(Path(world_dir), world)
+    result = evaluate_video_models(models, [world_dir], out_file, world_dir, cfg)
+    result["seconds"] = time.perf_counter() - start
+    return result
