@@ -260,9 +260,16 @@ def _beam_search(decoder: _CachedDecoder, start: Tensor, s: DecodeSettings, eos:
 
 
 @torch.no_grad()
-def generate(
+def generate(model: Captioner, pixel_values: Tensor, strategy: str = "greedy", **settings) -> Tensor:
+    """Caption ids (B * num_captions, L) of the images `pixel_values` (B, 3, H, W); the
+    settings are `generate_from_embeds`'s."""
+    return generate_from_embeds(model, model.encode_image(pixel_values), strategy, **settings)
+
+
+@torch.no_grad()
+def generate_from_embeds(
     model: Captioner,
-    pixel_values: Tensor,
+    image_embeds: Tensor,
     strategy: str = "greedy",
     max_length: int = 20,
     min_length: int = 5,
@@ -276,7 +283,9 @@ def generate(
     seeds: list[int] | None = None,
     prompt_ids: Tensor | None = None,
 ) -> Tensor:
-    """Caption ids (B * num_captions, L), image-major, bos first, pad after `[SEP]`.
+    """Caption ids (B * num_captions, L), image-major, bos first, pad after `[SEP]`, for
+    the vision tokens `image_embeds` (B, T, Dv) the decoder cross-attends to: one image's
+    (T = 1 + N) or a video's frames concatenated (T = n (1 + N), `blip_core.video`).
 
     `prompt_ids` (P,) are tokens that follow bos for every image (no `[CLS]`/`[SEP]`).
     `seeds` (nucleus only): one seed per image; image i's captions depend only on its
@@ -289,7 +298,7 @@ def generate(
         max_length, min_length, num_beams, top_p, top_k, temperature, repetition_penalty, length_penalty,
         num_captions,
     )
-    b = pixel_values.shape[0]
+    b = image_embeds.shape[0]
     if strategy == "greedy" and num_captions != 1:
         raise ValueError("greedy decoding gives one caption per image; use nucleus or beam for num_captions > 1")
     if strategy == "beam" and num_captions > num_beams:
@@ -297,9 +306,9 @@ def generate(
     if seeds is not None and len(seeds) != b:
         raise ValueError(f"got {len(seeds)} seeds for {b} images; pass one seed per image")
     t = model.config.text
-    image_embeds = model.encode_image(pixel_values)
+    device = image_embeds.device
     rows_per_image = num_beams if strategy == "beam" else num_captions
-    start = _start_ids(model, b * rows_per_image, prompt_ids, pixel_values.device)
+    start = _start_ids(model, b * rows_per_image, prompt_ids, device)
     if start.shape[1] >= max_length:
         raise ValueError(f"max_length={max_length} leaves no room after bos + {start.shape[1] - 1} prompt tokens")
     decoder = _CachedDecoder(model, image_embeds, rows_per_image, max_length)
@@ -307,7 +316,7 @@ def generate(
         return _beam_search(decoder, start, s, t.eos_token_id, t.pad_token_id)
     generators = None
     if seeds is not None:
-        generators = [torch.Generator(device=pixel_values.device).manual_seed(int(x)) for x in seeds]
+        generators = [torch.Generator(device=device).manual_seed(int(x)) for x in seeds]
     return _greedy_or_sample(
         decoder, start, s, t.eos_token_id, t.pad_token_id, generators, sample=strategy == "nucleus"
     )

@@ -96,6 +96,11 @@ class RunLayout:
         return self.eval_dir / "metrics.json"
 
     @property
+    def video_metrics(self) -> Path:
+        """The zero-shot video evaluation (final and pretrain models on synthetic clips)."""
+        return self.eval_dir / "video.json"
+
+    @property
     def report_md(self) -> Path:
         return self.root / "report.md"
 

@@ -5,6 +5,8 @@ Dataset kinds (each a folder of ``part-NNNNN.parquet`` shards):
 - ``pairs``: image-text pairs as ingested (human, web) or generated (synthetic).
 - ``scored``: pairs after the filter judged them (kept or rejected), with the score.
 - ``dataset``: D', the assembled training set (pairs plus provenance columns).
+- ``videos``: video-text pairs (the clip's bytes in any container / codec ffmpeg
+  decodes), for zero-shot video evaluation; rows of one clip share ``video_id``.
 
 Every row has a ``key`` unique within a run and a ``status``: ``ok`` rows carry a
 decodable image, ``failed`` rows keep their ``error`` and travel through every stage
@@ -51,11 +53,30 @@ _SCORE_FIELDS: list[pa.Field] = [
     pa.field("judge", pa.string()),  # fingerprint of the filter model
 ]
 
+_VIDEO_FIELDS: list[pa.Field] = [
+    pa.field("key", pa.string(), nullable=False),  # unique within a run
+    pa.field("video_id", pa.string(), nullable=False),  # rows (captions) of one clip share it
+    pa.field("source", pa.string(), nullable=False),  # one of SOURCES
+    pa.field("caption", pa.string()),
+    pa.field("video", pa.binary()),  # the file's bytes (mp4, webm, mkv ...); null if failed
+    pa.field("path", pa.string()),  # where it was read from
+    pa.field("duration", pa.float64()),  # seconds, as the container states it
+    pa.field("fps", pa.float32()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("codec", pa.string()),  # ffmpeg's name of the video codec (h264, vp9 ...)
+    pa.field("sha256", pa.string()),  # of `video`
+    pa.field("status", pa.string(), nullable=False),  # one of STATUSES
+    pa.field("error", pa.string()),  # why a failed row failed ("<kind>: <detail>")
+]
+
 PAIRS = pa.schema(_PAIR_FIELDS, metadata={"capfilt.kind": "pairs"})
 SCORED = pa.schema(_PAIR_FIELDS + _SCORE_FIELDS, metadata={"capfilt.kind": "scored"})
 DATASET = pa.schema(_PAIR_FIELDS + _SCORE_FIELDS, metadata={"capfilt.kind": "dataset"})
 
-SCHEMAS: dict[str, pa.Schema] = {"pairs": PAIRS, "scored": SCORED, "dataset": DATASET}
+VIDEOS = pa.schema(_VIDEO_FIELDS, metadata={"capfilt.kind": "videos"})
+
+SCHEMAS: dict[str, pa.Schema] = {"pairs": PAIRS, "scored": SCORED, "dataset": DATASET, "videos": VIDEOS}
 
 
 def schema_for(kind: str) -> pa.Schema:

@@ -324,6 +324,8 @@ def _grammar_index() -> frozenset[str]:
 class RenderConfig:
     """How scenes become pixels."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # inside a run config's `video.world` block
+
     image_size: int = 32  # output side in pixels
     supersample: int = 2  # render at this multiple, then average-pool (smooth edges)
     background_range: tuple[int, int] = (90, 170)  # gray level of the background
@@ -335,19 +337,63 @@ class RenderConfig:
 
 def render_scene(scene: Scene, rng: np.random.Generator, cfg: RenderConfig) -> np.ndarray:
     """Draw `scene` as a (S, S, 3) uint8 RGB array with the jitter `cfg` asks for."""
+    gray = float(rng.integers(cfg.background_range[0], cfg.background_range[1] + 1))
+    centres = _centres(scene, rng, cfg)
+    looks = [_look(thing, rng, cfg) for thing in scene.things]
+    return _add_noise(_paint(scene, centres, looks, gray, cfg), rng, cfg)
+
+
+def render_clip(scene: Scene, rng: np.random.Generator, cfg: RenderConfig, frames: int, drift: float) -> list[np.ndarray]:
+    """`frames` (S, S, 3) uint8 frames of `scene` in which the shapes drift and the scene stays true.
+
+    The background, colours and sizes are drawn once per clip; the shapes then move
+    linearly by `drift` (unit coordinates, in a random direction) along the axis that
+    does not change what a caption says: a lone shape on the left moves up or down, two
+    shapes one above the other move sideways together. Pixel noise is fresh per frame.
+    """
+    gray = float(rng.integers(cfg.background_range[0], cfg.background_range[1] + 1))
+    start = _centres(scene, rng, cfg)
+    looks = [_look(thing, rng, cfg) for thing in scene.things]
+    dx, dy = _free_axis(scene)
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    out = []
+    for f in range(frames):
+        step = sign * drift * (f / max(1, frames - 1) - 0.5)  # -drift/2 .. +drift/2
+        centres = [(x + step * dx, y + step * dy) for x, y in start]
+        out.append(_add_noise(_paint(scene, centres, looks, gray, cfg), rng, cfg))
+    return out
+
+
+def _free_axis(scene: Scene) -> tuple[float, float]:
+    """The unit direction along which the scene's shapes may move without changing its truth."""
+    if len(scene.things) == 1:
+        return (0.0, 1.0) if scene.position in ("left", "right") else (1.0, 0.0)
+    return (1.0, 0.0) if scene.relation == "above" else (0.0, 1.0)
+
+
+def _look(thing: Thing, rng: np.random.Generator, cfg: RenderConfig) -> tuple[float, np.ndarray]:
+    """A shape's jittered radius and colour (drawn in this order)."""
+    radius = _RADIUS[thing.size] * (1.0 + rng.uniform(-cfg.radius_jitter, cfg.radius_jitter))
+    colour = np.array(COLOURS[thing.colour], dtype=np.float32)
+    colour += rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=3)
+    return radius, colour
+
+
+def _paint(scene: Scene, centres: list[tuple[float, float]], looks: list[tuple[float, np.ndarray]], gray: float,
+           cfg: RenderConfig) -> np.ndarray:  # fmt: skip
+    """The noiseless (S, S, 3) float image: shapes at `centres` on a `gray` background."""
     big = cfg.image_size * cfg.supersample
     coords = (np.arange(big, dtype=np.float32) + 0.5) / big
     ys, xs = np.meshgrid(coords, coords, indexing="ij")  # (B, B) each
-    gray = float(rng.integers(cfg.background_range[0], cfg.background_range[1] + 1))
     canvas = np.full((big, big, 3), gray, dtype=np.float32)  # (B, B, 3)
-    for thing, (cx, cy) in zip(scene.things, _centres(scene, rng, cfg)):
-        radius = _RADIUS[thing.size] * (1.0 + rng.uniform(-cfg.radius_jitter, cfg.radius_jitter))
-        mask = _shape_mask(thing.shape, xs - cx, ys - cy, radius)
-        colour = np.array(COLOURS[thing.colour], dtype=np.float32)
-        colour += rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=3)
-        canvas[mask] = colour
+    for thing, (cx, cy), (radius, colour) in zip(scene.things, centres, looks):
+        canvas[_shape_mask(thing.shape, xs - cx, ys - cy, radius)] = colour
     s = cfg.supersample
-    small = canvas.reshape(cfg.image_size, s, cfg.image_size, s, 3).mean(axis=(1, 3))  # (S, S, 3)
+    return canvas.reshape(cfg.image_size, s, cfg.image_size, s, 3).mean(axis=(1, 3))  # (S, S, 3)
+
+
+def _add_noise(small: np.ndarray, rng: np.random.Generator, cfg: RenderConfig) -> np.ndarray:
+    """Gaussian pixel noise added in place to the float32 image (float32 rounding, as always), as uint8."""
     small += rng.normal(0.0, cfg.pixel_noise, size=small.shape)
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 

@@ -31,6 +31,7 @@ from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
 from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
+from tasks.video_eval import semantic_settings as video_settings
 
 
 class _Run:
@@ -45,7 +46,7 @@ class _Run:
         self.layout.write_current(self.current)
         store = result_storage(self.root)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",
-                 "filter_shard_task", "assemble_task", "evaluate_task")  # fmt: skip
+                 "filter_shard_task", "assemble_task", "evaluate_task", "video_eval_task")  # fmt: skip
         self.tasks = {name: getattr(steps, name).with_options(result_storage=store) for name in names}
         self.rows: list[dict[str, Any]] = []
         self.tokenizer_shards: list[str] = []  # captions a scratch model's vocabulary is built from
@@ -294,8 +295,24 @@ def _evaluate_and_report(run: _Run, final_model: str, splits: dict[str, Any], su
     result = run.tasks["evaluate_task"](job=job, config=cfg)
     summary["metrics"] = run.use("eval", result["metrics"])
     run.record({"stage": "evaluate", "seconds": round(result.get("seconds", 0.0), 2)})
+    if cfg.video.world is not None and cfg.data.world is not None:
+        summary["video_metrics"] = _evaluate_videos(run, final_model, summary.get("pretrained_model"))
     if cfg.stages.report:
         summary["report"] = steps.report_task(str(run.root))
+
+
+def _evaluate_videos(run: _Run, final_model: str, pretrained: str | None) -> str:
+    """Zero-shot video: the final model, and the pretrain (no C/F) one, on synthetic clips of
+    the world (their own seed stream: the image world's numbers do not move)."""
+    cfg = run.config
+    models = {"final": final_model, **({"pretrain": pretrained} if pretrained else {})}
+    params = {"models": models, "world": str(run.layout.world / "videos"), "out": str(run.layout.eval_dir / "video.json")}
+    settings = {"world": dataclasses.asdict(cfg.video.world), "evaluate": video_settings(cfg.video.evaluate),
+                "models": sorted(models)}  # fmt: skip
+    job = run.job("evaluate-video", inputs=list(models.values()), settings=settings, params=params)
+    result = run.tasks["video_eval_task"](job=job, config=cfg)
+    run.record({"stage": "evaluate video", "seconds": round(result.get("seconds", 0.0), 2)})
+    return run.use("eval/video", result["video"])
 
 
 @flow(name="capfilt-bootstrap", validate_parameters=True)

@@ -22,10 +22,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.assemble import AssembleConfig
+from data.synth_video import VideoWorldConfig
 from tasks.caption import CaptionConfig
 from tasks.evaluate.config import EvalConfig
 from tasks.filter import FilterConfig
 from tasks.train import TrainStageConfig
+from tasks.video_eval import VideoEvalConfig
 
 # The bootstrap's stages in order; `stop_after` names one of them.
 Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble", "final", "evaluate"]
@@ -87,6 +89,14 @@ class TrainStagesConfig(_Model):
     nproc_per_node: int = Field(1, ge=1, description=">1 launches torchrun with this many processes")
 
 
+class VideoConfig(_Model):
+    """Zero-shot video (BLIP's third claim): the final and pretrain models on synthetic clips
+    of the shapes world, with no video training. Runs only on a `data.world` run."""
+
+    world: VideoWorldConfig | None = Field(None, description="the clips to make; null: no video evaluation")
+    evaluate: VideoEvalConfig = Field(default_factory=VideoEvalConfig)
+
+
 class StagesConfig(_Model):
     """Which part of the bootstrap to run."""
 
@@ -124,6 +134,7 @@ class RunConfig(_Model):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
@@ -205,6 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
         "caption": {"execution": {"batch_size": 256}},
         "filter": {"execution": {"batch_size": 256}},
+        "video": {"world": {"clips": 40}},
     },
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
@@ -215,6 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "caption": {"execution": {"batch_size": 128}},
         "filter": {"execution": {"batch_size": 128}},
         "assemble": {"rows_per_shard": 500},
+        "video": {"world": {"clips": 40}},
     },
     # A real run: base MED at BLIP's settings, on GPUs, shard stages fanned out over Dask.
     # Its default data is a large synthetic world; point data.human / data.web / data.test

@@ -244,6 +244,22 @@ def evaluate_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     return {"metrics": str(path), "seconds": time.perf_counter() - start}
 
 
+@task(name="evaluate-video", **_TASK_OPTIONS)
+def video_eval_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
+    """Zero-shot video: synthetic clips into ``world/videos``, the named models on them
+    into ``eval/video.json`` (both skip what is already complete)."""
+    from tasks.video_eval import evaluate_video_world
+
+    maybe_fault("evaluate-video")
+    world, cfg, p = config.video.world, config.video.evaluate, job.params
+    assert world is not None
+    cfg = dataclasses.replace(cfg, device=config.device if cfg.device == "auto" else cfg.device)
+    with gpu_slot(config):
+        result = evaluate_video_world(p["models"], Path(p["world"]), Path(p["out"]), world, cfg)
+    record_outputs(job, [p["out"]])
+    return {"video": p["out"], "seconds": result["seconds"]}
+
+
 @task(name="report", retries=1, cache_policy=NO_CACHE)
 def report_task(run_dir: str) -> str:
     """Write ``report.md`` / ``report.html`` from the files the stages wrote and publish

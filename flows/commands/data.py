@@ -1,4 +1,4 @@
-"""capfilt CLI commands for the data area: `capfilt synth` and `capfilt ingest web|human|img2dataset`."""
+"""capfilt CLI commands for the data area: `capfilt synth [--videos]` and `capfilt ingest web|human|img2dataset|videos`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import typer
 
 from data.ingest import IngestStats
 from data.ingest_human import HumanIngestConfig, ingest_human
+from data.ingest_video import VideoIngestConfig, ingest_videos
 from data.ingest_web import ImportConfig, WebIngestConfig, import_img2dataset, ingest_web, serve_folder
 from data.synth import DEFAULT_BASE_URL, SynthConfig, generate_world
+from data.synth_video import VideoWorldConfig, generate_video_world
+from data.video import CODECS, MAX_DURATION_S
 from data.synth_world import RenderConfig
 
 ingest_app = typer.Typer(help="Ingest image-text pairs into pairs shards.", no_args_is_help=True)
@@ -23,7 +26,7 @@ def _echo_stats(stats: IngestStats, out: Path) -> None:
 
 
 def synth(
-    out: Path = typer.Argument(..., help="Folder to write the world into (human/, web/, test/, truth/)."),
+    out: Path = typer.Argument(None, help="Folder to write the world into (human/, web/, test/, truth/)."),
     seed: int = typer.Option(0, help="Random seed; the world is a pure function of its settings."),
     human: int = typer.Option(1000, help="Human-annotated images (correct captions)."),
     human_captions: int = typer.Option(1, help="Correct captions per human image."),
@@ -35,8 +38,26 @@ def synth(
     rows_per_shard: int = typer.Option(1000, help="Rows per output shard."),
     as_urls: bool = typer.Option(False, "--as-urls", help="Also write www/ files and web_urls.parquet."),
     base_url: str = typer.Option(DEFAULT_BASE_URL, help="Base of the URLs in web_urls.parquet."),
+    videos: Path = typer.Option(None, "--videos", help="Write a synthetic video test set here instead (or too): clips of drifting shapes."),
+    clips: int = typer.Option(40, help="--videos: clips."),
+    clip_frames: int = typer.Option(16, help="--videos: encoded frames per clip."),
+    fps: int = typer.Option(8, help="--videos: frames per second."),
+    codec: str = typer.Option("h264-lossless", help=f"--videos: {' | '.join(sorted(CODECS))}."),
+    clip_captions: int = typer.Option(5, help="--videos: correct captions per clip."),
 ) -> None:
-    """Generate the synthetic shapes world (deterministic per seed; reruns skip finished shards)."""
+    """Generate the synthetic shapes world, and/or (--videos) clips of it (deterministic per seed; reruns skip finished shards)."""
+    if out is None and videos is None:
+        raise typer.BadParameter("give OUT (the image world) and/or --videos OUT (the clips)")
+    if videos is not None:
+        try:
+            vcfg = VideoWorldConfig(seed=seed, clips=clips, frames=clip_frames, fps=fps, codec=codec,
+                                    captions=clip_captions, rows_per_shard=rows_per_shard,
+                                    render=RenderConfig(image_size=image_size))  # fmt: skip
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        typer.echo(json.dumps({"videos": str(videos), **dataclasses.asdict(generate_video_world(videos, vcfg))}, indent=2))
+    if out is None:
+        return
     web_rates = tuple(float(x) for x in rates.split(","))
     if len(web_rates) != 4:
         raise typer.BadParameter("--rates needs four numbers: correct,weak,swapped,junk")
@@ -133,6 +154,23 @@ def ingest_img2dataset_command(
 ) -> None:
     """Import an existing img2dataset output folder as pairs shards (keys: img2dataset's, as the stages read them)."""
     _echo_stats(import_img2dataset(folder, out, ImportConfig(source=source)), out)
+
+
+@ingest_app.command("videos")
+def ingest_videos_command(
+    src: Path = typer.Argument(..., help="A folder of videos with one captions file (CSV/TSV/JSONL of path + caption, "
+                                         "MSR-VTT's annotation JSON or a BLIP-style list), or that captions file."),
+    out: Path = typer.Argument(..., help="Folder for the videos shards."),
+    videos_root: Path = typer.Option(None, help="Where relative video paths live (default: beside the captions file)."),
+    key_prefix: str = typer.Option("video-"),
+    source: str = typer.Option("human"),
+    rows_per_shard: int = typer.Option(500),
+    max_duration: float = typer.Option(MAX_DURATION_S, help="Longer videos become failed rows (too_long)."),
+) -> None:
+    """Ingest video-text pairs into videos shards (corrupt, empty, missing or too long videos become failed rows)."""
+    cfg = VideoIngestConfig(source=source, key_prefix=key_prefix, video_root=str(videos_root) if videos_root else None,
+                            rows_per_shard=rows_per_shard, max_duration_s=max_duration)  # fmt: skip
+    _echo_stats(ingest_videos(src, out, cfg), out)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,8 +26,14 @@ def evaluate(
     max_images: int = typer.Option(None, help="Evaluate only the first N test images."),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    videos: list[Path] = typer.Option(None, "--videos", help="Zero-shot video instead: videos shards or folders (capfilt ingest videos / synth --videos). Writes --out, or RUN/eval/video.json."),
+    frames: int = typer.Option(8, "--frames", help="--videos: frames sampled uniformly per clip (BLIP: 8)."),
 ) -> None:
-    """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks."""
+    """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks; with
+    --videos, text-to-video and video-to-text R@1/5/10 and caption metrics of clips, zero-shot."""
+    if videos:
+        _evaluate_videos(videos, frames, model, run, truth, out, rerank_k, strategy, prompt, max_images, batch_size, device)
+        return
     from data.layout import MODEL_ENTRY, RunLayout
     from data.shards import list_shards
     from tasks.evaluate.config import EvalConfig
@@ -54,6 +60,31 @@ def evaluate(
     summary = {"retrieval": result.retrieval, "captioning": result.captioning,
                "filter_detection": result.filter_detection, "captioner": result.captioner}
     typer.echo(json.dumps(summary, indent=2))
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+def _evaluate_videos(videos: list[Path], frames: int, model: Path | None, run: Path | None, truth: Path | None,
+                     out: Path | None, rerank_k: int, strategy: str, prompt: str, max_videos: int | None,
+                     batch_size: int, device: str) -> None:  # fmt: skip
+    """`capfilt evaluate --videos`: one model's zero-shot video metrics, printed and written."""
+    from data.layout import MODEL_ENTRY, RunLayout
+    from tasks.video_eval import VideoEvalConfig, default_truth, evaluate_video_models, summary
+
+    if run is not None:
+        model = model or RunLayout(run).current(MODEL_ENTRY + "final") or RunLayout(run).models / "final"
+        out = out or RunLayout(run).video_metrics
+    if model is None:
+        raise typer.BadParameter("--videos needs --model M (or --run RUN for its final model)")
+    cfg = VideoEvalConfig(frames=frames, rerank_k=rerank_k, caption_strategy=strategy, prompt=prompt,
+                          max_videos=max_videos, batch_size=max(1, batch_size // frames), device=device)  # fmt: skip
+    truth = truth or default_truth(videos)
+    try:
+        result = evaluate_video_models({"model": model}, videos, out, truth, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"truth": result["truth"], **summary(result)["model"]}, indent=2))
     if out is not None:
         typer.echo(f"wrote {out}")
 

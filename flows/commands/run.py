@@ -32,6 +32,12 @@ def _headline(metrics_path: Path) -> list[str]:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in values.items() if isinstance(v, (int, float)))
         if shown:
             lines.append(f"  {section}: {shown}")
+    video = metrics_path.parent / "video.json"  # zero-shot video (tasks.video_eval), when the run made it
+    if video.is_file():
+        for name, r in json.loads(video.read_text()).get("models", {}).items():
+            ret = r.get("retrieval", {})
+            lines.append(f"  zero-shot video ({name}, {r.get('n_videos')} clips x {r.get('frames')} frames): "
+                         + ", ".join(f"{k} {ret[k]:.1f}" for k in ("t2v_R@1", "t2v_R@5", "v2t_R@1") if k in ret))
     return lines
 
 

@@ -179,3 +179,9 @@ def read_eval_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``eval/metrics.json`` as a dict, or None before any evaluation."""
     path = RunLayout(run_dir).metrics
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_video_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``eval/video.json`` (zero-shot video, per model) as a dict, or None."""
+    path = RunLayout(run_dir).video_metrics
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -68,6 +68,8 @@ def test_demo_quick_survives_ctrl_c_prints_real_results_and_resumes(tmp_path: Pa
     assert f"report:     {report}" in stdout and report.is_file()
     assert "# capfilt run report" in report.read_text()
     assert (out / "eval" / "metrics.json").is_file() and "retrieval: TR@1" in stdout
+    assert (out / "eval" / "video.json").is_file() and "zero-shot video (final, 40 clips x 8 frames)" in stdout
+    assert "## Zero-shot video" in report.read_text()
     queries = [line.strip() for line in stdout.splitlines() if line.strip().startswith("capfilt query")]
     assert len(queries) == 3
     first = subprocess.run([str(BIN / q) if i == 0 else q for i, q in enumerate(shlex.split(queries[0]))],

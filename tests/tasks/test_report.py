@@ -145,3 +145,19 @@ def test_renderers_escape() -> None:
     blocks = [Heading("a<b"), Table(["x"], [["p|q"], [float("nan")]])]
     assert "p\\|q" in to_markdown(blocks) and "n/a" in to_markdown(blocks)
     assert "a&lt;b" in to_html(blocks, "t")
+
+
+def test_video_section_puts_video_r1_beside_image_r1(tmp_path: Path) -> None:
+    from tasks.report.render import to_markdown
+    from tasks.report.sections import report_blocks
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"retrieval": {"TR@1": 11.0, "IR@1": 12.5}}))
+    model = {"n_videos": 40, "frames": 8, "retrieval": {"t2v_R@1": 7.5, "t2v_R@5": 20.0, "t2v_R@10": 30.0,
+                                                         "v2t_R@1": 5.0}, "captioning": {"CIDEr": 40.0}}  # fmt: skip
+    (tmp_path / "eval" / "video.json").write_text(json.dumps({"models": {"final": model, "pretrain": model}}))
+    md = to_markdown(report_blocks(tmp_path))
+    section = md[md.index("## Zero-shot video"):]
+    assert "| final | 40 | 8 | 7.500 | 20.0 | 30.0 | 5.000 | 12.5 | 11.0 |" in section
+    assert "| pretrain | 40 | 8 | 7.500 |" in section
+    assert "Zero-shot video" not in to_markdown(report_blocks(tmp_path / "eval"))  # no video.json: no section
