@@ -13,6 +13,9 @@ it satisfy kept + rejected + failed = input (web rows + synthetic rows). A rerun
 input whose three records match its bytes and these settings, and otherwise rewrites
 all three files atomically, so a crash at any point leaves nothing counted twice.
 
+The keep / reject rule is `tasks.decide.decide`; the assemble stage applies the same rule
+to the stored scores for another threshold or top-k (no rescoring).
+
 Speed: each image goes through the vision encoder once for all of its captions (the
 image tokens and their cross-attention keys/values are indexed per caption); images are
 decoded in DataLoader workers; images are ordered by the token length of their longest
@@ -44,6 +47,7 @@ from tasks.execution import (
     resolve_precision,
     semantic_settings,
 )
+from tasks.decide import DecisionRule, decide, nonempty_captions
 from tasks.image_batches import image_batches, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
@@ -111,9 +115,7 @@ def _owner_index(web: pa.Table, syn: pa.Table, syn_path: Path | None) -> np.ndar
 
 def _caption_texts(column: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
     """Captions as str (null -> "") and a mask of those with any non-space text."""
-    filled = pc.fill_null(column, "")
-    nonempty = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(filled)), 0)
-    return filled.to_pylist(), np.asarray(nonempty.to_numpy(zero_copy_only=False), dtype=bool)
+    return pc.fill_null(column, "").to_pylist(), nonempty_captions(column)
 
 
 def _image_order(owner: np.ndarray, lengths: np.ndarray, scoreable: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -205,38 +207,14 @@ def _transform(model: Any) -> Any:
     return ImageTransform(model.config.vision.image_size)
 
 
-def _top_k_mask(keep: np.ndarray, is_syn: np.ndarray, owner: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
-    """Synthetic captions that pass the threshold but are not among their image's best k."""
-    cand = np.flatnonzero(keep & is_syn)
-    if len(cand) == 0:
-        return np.zeros_like(keep)
-    # by image, then score descending, then caption order (stable): deterministic ranks
-    order = cand[np.lexsort((cand, -score[cand], owner[cand]))]
-    groups = owner[order]
-    first = np.r_[True, groups[1:] != groups[:-1]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
-    rank = np.arange(len(order)) - group_start
-    drop = np.zeros_like(keep)
-    drop[order[rank >= k]] = True
-    return drop
-
-
 def _decide(
     scores: _Scores, is_syn: np.ndarray, owner: np.ndarray, status_ok: np.ndarray, nonempty: np.ndarray, cfg: FilterConfig
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """(keep, failed, reject_reason) per caption."""
+    """(keep, failed, reject_reason) per caption: `tasks.decide.decide` with the filter's rule."""
     decode_failed = np.array([e is not None for e in scores.error], dtype=bool)
     failed = ~status_ok | decode_failed
-    scored = ~np.isnan(scores.score)
-    keep = scored & (scores.score >= cfg.threshold)
-    reasons = np.full(len(keep), None, dtype=object)
-    reasons[~failed & ~nonempty] = "empty_caption"
-    reasons[scored & ~keep] = "itm_below_threshold"
-    if cfg.top_k is not None:
-        drop = _top_k_mask(keep, is_syn, owner, scores.score, cfg.top_k)
-        keep &= ~drop
-        reasons[drop] = "not_top_k"
-    return keep, failed, list(reasons)
+    decision = decide(scores.score, failed, nonempty, is_syn, owner, DecisionRule(cfg.threshold, cfg.top_k))
+    return decision.keep, failed, decision.reason
 
 
 def _scored_table(
