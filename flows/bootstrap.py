@@ -29,6 +29,7 @@ from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
 from flows.runners import build_task_runner, gpu_annotation
+from tasks.assemble import assemble_settings
 from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
 from tasks.video_eval import semantic_settings as video_settings
@@ -262,11 +263,14 @@ def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | N
 
 
 def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
-    """D' = human + kept (web and synthetic); returns its shards."""
+    """D' = human + kept (web and synthetic); returns its shards. With `assemble.threshold`
+    (or `top_k`) the filter's rejected shards are inputs too and every scored row is decided
+    anew from its stored score: the filter folder is read, never rerun (no model runs)."""
     start = time.perf_counter()
-    kept = sorted(str(p) for p in (Path(filter_dir) / "kept").glob("part-*.parquet"))
-    job = run.job("assemble", inputs=human + kept, settings=semantic_settings(run.config.assemble),
-                  params={"human": human, "kept": kept, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
+    parts = ("kept", "rejected") if run.config.assemble.redecides else ("kept",)
+    scored = [str(p) for part in parts for p in sorted((Path(filter_dir) / part).glob("part-*.parquet"))]
+    job = run.job("assemble", inputs=human + scored, settings=assemble_settings(run.config.assemble),
+                  params={"human": human, "scored": scored, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
     row = artifacts.stage_row("assemble", result["shard_stats"], time.perf_counter() - start)
     run.record(row, did_work=not all(s.get("skipped") for s in result["shard_stats"]))

@@ -217,13 +217,14 @@ def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 
 @task(name="assemble", **_TASK_OPTIONS)
 def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
-    """Assemble D' = human + kept web + kept synthetic into ``assemble/<hash>/``."""
+    """Assemble D' = human + kept web + kept synthetic into ``assemble/<hash>/`` (the
+    filter's rejected shards too when the assemble config re-decides from the scores)."""
     from tasks.assemble import run_assemble
 
     maybe_fault("assemble")
     p = job.params
     cfg = stage_config(config, config.assemble)
-    inputs = [Path(x) for x in p["human"]] + [Path(x) for x in p["kept"]]  # priority order: human first
+    inputs = [Path(x) for x in p["human"]] + [Path(x) for x in p["scored"]]  # priority order: human first
     stats = run_assemble(inputs, Path(p["out_dir"]), cfg)
     shards = sorted(str(x) for x in Path(stats.output).glob("part-*.parquet"))
     record_outputs(job, shards)

@@ -19,6 +19,15 @@ With `sources` set, the dataset takes those sources one after another, each over
 inputs in order (so every kept web pair comes before any synthetic one, and a source
 listed earlier wins a duplicate tie); rows of other sources are rejected as
 ``excluded_source`` and counted in the last shard.
+
+With `threshold` (or `top_k`) set, the scored inputs' keep is decided anew from their
+stored ``itm_score`` by the filter's own rule (`tasks.decide`), over all scored inputs
+together (top-k ranks an image's synthetic captions across files): a new threshold
+re-decides in seconds and never runs a model. Pass the filter's ``rejected`` folders
+too, since a row rejected at 0.5 may pass at 0.3. Failed rows stay failed, rows without
+a score (empty caption) stay rejected, and the D' rows carry the threshold used. With
+both unset the filter's stored verdicts are taken as they are (and the two fields stay
+out of the folder's hash, so folders made before them keep their name).
 """
 
 from __future__ import annotations
@@ -37,12 +46,14 @@ import pyarrow.parquet as pq
 from data.inputs import expand_item, read_pairs
 from data.schema import SCORED, SchemaError, conform
 from data.shards import combine_fingerprints, file_fingerprint, is_complete, read_completion, read_table, shard_name
+from tasks.decide import DecisionRule, decide, nonempty_captions
 from tasks.execution import ExecutionConfig, progress_bar, require, semantic_settings
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
 
 # Outcome codes per input row.
 KEPT, DUPLICATE, REJECTED, FAILED, EXCLUDED = 0, 1, 2, 3, 4
 _DEDUPE_READ = ["key", "status", "caption", "sha256", "jpg"]
+_DECIDE_READ = ["image_id", "source", "status", "caption", "candidate", "itm_score", "threshold"]
 
 
 @dataclass
@@ -55,10 +66,19 @@ class AssembleConfig:
     rows_per_shard: int = 10_000  # rows per output shard of D'
     dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
     sources: tuple[str, ...] = ()  # only these row sources, one after another (see module doc); () = all, in input order
+    threshold: float | None = None  # re-decide scored rows at this ITM threshold from their stored scores (no rescoring); null = the filter's verdicts
+    top_k: int | None = None  # in a re-decision, at most this many synthetic captions per image; null = no limit (a filter's top_k is not inherited)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:
         require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        require(self.threshold is None or 0 <= self.threshold <= 1, f"threshold must be in [0, 1] or null, got {self.threshold}")
+        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
+
+    @property
+    def redecides(self) -> bool:
+        """Whether the scored inputs' verdicts are decided anew (threshold or top_k set)."""
+        return self.threshold is not None or self.top_k is not None
 
 
 @dataclass
@@ -71,6 +91,8 @@ class _Plan:
     outcome: list[np.ndarray]  # per segment (n_i,) int8 codes
     shard: list[np.ndarray]  # per segment (n_i,) output shard index
     n_shards: int
+    redecided: frozenset[Path] = frozenset()  # files whose verdicts were decided anew
+    threshold: float | None = None  # the threshold the re-decided rows carry (None: their own)
 
 
 def _is_scored(path: Path) -> bool:
@@ -108,13 +130,15 @@ def image_sha256(table: pa.Table) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _outcomes(table: pa.Table, seen: set[bytes], dedupe: bool) -> np.ndarray:
-    """Outcome code per row; `seen` (pair digests) carries across files."""
+def _outcomes(table: pa.Table, seen: set[bytes], dedupe: bool, keep: np.ndarray | None = None) -> np.ndarray:
+    """Outcome code per row (`keep`: a re-decided verdict, else the table's own); `seen`
+    (pair digests) carries across files."""
     failed = ~np.asarray(
         pc.fill_null(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("jpg"))), False)
         .to_numpy(zero_copy_only=False), dtype=bool,
     )
-    keep = np.asarray(pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False), dtype=bool)
+    if keep is None:
+        keep = np.asarray(pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False), dtype=bool)
     outcome = np.where(failed, FAILED, np.where(keep, KEPT, REJECTED)).astype(np.int8)
     if dedupe:
         pairs = pc.binary_join_element_wise(image_sha256(table).cast(pa.string()), normalised_caption(table.column("caption")), "\x00")
@@ -142,8 +166,39 @@ def _segments(files: list[Path], cfg: AssembleConfig) -> list[tuple[Path, np.nda
     return taken + [(f, where(pc.invert(pc.is_in(source[f], value_set=wanted))), True) for f in files]
 
 
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    """A float32 column as float32 (null -> NaN): compared with a threshold exactly as the filter did."""
+    return np.asarray(pc.fill_null(column, np.nan).to_numpy(zero_copy_only=False), dtype=np.float32)
+
+
+def redecide(files: list[Path], cfg: AssembleConfig) -> dict[Path, np.ndarray]:
+    """Scored file -> (n,) keep of each of its rows, decided anew from the stored scores by
+    `cfg.threshold` (else each row's stored threshold) and `cfg.top_k`, over all scored
+    files together (an image's synthetic captions may be in a kept and a rejected shard)."""
+    scored = [f for f in files if _is_scored(f)]
+    if not scored:
+        return {}
+    tables = [read_table(f, "scored", columns=_DECIDE_READ) for f in scored]
+    t = pa.concat_tables(tables)
+    threshold = _floats(t.column("threshold")) if cfg.threshold is None else cfg.threshold
+    image = np.unique(np.asarray(t.column("image_id").to_pylist(), dtype=object), return_inverse=True)[1]
+    candidate = np.asarray(pc.fill_null(t.column("candidate"), -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    decision = decide(
+        score=_floats(t.column("itm_score")),
+        failed=~np.asarray(pc.fill_null(pc.equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False), dtype=bool),
+        nonempty=nonempty_captions(t.column("caption")),
+        is_syn=np.asarray(pc.fill_null(pc.equal(t.column("source"), "synthetic"), False).to_numpy(zero_copy_only=False), dtype=bool),
+        image=image,
+        rule=DecisionRule(threshold, cfg.top_k),
+        tiebreak=candidate,  # an image's captions in candidate order, as the filter met them
+    )
+    ends = np.cumsum([table.num_rows for table in tables])[:-1]
+    return dict(zip(scored, np.split(decision.keep, ends), strict=True))
+
+
 def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
     """Read the dedupe columns of every input and decide each row's fate and shard."""
+    verdicts = redecide(files, cfg) if cfg.redecides else {}
     seen: set[bytes] = set()
     read: list[Path] = []
     rows: list[np.ndarray] = []
@@ -157,7 +212,8 @@ def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
                 segment = np.arange(table.num_rows)
             else:
                 table = table.take(pa.array(segment, pa.int64()))
-            outcome = _outcomes(table, seen, cfg.dedupe)
+            keep = verdicts[f][segment] if f in verdicts else None
+            outcome = _outcomes(table, seen, cfg.dedupe, keep)
         read.append(f)
         rows.append(segment)
         outcomes.append(outcome)
@@ -169,7 +225,8 @@ def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
         survivors_before = before + np.cumsum(kept) - kept  # kept rows read before this row
         shards.append(np.minimum(survivors_before // cfg.rows_per_shard, n_shards - 1))
         before += int(kept.sum())
-    return _Plan(files=read, rows=rows, outcome=outcomes, shard=shards, n_shards=n_shards)
+    return _Plan(files=read, rows=rows, outcome=outcomes, shard=shards, n_shards=n_shards,
+                 redecided=frozenset(verdicts), threshold=cfg.threshold)  # fmt: skip
 
 
 def _shard_counts(p: _Plan, j: int) -> dict[str, int]:
@@ -188,10 +245,18 @@ def _shard_counts(p: _Plan, j: int) -> dict[str, int]:
     return counts
 
 
-def _dataset_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """The chosen rows as `dataset` rows with their sha256 filled in."""
+def _dataset_rows(table: pa.Table, rows: np.ndarray, redecided: bool = False, threshold: float | None = None) -> pa.Table:
+    """The chosen rows as `dataset` rows with their sha256 filled in; re-decided rows are
+    marked kept, without a reject reason, with the threshold they were kept at."""
     part = table.take(pa.array(rows, pa.int64()))
     part = part.set_column(part.schema.get_field_index("sha256"), "sha256", image_sha256(part))
+    if redecided:
+        n = part.num_rows
+        part = part.set_column(part.schema.get_field_index("keep"), "keep", pa.array(np.ones(n, dtype=bool)))
+        part = part.set_column(part.schema.get_field_index("reject_reason"), "reject_reason", pa.nulls(n, pa.string()))
+        if threshold is not None:
+            part = part.set_column(part.schema.get_field_index("threshold"), "threshold",
+                                   pa.array(np.full(n, threshold, dtype=np.float32)))  # fmt: skip
     return conform(part, "dataset")
 
 
@@ -206,7 +271,7 @@ def _select(p: _Plan, j: int, cache: dict[Path, pa.Table]) -> ShardOutput:
         if path not in cache:
             cache.clear()
             cache[path] = _read(path)
-        parts.append(_dataset_rows(cache[path], rows))
+        parts.append(_dataset_rows(cache[path], rows, path in p.redecided, p.threshold))
     table = pa.concat_tables(parts) if parts else conform(_read(p.files[0]).slice(0, 0), "dataset")
     extra = {"shards": p.n_shards, "inputs": [str(f) for f in p.files]}
     return ShardOutput(tables={"dataset": table}, counts=_shard_counts(p, j), extra=extra)
@@ -223,14 +288,22 @@ def _complete(folder: Path, fingerprint: str, digest: str) -> int | None:
     return total if ok else None
 
 
+def assemble_settings(cfg: AssembleConfig) -> dict[str, Any]:
+    """The settings that shape D' (all but `execution`), without the options left at their
+    default (`sources`, `threshold`, `top_k`): folders made before those options keep their hash."""
+    settings = semantic_settings(cfg)
+    unset = {"sources": not cfg.sources, "threshold": cfg.threshold is None, "top_k": cfg.top_k is None}
+    for name in (name for name, default in unset.items() if default):
+        settings.pop(name)
+    return settings
+
+
 def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> StageStats:
     """Assemble D' from `inputs` (files, folders or globs, in priority order) into
     ``out_dir/<hash>/``; a rerun skips shards already complete (and, when all are, the plan)."""
     files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
     fingerprint = combine_fingerprints([file_fingerprint(f) for f in files])
-    settings: dict[str, Any] = {"stage": "assemble", **semantic_settings(cfg), "inputs": fingerprint}
-    if not cfg.sources:
-        settings.pop("sources")  # the option's default: the folders made before it keep their hash
+    settings: dict[str, Any] = {"stage": "assemble", **assemble_settings(cfg), "inputs": fingerprint}
     folder, digest = stage_dir(out_dir, settings)
     stats = StageStats(stage="assemble", output=folder, settings_hash=digest)
     total = _complete(folder, fingerprint, digest)

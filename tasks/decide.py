@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 class DecisionRule:
     """The two settings of the decision (`FilterConfig` and `AssembleConfig` both carry them)."""
 
-    threshold: float  # keep when P(match) >= threshold
+    threshold: float | np.ndarray  # keep when P(match) >= threshold (or a (C,) threshold per row)
     top_k: int | None = None  # at most this many synthetic captions per image; None = no limit
 
 
