@@ -171,6 +171,10 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(column, np.nan).to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
+def _equals(column: pa.ChunkedArray, value: str) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def redecide(files: list[Path], cfg: AssembleConfig) -> dict[Path, np.ndarray]:
     """Scored file -> (n,) keep of each of its rows, decided anew from the stored scores by
     `cfg.threshold` (else each row's stored threshold) and `cfg.top_k`, over all scored
@@ -185,9 +189,9 @@ def redecide(files: list[Path], cfg: AssembleConfig) -> dict[Path, np.ndarray]:
     candidate = np.asarray(pc.fill_null(t.column("candidate"), -1).to_numpy(zero_copy_only=False), dtype=np.int64)
     decision = decide(
         score=_floats(t.column("itm_score")),
-        failed=~np.asarray(pc.fill_null(pc.equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False), dtype=bool),
+        failed=~_equals(t.column("status"), "ok"),
         nonempty=nonempty_captions(t.column("caption")),
-        is_syn=np.asarray(pc.fill_null(pc.equal(t.column("source"), "synthetic"), False).to_numpy(zero_copy_only=False), dtype=bool),
+        is_syn=_equals(t.column("source"), "synthetic"),
         image=image,
         rule=DecisionRule(threshold, cfg.top_k),
         tiebreak=candidate,  # an image's captions in candidate order, as the filter met them

@@ -109,3 +109,37 @@ def example_grid(images: Sequence[bytes | None], notes: Sequence[str], columns: 
         axes[r][2 * c + 1].text(0.0, 0.5, note, va="center", ha="left", fontsize=8, family="monospace")
     fig.suptitle("Example images: web and synthetic captions, ITM scores, verdicts")
     return fig
+
+
+def threshold_curves(
+    grid: np.ndarray,
+    keep_rates: Mapping[str, np.ndarray],
+    marks: Mapping[str, float],
+    noise: Mapping[str, np.ndarray] | None = None,
+) -> plt.Figure:
+    """Keep rate against threshold, one line per caption source, the thresholds in `marks`
+    (label -> value) drawn across; with `noise` (``precision`` / ``recall`` of rejecting
+    the noisy web captions, per grid point) a second panel beside it."""
+    panels = 2 if noise else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), squeeze=False)
+    left = axes[0][0]
+    for src, rates in keep_rates.items():
+        left.plot(grid, rates, label=src)
+    left.set_title("Keep rate against threshold")
+    left.set_ylabel("keep rate")
+    for ax in axes[0]:
+        for i, (label, value) in enumerate(marks.items()):
+            ax.axvline(value, color="k", linestyle=("--", ":")[i % 2], linewidth=1, label=f"{label} {value:.2f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("ITM threshold")
+    if noise:
+        right = axes[0][1]
+        for name, values in noise.items():
+            right.plot(grid, values, label=name)
+        right.set_title("Rejecting the web noise (truth)")
+        right.set_ylabel("precision / recall")
+        right.legend(fontsize=8)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

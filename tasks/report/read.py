@@ -3,7 +3,8 @@ stage times, training metrics, the filter's scored rows and the captions.
 
 Only files the stages already wrote are read (completion records ``*.done.json``,
 ``stages.jsonl``, ``models/**/metrics.jsonl``, the filter, caption and ingest shards,
-``eval/metrics.json``); which outputs count is what the latest run used (``current.json``).
+``eval/metrics.json``, a stage folder's ``stage.json``, the synthetic world's truth);
+which outputs count is what the latest run used (``current.json``).
 A missing input reads as empty, never as an error, so a report can be written mid-run.
 """
 
@@ -19,6 +20,8 @@ import pyarrow.compute as pc
 
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table
+from data.synth import load_truth
+from tasks.lifecycle import STAGE_FILE
 
 # Keys a stage may use in a completion record's `extra` (or a ``stages.jsonl`` line) for its
 # wall time in seconds.
@@ -173,6 +176,27 @@ def read_ok_captions(folder: Path | None, kind: str) -> list[str]:
         ok = pc.equal(t["status"], "ok")
         out += [c for c in t.filter(ok)["caption"].to_pylist() if c is not None]
     return out
+
+
+def read_web_noise(run_dir: Path) -> dict[str, bool] | None:
+    """Web key -> whether its caption is noise (swapped or junk) in the synthetic world's
+    truth (`RunLayout.truth_dir`); None for a run without truth."""
+    folder = RunLayout(run_dir).truth_dir()
+    if folder is None:
+        return None
+    truth = load_truth(folder)
+    return {key: truth.is_noisy(key) for key in truth.web_kinds}
+
+
+def read_stage_settings(folder: Path | None) -> dict[str, Any]:
+    """The settings a stage folder was made with (its ``stage.json``); {} without one."""
+    path = Path(folder) / STAGE_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("settings", {}))
+    except (json.JSONDecodeError, AttributeError):
+        return {}
 
 
 def read_eval_metrics(run_dir: Path) -> dict[str, Any] | None:

@@ -19,15 +19,18 @@ import pyarrow.compute as pc
 
 from data.gallery import write_review_galleries
 from tasks.report.figures import caption_length_histograms, example_grid, itm_histograms, keep_rate_bars
-from tasks.report.figures import loss_curves, save_figure
+from tasks.report.figures import loss_curves, save_figure, threshold_curves
 from data.layout import RunLayout
 from tasks.report.read import read_eval_metrics, read_image_bytes, read_ok_captions, read_video_metrics
-from tasks.report.read import read_scored, read_stage_times, read_training_metrics, stage_accounting, stage_folders
+from tasks.report.read import read_scored, read_stage_settings, read_stage_times, read_training_metrics
+from tasks.report.read import read_web_noise, stage_accounting, stage_folders
 from tasks.report.render import Block, Figure, Heading, Table, Text
 
 DEFAULT_THRESHOLD = 0.5
 LOSS_PARTS = ("itc", "itm", "lm")
 MAIN_COUNTS = ("input", "kept", "rejected", "failed")  # the accounting table's own columns
+THRESHOLD_GRID = np.linspace(0.0, 1.0, 101)  # the keep-rate figure's thresholds
+THRESHOLD_TABLE = (0.1, 0.3, 0.5, 0.7, 0.9)  # the keep-rate table's thresholds (plus those in use)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,7 @@ def _filter_section(run_dir: Path, scored: pa.Table | None, cfg: ReportConfig) -
     blocks: list[Block] = [Heading("Filter")]
     if scored is None or scored.num_rows == 0:
         return blocks + [Text("No filter output yet.")]
-    thr_values = [t for t in scored["threshold"].to_pylist() if t is not None]
-    threshold = float(np.median(thr_values)) if thr_values else DEFAULT_THRESHOLD
+    threshold = _filter_threshold(scored)
     sources = sorted(set(scored["source"].to_pylist()))
     scores, rows = {}, []
     for src in sources:
@@ -122,6 +124,12 @@ def _filter_section(run_dir: Path, scored: pa.Table | None, cfg: ReportConfig) -
     blocks += _reject_reasons(scored)
     blocks += _keep_rate_section(run_dir, scored, sources, cfg)
     return blocks
+
+
+def _filter_threshold(scored: pa.Table) -> float:
+    """The filter's threshold: the median over its rows (one value for one filter folder)."""
+    values = [t for t in scored["threshold"].to_pylist() if t is not None]
+    return float(np.median(values)) if values else DEFAULT_THRESHOLD
 
 
 def _reject_reasons(scored: pa.Table) -> list[Block]:
@@ -146,6 +154,94 @@ def _keep_rate_section(run_dir: Path, scored: pa.Table, sources: list[str], cfg:
             rates[src].append(pc.sum(sub["keep"].cast(pa.int64())).as_py() / n if n else np.nan)
     png = save_figure(keep_rate_bars(shards, rates), run_dir, "report-keep-rate.png", cfg.dpi)
     return [Heading("Keep rate per shard", 3), Figure(png, "keep rate per shard")]
+
+
+@dataclass(frozen=True)
+class ThresholdSweep:
+    """What each threshold would keep, from the stored scores (the threshold part of the
+    filter's rule; top-k not applied)."""
+
+    thresholds: np.ndarray  # (G,)
+    kept: dict[str, np.ndarray]  # source -> (G,) rows whose score reaches the threshold
+    rows: dict[str, int]  # source -> scored rows (kept + rejected; an unscored row is never kept)
+    precision: np.ndarray | None  # (G,) share of the rejected web rows known to the truth that are noise
+    recall: np.ndarray | None  # (G,) share of the noisy web rows that are rejected
+
+    def keep_rate(self, source: str) -> np.ndarray:
+        return self.kept[source] / self.rows[source] if self.rows[source] else np.full(len(self.thresholds), np.nan)
+
+
+def _reaching(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(G,) how many of `scores` (float32, NaN = unscored) are >= each threshold (compared in
+    float32, as the filter compares)."""
+    ordered = np.sort(scores[~np.isnan(scores)])
+    return len(ordered) - np.searchsorted(ordered, thresholds.astype(np.float32), side="left")
+
+
+def threshold_sweep(scored: pa.Table, thresholds: np.ndarray, noisy: dict[str, bool] | None) -> ThresholdSweep:
+    """Keep counts per source at each threshold and, with `noisy` (web key -> noise), the
+    precision / recall of rejection as the detection of noise."""
+    score = np.asarray(pc.fill_null(scored["itm_score"], np.nan).to_numpy(zero_copy_only=False), dtype=np.float32)
+    source = np.asarray(scored["source"].to_pylist(), dtype=object)
+    kept, rows = {}, {}
+    for src in sorted(set(source)):
+        kept[src] = _reaching(score[source == src], thresholds)
+        rows[src] = int((source == src).sum())
+    precision = recall = None
+    if noisy is not None:
+        web = np.flatnonzero(source == "web")
+        truth = [noisy.get(k) for k in scored["key"].take(pa.array(web, pa.int64())).to_pylist()]
+        known = np.asarray([t is not None for t in truth], dtype=bool)
+        noise = np.asarray([bool(t) for t in truth], dtype=bool)
+        if known.any() and noise.any():
+            rejected = known.sum() - _reaching(score[web][known], thresholds)
+            noise_rejected = noise.sum() - _reaching(score[web][noise], thresholds)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                precision = np.where(rejected > 0, noise_rejected / rejected, np.nan)
+            recall = noise_rejected / noise.sum()
+    return ThresholdSweep(thresholds, kept, rows, precision, recall)
+
+
+def _thresholds_in_use(folders: dict[str, Path], scored: pa.Table) -> dict[str, float]:
+    """Label -> threshold: the filter's (its rows' median) and a re-deciding assemble's."""
+    marks = {"filter": _filter_threshold(scored)}
+    assembled = read_stage_settings(folders.get("assemble")).get("threshold")
+    if isinstance(assembled, (int, float)):
+        marks["assemble"] = float(assembled)
+    return marks
+
+
+def _threshold_section(run_dir: Path, folders: dict[str, Path], scored: pa.Table | None, cfg: ReportConfig) -> list[Block]:
+    blocks: list[Block] = [Heading("Keep rate against threshold")]
+    if scored is None or scored.num_rows == 0:
+        return blocks + [Text("No filter output yet.")]
+    noisy = read_web_noise(run_dir)
+    marks = _thresholds_in_use(folders, scored)
+    curve = threshold_sweep(scored, THRESHOLD_GRID, noisy)
+    noise = {"precision": curve.precision, "recall": curve.recall} if curve.precision is not None else None
+    fig = threshold_curves(THRESHOLD_GRID, {src: curve.keep_rate(src) for src in curve.kept}, marks, noise)
+    blocks.append(Figure(save_figure(fig, run_dir, "report-threshold.png", cfg.dpi), "keep rate against threshold"))
+    table_at = np.asarray(sorted(set(THRESHOLD_TABLE) | {round(v, 4) for v in marks.values()}))
+    at = threshold_sweep(scored, table_at, noisy)
+    headers = ["threshold"] + [f"{src} keep rate" for src in at.kept] + [f"{src} kept" for src in at.kept]
+    headers += ["noise precision", "noise recall"] if at.precision is not None else []
+    rows = []
+    for i, t in enumerate(table_at):
+        row: list[Any] = [float(t)] + [float(at.keep_rate(src)[i]) for src in at.kept] + [int(at.kept[src][i]) for src in at.kept]
+        row += [float(at.precision[i]), float(at.recall[i])] if at.precision is not None and at.recall is not None else []
+        rows.append(row)
+    blocks.append(Table(headers, rows))
+    where = RunLayout(run_dir).relative(folders["filter"])
+    truth = ("Noise precision: the share of rejected web captions that the synthetic world's truth calls noise "
+             "(swapped or junk); recall: the share of the noise rejected. ") if at.precision is not None else ""
+    blocks.append(Text(
+        "Share of each source's scored captions whose stored ITM score reaches the threshold (thresholds in use: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()) + "; top-k not applied). " + truth
+        + "To build D' at another threshold from these scores, without rescoring: "
+        f"`capfilt assemble --input RUN/ingest/human RUN/{where}/kept RUN/{where}/rejected --output RUN/assemble "
+        "--threshold T`, or `assemble: {threshold: T}` in the run config."
+    ))  # fmt: skip
+    return blocks
 
 
 def _caption_length_section(run_dir: Path, folders: dict[str, Path], cfg: ReportConfig) -> list[Block]:
@@ -283,6 +379,7 @@ def report_blocks(run_dir: Path, cfg: ReportConfig | None = None) -> list[Block]
     blocks += _accounting_section(run_dir)
     blocks += _loss_section(run_dir, cfg)
     blocks += _filter_section(run_dir, scored, cfg)
+    blocks += _threshold_section(run_dir, folders, scored, cfg)
     blocks += _caption_length_section(run_dir, folders, cfg)
     blocks += _examples_section(run_dir, filter_dir, scored, cfg)
     blocks += _gallery_section(run_dir)

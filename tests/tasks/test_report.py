@@ -161,3 +161,48 @@ def test_video_section_puts_video_r1_beside_image_r1(tmp_path: Path) -> None:
     assert "| final | 40 | 8 | 7.500 | 20.0 | 30.0 | 5.000 | 12.5 | 11.0 |" in section
     assert "| pretrain | 40 | 8 | 7.500 |" in section
     assert "Zero-shot video" not in to_markdown(report_blocks(tmp_path / "eval"))  # no video.json: no section
+
+
+def _truth(run: Path, web_keys: dict[str, str]) -> None:
+    """A synthetic world's truth files: no scenes, each web key's caption kind."""
+    import pyarrow.parquet as pq
+
+    (run / "truth").mkdir()
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "scene": pa.array([], pa.string())}),
+                   run / "truth" / "scenes.parquet")  # fmt: skip
+    pq.write_table(pa.table({"key": list(web_keys), "kind": list(web_keys.values())}), run / "truth" / "web_captions.parquet")
+
+
+def test_keep_rate_against_threshold_with_noise_truth(run_dir: Path) -> None:
+    import numpy as np
+
+    from tasks.report.read import read_scored
+    from tasks.report.sections import threshold_sweep
+
+    # web "click here" rows (odd i, ITM 0.1) are junk; the rest (0.9) correct; synthetic all 0.9
+    _truth(run_dir, {f"w{s}{i}": "junk" if i % 2 else "correct" for s in range(2) for i in range(4)})
+    asm = run_dir / "assemble" / "a1b2c3"
+    asm.mkdir(parents=True)
+    (asm / "stage.json").write_text(json.dumps({"settings_hash": "a1b2c3", "settings": {"stage": "assemble", "threshold": 0.3}}))
+    md = write_report(run_dir).read_text()
+    assert "## Keep rate against threshold" in md and "](report-threshold.png)" in md
+    with Image.open(run_dir / "report-threshold.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 100  # two panels
+    header = "| threshold | synthetic keep rate | web keep rate | synthetic kept | web kept | noise precision | noise recall |"
+    assert header in md
+    assert "| 0.100 | 1.000 | 1.000 | 8 | 8 | n/a | 0.000 |" in md  # nothing rejected yet
+    assert "| 0.300 | 1.000 | 0.500 | 8 | 4 | 1.000 | 1.000 |" in md  # the four junk rows, only they
+    assert "| 0.900 | 1.000 | 0.500 | 8 | 4 | 1.000 | 1.000 |" in md  # 0.9 reaches 0.9
+    assert "thresholds in use: filter 0.50, assemble 0.30" in md
+    assert "RUN/filter/def456/kept RUN/filter/def456/rejected" in md
+    sweep = threshold_sweep(read_scored(run_dir / "filter" / "def456"), np.array([0.0, 0.95]), None)
+    assert {k: v.tolist() for k, v in sweep.kept.items()} == {"synthetic": [8, 0], "web": [8, 0]}
+    assert sweep.precision is None and sweep.rows == {"synthetic": 8, "web": 8}
+    png = (run_dir / "report-threshold.png").read_bytes()
+    assert write_report(run_dir).read_text() == md and (run_dir / "report-threshold.png").read_bytes() == png  # deterministic
+
+
+def test_keep_rate_against_threshold_without_truth(run_dir: Path) -> None:
+    md = write_report(run_dir).read_text()
+    assert "| threshold | synthetic keep rate | web keep rate | synthetic kept | web kept |\n" in md
+    assert "| 0.500 | 1.000 | 0.500 | 8 | 4 |" in md and "noise precision" not in md
