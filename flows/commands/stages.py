@@ -138,7 +138,8 @@ def _commands() -> dict[str, Any]:
     assemble = config_command(
         AssembleConfig,
         _io(None, "Stage folder; D' goes to OUTPUT/<hash>/.",
-            "In priority order: human pair shards, then filter kept folders (files, folders, globs)."),
+            "In priority order: human pair shards, then filter kept folders (with --threshold / --top-k the "
+            "rejected folders too) (files, folders, globs)."),
         _run_assemble,
         "Assemble D' = human + kept web + kept synthetic pairs, deduplicated and resharded.",
         exclude={"batch_size", "num_workers", "device", "precision"},  # no model: only `progress` applies
