@@ -78,6 +78,24 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def write_if_changed(path: Path, data: str | bytes) -> None:
+    """`write_atomic`, unless the file holds these bytes already: a deterministic writer's
+    rerun (or a moved run folder's) leaves the file, its inode and mtime, untouched."""
+    path = Path(path)
+    data = data.encode() if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.read_bytes() == data:
+        return
+    write_atomic(path, data)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as the bytes of one Parquet file (for `write_if_changed`)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
 def write_shard(
     table: pa.Table, path: Path, kind: str, row_group_size: int = DEFAULT_ROW_GROUP_ROWS
 ) -> None:

@@ -36,7 +36,8 @@ from data.shards import (
     is_complete,
     settings_hash,
     shard_name,
-    write_atomic,
+    parquet_bytes,
+    write_if_changed,
     write_completion,
     write_shard,
 )
@@ -262,13 +263,11 @@ def _pairs_table(name: str, split: SplitData, rows: list[tuple[str, int, str]], 
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    _write_if_changed(path, buffer.getvalue().to_pybytes())
+    write_if_changed(path, parquet_bytes(table))
 
 
 def _write_text(text: str, path: Path) -> None:
-    _write_if_changed(path, text.encode())
+    write_if_changed(path, text)
 
 
 def _write_truth(folder: Path, splits: dict[str, SplitData], cfg: SynthConfig) -> None:
@@ -328,7 +327,7 @@ def write_www(out: Path, web: SplitData, cfg: SynthConfig, base_url: str = DEFAU
     rows: list[dict[str, str]] = []
     for key, i, caption in web.rows:
         rel = f"images/{web.image_ids[i]}.png"
-        _write_if_changed(www / rel, web.pngs[i])
+        write_if_changed(www / rel, web.pngs[i])
         rows.append({"key": key, "image_id": web.image_ids[i], "caption": caption, "path": rel})
     extras = _broken_rows(www, web, cfg)
     rows += [{"key": key, "image_id": key, "caption": caption, "path": rel} for key, caption, rel, _ in extras]
@@ -348,21 +347,12 @@ def _broken_rows(www: Path, web: SplitData, cfg: SynthConfig) -> list[tuple[str,
         caption = correct_captions(web.scenes[j % len(web.scenes)])[0] if web.scenes else junk_caption(rng)
         rows.append((f"web-missing-{j}", caption, f"images/missing-{j}.png", "missing"))
         corrupt = f"images/corrupt-{j}.png"
-        _write_if_changed(www / corrupt, sample[: len(sample) // 2])
+        write_if_changed(www / corrupt, sample[: len(sample) // 2])
         rows.append((f"web-corrupt-{j}", caption, corrupt, "corrupt"))
         page = f"pages/offer-{j}.html"
-        _write_if_changed(www / page, b"<!doctype html><html><body><h1>Deals!</h1></body></html>\n")
+        write_if_changed(www / page, b"<!doctype html><html><body><h1>Deals!</h1></body></html>\n")
         rows.append((f"web-html-{j}", junk_caption(rng), page, "html"))
     return rows
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write `data` atomically unless the file holds it already (a rerun, or a moved run
-    folder resumed, leaves the world's files untouched)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.read_bytes() == data:
-        return
-    write_atomic(path, data)
 
 
 def write_url_list(out: Path, base_url: str, rows: list[dict[str, str]] | None = None) -> Path:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.ingest_video import video_rows_table, write_videos_shard
-from data.shards import atomic_path, is_complete, settings_hash, shard_name, write_atomic
+from data.shards import is_complete, parquet_bytes, settings_hash, shard_name, write_if_changed
 from data.synth_world import RenderConfig, Scene, correct_captions, render_clip, sample_scene
 from data.video import CODECS, encode_video
 
@@ -135,12 +135,9 @@ def _write_truth(out: Path, scenes: list[Scene], cfg: VideoWorldConfig, settings
         "scene": [s.to_json() for s in scenes],
         "canonical_caption": [correct_captions(s)[0] for s in scenes],
     })  # fmt: skip
-    path = out / TRUTH_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_if_changed(out / TRUTH_FILE, parquet_bytes(table))  # a rerun leaves the truth untouched
     world = {"config": dataclasses.asdict(cfg), "settings_hash": settings, "clips": len(scenes)}
-    write_atomic(out / WORLD_FILE, json.dumps(world, indent=2, sort_keys=True))
+    write_if_changed(out / WORLD_FILE, json.dumps(world, indent=2, sort_keys=True))
 
 
 def find_video_truth(folder: Path) -> Path | None:

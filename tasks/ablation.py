@@ -475,7 +475,7 @@ class _Experiment:
         # CapFilt's base model is a no-C/F run (same data, same budget), the one of capfilt_seed.
         name = f"no_cf-s{cfg.capfilt_seed}"
         raw = list_shards(self.world / "human") + list_shards(self.world / "web")
-        base = self.pretrain(raw, out, name, cfg.capfilt_seed)
+        base = no_cf_base = self.pretrain(raw, out, name, cfg.capfilt_seed)
         self.say(f"base model {base} ({self.timings.values[f'train {name}']:.0f} s)")
         diagnostics: list[dict[str, Any]] = []
         for round_index in range(1, cfg.rounds + 1):
@@ -494,7 +494,10 @@ class _Experiment:
             for row in rows:
                 row_root = root if row in BOOTSTRAPPED else out
                 name = f"{row}-s{seed}"
-                model = self.pretrain(list_shards(folders[row]), row_root, name, seed)  # a base's time is kept
+                if row == "no_cf" and seed == cfg.capfilt_seed:
+                    model = no_cf_base  # CapFilt's base is this row's run: reused, as trained on the raw world shards
+                else:
+                    model = self.pretrain(list_shards(folders[row]), row_root, name, seed)
                 res = self.evaluate(model, row_root, name)
                 for label, section, key in METRICS:
                     values[row][label].append(float(getattr(res, section).get(key, float("nan"))))

@@ -60,7 +60,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) of the stage outputs (shards, records, model weights)."""
     out = {}
     for path in root.rglob("*"):
-        if path.is_file() and path.suffix in (".parquet", ".json", ".safetensors") and ".prefect" not in path.parts:
+        if path.is_file() and path.suffix in (".parquet", ".json", ".safetensors") and ".prefect" not in path.parts \
+                and path.name != "current.json":  # the run's record of what it used, written by every run
             out[str(path.relative_to(root))] = (path.stat().st_ino, path.stat().st_mtime_ns)
     return out
 
