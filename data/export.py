@@ -8,7 +8,9 @@ rows as stored):
   extension is the bytes' real format), ``<stem>.txt`` (the caption) and ``<stem>.json``
   (key, source, itm_score, threshold, judge, ...), the layout img2dataset writes and
   open_clip's ``--train-data`` / ``webdataset.WebDataset`` read; beside each tar the
-  sidecar ``00000.parquet`` (the JSON fields, no image bytes) and ``00000_stats.json``.
+  sidecar ``00000.parquet`` (the JSON fields, no image bytes) and ``00000_stats.json``;
+  ``OUT/sizes.json`` (rows per tar) lets open_clip count samples without
+  ``--train-num-samples``.
 - ``blip-json``: ``OUT/images/00000/<stem>.<ext>`` and ``OUT/annotations.json``, one list of
   ``{"image": "images/00000/<stem>.png", "caption": ..., "image_id": ..., ...}`` with paths
   relative to OUT (BLIP/LAVIS join them to their ``image_root``).
@@ -70,6 +72,7 @@ DEFAULT_SHARD_ROWS = 10_000  # img2dataset's default samples per shard
 RECORDS_DIR = ".capfilt"  # completion records and the manifest; hidden from consumers' globs
 MANIFEST = "export.json"
 ANNOTATIONS = "annotations.json"
+SIZES = "sizes.json"  # webdataset: {"00000.tar": rows, ...}, open_clip's get_dataset_size reads it
 IMAGES_DIR = "images"
 _VERSION = 1  # bump when an output layout changes, so old exports are not taken as complete
 _KIND = "dataset"
@@ -411,6 +414,7 @@ def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAUL
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     _refuse_other_export(out, plan)
     by_source: Counter = Counter()
+    sizes: dict[str, int] = {}
     written = 0
     for shard in plan.shards:
         record = _done(out, plan, shard.index)
@@ -424,26 +428,31 @@ def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAUL
             _write_record(out, primary, record)
             written += 1
         by_source.update({s: record.counts.get(s, 0) for s in SOURCES})
+        sizes[record.shard] = record.counts["rows"]
     stats = ExportStats(fmt, str(out), sum(by_source.values()), {s: by_source[s] for s in SOURCES},
                         len(plan.shards), written, len(plan.shards) - written, [str(p) for p in inputs])
     if stats.rows != plan.rows:
         raise ExportError(f"{out}: {stats.rows} rows exported of {plan.rows} in D'")
-    _finish(out, plan, stats, rewrite=written > 0)
+    _finish(out, plan, stats, sizes, rewrite=written > 0)
     return stats
 
 
-def _finish(out: Path, plan: ExportPlan, stats: ExportStats, rewrite: bool) -> None:
-    """The files written once all shards are: ``annotations.json`` (blip-json), then the
-    manifest (``.capfilt/export.json``). Left alone by a rerun that wrote no shard."""
+def _finish(out: Path, plan: ExportPlan, stats: ExportStats, sizes: dict[str, int], rewrite: bool) -> None:
+    """The files written once all shards are: ``annotations.json`` (blip-json) or
+    ``sizes.json`` (webdataset: rows per tar, which open_clip reads instead of
+    ``--train-num-samples``), then the manifest (``.capfilt/export.json``). Left alone by
+    a rerun that wrote no shard."""
     manifest = out / RECORDS_DIR / MANIFEST
     final = {"format": plan.fmt, "rows": stats.rows, "by_source": stats.by_source, "shards": stats.shards,
              "input_fingerprint": plan.input_fingerprint, "settings_hash": plan.settings, "version": _VERSION}
-    annotations = out / ANNOTATIONS if plan.fmt == "blip-json" else None
+    index = {"blip-json": out / ANNOTATIONS, "webdataset": out / SIZES}.get(plan.fmt)
     current = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if not rewrite and current == final and (annotations is None or annotations.is_file()):
+    if not rewrite and current == final and (index is None or index.is_file()):
         return
-    if annotations is not None:
+    if plan.fmt == "blip-json":
         _write_annotations(out, stats.shards)
+    elif plan.fmt == "webdataset":
+        write_atomic(out / SIZES, json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     write_atomic(manifest, json.dumps(final, indent=2, sort_keys=True) + "\n")
 
 

@@ -130,6 +130,7 @@ def test_webdataset_reads_back_dprime(dprime: list[Path], tmp_path: Path) -> Non
     assert sidecar.column("key").to_pylist() == [r["key"] for r in expected]
     assert sidecar.column("stem").to_pylist() == [s["__key__"] for s in samples]
     assert "jpg" not in sidecar.column_names
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 2}
     stats_file = json.loads((out / "00002_stats.json").read_text())
     assert stats_file["count"] == stats_file["successes"] == 2
 
