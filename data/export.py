@@ -84,6 +84,7 @@ _HASH_CHARS = 8
 # Columns carried into the JSON / sidecar / annotations / Parquet (no bytes, no status).
 META_COLUMNS = ("key", "image_id", "source", "caption", "url", "width", "height", "sha256",
                 "candidate", "producer", "itm_score", "threshold", "judge")
+_PRIMARY = {"webdataset": "{:05d}.tar", "blip-json": RECORDS_DIR + "/{:05d}.json", "parquet": "part-{:05d}.parquet"}
 _HF_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}
 
 
@@ -258,7 +259,7 @@ def _json_bytes(obj: Any) -> bytes:
 def write_webdataset_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
     """``NNNNN.tar`` (+ sidecar ``NNNNN.parquet`` and ``NNNNN_stats.json``); returns the tar."""
     name = f"{shard.index:05d}"
-    tar_path, counts, stems, sidecar = out / f"{name}.tar", Counter(), set(), []
+    tar_path, counts, formats, stems, sidecar = _primary(out, "webdataset", shard.index), Counter(), Counter(), set(), []
     with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for path, table in _batches(shard):
             for row in _rows(path, table):
@@ -269,11 +270,12 @@ def write_webdataset_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter
                 _tar_member(tar, f"{row.stem}.json", _json_bytes({"stem": row.stem, "image": image, **row.meta}))
                 sidecar.append({"stem": row.stem, "image": image, **row.meta})
                 counts[row.meta["source"]] += 1
-                counts[f"format_{row.ext}"] += 1
+                formats[row.ext] += 1
     with atomic_path(out / f"{name}.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(sidecar, schema=_sidecar_schema()), tmp)
+    # img2dataset's stats fields (no times, so the file is a function of D' too), plus ours.
     stats = {"count": len(sidecar), "successes": len(sidecar), "failed_to_download": 0, "failed_to_resize": 0,
-             "sources": {s: counts[s] for s in SOURCES}, "image_formats": {k[7:]: v for k, v in counts.items() if k.startswith("format_")}}
+             "sources": {s: counts[s] for s in SOURCES}, "image_formats": dict(formats)}
     write_atomic(out / f"{name}_stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return tar_path, counts
 
@@ -294,7 +296,7 @@ def write_blip_json_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]
             image.write_bytes(row.image)  # no rename or fsync per image: the shard's record, written after, vouches
             annotations.append({"image": image.relative_to(out).as_posix(), **row.meta})
             counts[row.meta["source"]] += 1
-    fragment = out / RECORDS_DIR / f"{name}.json"
+    fragment = _primary(out, "blip-json", shard.index)
     write_atomic(fragment, json.dumps(annotations, ensure_ascii=False))
     return fragment, counts
 
@@ -312,7 +314,7 @@ def _parquet_schema() -> pa.Schema:
 def write_parquet_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
     """``part-NNNNN.parquet``: one row group per input row-group slice."""
     schema, counts, stems = _parquet_schema(), Counter(), set()
-    target = out / f"part-{shard.index:05d}.parquet"
+    target = _primary(out, "parquet", shard.index)
     with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for path, table in _batches(shard):
             rows = []
@@ -338,13 +340,14 @@ def _record_path(out: Path, primary: Path) -> Path:
     return out / RECORDS_DIR / f"{primary.name}.done.json"
 
 
-def _primary_name(fmt: str, index: int) -> str:
-    return {"webdataset": f"{index:05d}.tar", "blip-json": f"{index:05d}.json", "parquet": f"part-{index:05d}.parquet"}[fmt]
-
-
 def _primary(out: Path, fmt: str, index: int) -> Path:
-    name = _primary_name(fmt, index)
-    return out / RECORDS_DIR / name if fmt == "blip-json" else out / name
+    """The file a shard's record vouches for (its size is checked): the tar, the Parquet
+    file, or blip-json's annotation fragment."""
+    return out / _PRIMARY[fmt].format(index)
+
+
+def _same_export(record: CompletionRecord, plan: ExportPlan) -> bool:
+    return (record.input_fingerprint, record.settings_hash) == (plan.input_fingerprint, plan.settings)
 
 
 def _done(out: Path, plan: ExportPlan, index: int) -> CompletionRecord | None:
@@ -356,7 +359,7 @@ def _done(out: Path, plan: ExportPlan, index: int) -> CompletionRecord | None:
         return None
     if record is None or not primary.is_file() or record.output_bytes != primary.stat().st_size:
         return None
-    return record if (record.input_fingerprint, record.settings_hash) == (plan.input_fingerprint, plan.settings) else None
+    return record if _same_export(record, plan) else None
 
 
 def _refuse_other_export(out: Path, plan: ExportPlan) -> None:
@@ -366,7 +369,7 @@ def _refuse_other_export(out: Path, plan: ExportPlan) -> None:
             record = read_completion(done)
         except ValueError:
             continue
-        if record is not None and (record.input_fingerprint, record.settings_hash) != (plan.input_fingerprint, plan.settings):
+        if record is not None and not _same_export(record, plan):
             raise ExportError(
                 f"{out} holds an export of another D' or other settings ({done.name}); "
                 "export into a new folder, or delete this one first"
@@ -396,7 +399,7 @@ def _write_annotations(out: Path, shards: int) -> None:
         handle.write("[")
         first = True
         for index in range(shards):
-            for item in json.loads((out / RECORDS_DIR / f"{index:05d}.json").read_text(encoding="utf-8")):
+            for item in json.loads(_primary(out, "blip-json", index).read_text(encoding="utf-8")):
                 handle.write(("" if first else ",\n") + json.dumps(item, ensure_ascii=False))
                 first = False
         handle.write("]\n")

@@ -40,10 +40,14 @@ def _sources(args: list[Path], inputs: list[Path] | None) -> tuple[list[Path], P
 
 
 def export_command(
-    args: list[Path] = typer.Argument(..., metavar="[RUN] OUT", help="RUN (a run or D' folder; omit it with --input) and OUT, the folder to write"),
+    args: list[Path] = typer.Argument(
+        ..., metavar="[RUN] OUT", help="RUN (a run or D' folder; omit it with --input) and OUT, the folder to write"
+    ),
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="webdataset, blip-json or parquet"),
     shard_size: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-size", help="rows per output shard"),
-    inputs: list[Path] | None = typer.Option(None, "--input", "-i", help="D' shards (folder, file or glob) instead of RUN"),
+    inputs: list[Path] | None = typer.Option(
+        None, "--input", "-i", help="D' shards (folder, file or glob) instead of RUN; repeatable"
+    ),
 ) -> None:
     """Export D' for open_clip / img2dataset (webdataset), BLIP / LAVIS (blip-json) or
     Hugging Face datasets / duckdb (parquet)."""
