@@ -7,6 +7,7 @@ import typer
 from flows.commands import browse as browse_commands
 from flows.commands import data as data_commands
 from flows.commands import evaluate as evaluate_commands
+from flows.commands import export as export_commands
 from flows.commands import query as query_commands
 from flows.commands import run as run_commands
 from flows.commands import stages as stage_commands
@@ -19,7 +20,7 @@ app = typer.Typer(
 )
 
 for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands, query_commands,
-             browse_commands):
+             browse_commands, export_commands):
     area.register(app)
 
 

@@ -1,0 +1,69 @@
+"""`capfilt export RUN OUT --format webdataset|blip-json|parquet`: D' in a trainer's layout.
+
+RUN is a run folder (its current D', ``assemble/<hash>/``, from ``current.json``), a name
+under ``runs/``, or a D' folder itself; ``--input FOLDER`` (repeatable) names D' shard
+folders or files instead, and then the one argument is OUT. The layouts are described in
+`data/export.py`; a rerun skips the shards already written.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import typer
+
+from data.export import DEFAULT_SHARD_ROWS, ExportError, dataset_shards, export
+from data.inputs import expand_inputs
+from data.layout import LayoutError
+from data.schema import SchemaError
+from flows.commands.query import resolve_run
+
+EXIT_ERROR = 1
+
+
+class ExportFormat(str, enum.Enum):
+    webdataset = "webdataset"
+    blip_json = "blip-json"
+    parquet = "parquet"
+
+
+def _sources(args: list[Path], inputs: list[Path] | None) -> tuple[list[Path], Path]:
+    """(D' shards, OUT) from ``RUN OUT`` or ``--input ... OUT``."""
+    if inputs:
+        if len(args) != 1:
+            raise typer.BadParameter("with --input give only OUT", param_hint="ARGS")
+        return expand_inputs(inputs), args[0]
+    if len(args) != 2:
+        raise typer.BadParameter("give RUN OUT (or --input FOLDER OUT)", param_hint="ARGS")
+    return dataset_shards(resolve_run(args[0])), args[1]
+
+
+def export_command(
+    args: list[Path] = typer.Argument(
+        ..., metavar="[RUN] OUT", help="RUN (a run or D' folder; omit it with --input) and OUT, the folder to write"
+    ),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="webdataset, blip-json or parquet"),
+    shard_size: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-size", help="rows per output shard"),
+    inputs: list[Path] | None = typer.Option(
+        None, "--input", "-i", help="D' shards (folder, file or glob) instead of RUN; repeatable"
+    ),
+) -> None:
+    """Export D' for open_clip / img2dataset (webdataset), BLIP / LAVIS (blip-json) or
+    Hugging Face datasets / duckdb (parquet)."""
+    try:
+        shards, out = _sources(args, inputs)
+        stats = export(shards, out, fmt.value, shard_size)
+    except (ExportError, SchemaError, LayoutError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"capfilt export: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    sources = ", ".join(f"{name} {count}" for name, count in stats.by_source.items())
+    typer.echo(
+        f"exported {stats.rows} rows ({sources}) from {len(shards)} D' shards as {stats.shards} {stats.fmt} "
+        f"shards to {out} ({stats.written} written, {stats.skipped} already complete)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `capfilt export` to the app."""
+    app.command("export")(export_command)
