@@ -145,8 +145,9 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
     from tasks.train import training_identity
 
     stage = dataclasses.asdict(stage_cfg)
-    identity = {"mode": mode, "train": {k: v for k, v in stage.items() if k != "checkpoint_every"},
-                **training_identity(data, init)}  # fmt: skip
+    settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
+                **stage}  # fmt: skip
+    identity = {k: v for k, v in settings.items() if k != "checkpoint_every"} | training_identity(data, init)
     # one folder per (settings, data, init weights): other settings never overwrite a finished model
     out = str(run.layout.model_dir(role, round_index) / settings_hash(identity))
     kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
@@ -154,8 +155,6 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
               "vocab_size": run.config.model.vocab_size,
               "tokenizer_dir": str(run.layout.tokenizer), "tokenizer_shards": run.tokenizer_shards,
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
-    settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
-                **stage}  # fmt: skip
     inputs = data + ([init] if init else [])
     index = round_index if round_index > 1 else None
     params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index)}
