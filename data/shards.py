@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.schema import SchemaError, check_schema, conform
+from data.schema import SchemaError, check_schema, conform, schema_for
 
 SHARD_GLOB = "part-*.parquet"
 DONE_SUFFIX = ".done.json"
@@ -206,13 +207,34 @@ def _open(path: Path, kind: str) -> pq.ParquetFile:
 
 
 def read_table(path: Path, kind: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a whole shard (or some `columns`), after checking it is of `kind`."""
+    """Read a whole shard (or some `columns`), after checking it is of `kind`, in our fields
+    (`as_ours`): a shard another tool wrote with other nullability or column order reads
+    as ours does, so tables from both mix."""
     path = Path(path)
     handle = _open(path, kind)
     try:
-        return handle.read(columns=columns)
+        return as_ours(handle.read(columns=columns), kind, path)
     finally:
         handle.close()
+
+
+def as_ours(table: pa.Table, kind: str, path: str | Path = "<table>") -> pa.Table:
+    """`table` with the kind's own field definitions (nullability) and column order for the
+    columns it has (others kept after them). A required column holding nulls is refused,
+    naming the file, the column and the first such row."""
+    expected = schema_for(kind)
+    ours = [field for field in expected if field.name in table.column_names]
+    for field in ours:
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:
+            first = pc.index(pc.is_null(column), True).as_py()
+            raise SchemaError(f"{path}: column {field.name!r} has {column.null_count} nulls (first at row {first}); "
+                              f"every {kind!r} row needs one: fix or drop those rows")  # fmt: skip
+    fields = ours + [table.schema.field(name) for name in table.column_names if expected.get_field_index(name) < 0]
+    if fields == list(table.schema):
+        return table
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return pa.Table.from_arrays([table.column(field.name) for field in fields], schema=schema)
 
 
 def iter_batches(

@@ -191,3 +191,23 @@ def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> 
     write_atomic(target, b"new bytes")
     assert target.read_bytes() == b"new bytes"
     assert [p.name for p in tmp_path.iterdir()] == ["stage.json"]
+
+
+def test_another_tools_shard_reads_in_our_fields_and_nulls_in_a_required_column_are_named(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.schema import PAIRS, SchemaError
+    from data.shards import read_table
+
+    columns = {f.name: pa.nulls(2, f.type) for f in PAIRS}
+    columns.update(key=pa.array(["a", "b"]), image_id=pa.array(["a", "b"]), source=pa.array(["web", "web"]),
+                   status=pa.array(["ok", "ok"]))  # fmt: skip
+    loose = pa.table(columns).select(list(reversed(PAIRS.names)))  # pa.table: every field nullable
+    pq.write_table(loose, tmp_path / "part-00000.parquet")
+    table = read_table(tmp_path / "part-00000.parquet", "pairs")
+    assert table.schema.names == PAIRS.names and not table.schema.field("key").nullable
+    columns["key"] = pa.array(["a", None])
+    pq.write_table(pa.table(columns), tmp_path / "part-00001.parquet")
+    with pytest.raises(SchemaError, match=r"part-00001\.parquet: column 'key' has 1 nulls \(first at row 1\)"):
+        read_table(tmp_path / "part-00001.parquet", "pairs")

@@ -212,3 +212,36 @@ def test_real_img2dataset_output_goes_straight_into_the_filter(tmp_path: Path, l
     assert failed["url"].endswith("missing.jpg") and "404" in failed["error"]
     scored = _rows(stats.output, "kept") + _rows(stats.output, "rejected")
     assert all(r["itm_score"] is not None and r["source"] == "web" for r in scored)
+
+
+def test_shards_from_other_tools_differing_in_nullability_or_column_order_are_accepted(
+    tmp_path: Path, loaded, inputs
+) -> None:
+    """Another tool's writer: every field nullable, columns in another order. Same rows, same verdicts."""
+    webs, cap = inputs
+    other = tmp_path / "other"
+    (other / "web").mkdir(parents=True)
+    (other / "cap").mkdir()
+    for src, folder in [(w, other / "web") for w in webs] + [(c, other / "cap") for c in list_shards(cap)]:
+        table = pq.read_table(src)
+        loose = pa.schema([f.with_nullable(True) for f in table.schema]).remove_metadata()
+        table = table.cast(loose)
+        pq.write_table(table.select(list(reversed(table.column_names))), folder / src.name)
+    ours = run_filter(webs, tmp_path / "ours", loaded, FilterConfig(execution=EXEC), caption_dir=cap)
+    theirs = run_filter(list_shards(other / "web"), tmp_path / "theirs", loaded, FilterConfig(execution=EXEC),
+                        caption_dir=other / "cap")  # fmt: skip
+    assert theirs.totals == ours.totals
+    for outcome in ("kept", "rejected", "failed"):
+        assert [r["key"] for r in _rows(theirs.output, outcome)] == [r["key"] for r in _rows(ours.output, outcome)]
+
+
+def test_a_real_schema_mismatch_names_file_column_expected_and_found(tmp_path: Path, loaded, inputs) -> None:
+    webs, cap = inputs
+    bad = tmp_path / "cap"
+    bad.mkdir()
+    for src in list_shards(cap):
+        table = pq.read_table(src)
+        pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption",
+                                        pa.array(range(table.num_rows), pa.int64())), bad / src.name)  # fmt: skip
+    with pytest.raises(Exception, match=r"part-00000\.parquet: column 'caption' has type int64, expected string"):
+        run_filter(webs, tmp_path / "out", loaded, FilterConfig(execution=EXEC), caption_dir=bad)
