@@ -22,11 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from data.layout import RunLayout
 from data.shards import file_fingerprint, read_completion, settings_hash, write_atomic
 
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
-PREFECT_DIR = ".prefect"
 _FINGERPRINT_PATTERNS = ("*.parquet", "*.safetensors", "*.json", "*.txt", "*.png")
 
 
@@ -53,7 +53,7 @@ class StepJob(BaseModel):
 
 def results_dir(run_dir: str | Path) -> Path:
     """Where Prefect's persisted results for this run live."""
-    return Path(run_dir) / PREFECT_DIR / "results"
+    return RunLayout(Path(run_dir)).prefect / "results"
 
 
 def result_storage(run_dir: str | Path) -> Path:
@@ -65,7 +65,7 @@ def result_storage(run_dir: str | Path) -> Path:
 
 
 def _outputs_file(job: StepJob) -> Path:
-    return Path(job.run_dir) / PREFECT_DIR / "outputs" / f"{job.step_id}.json"
+    return RunLayout(Path(job.run_dir)).prefect / "outputs" / f"{job.step_id}.json"
 
 
 def fingerprint_path(path: str | Path) -> str:
