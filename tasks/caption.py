@@ -39,7 +39,7 @@ from tasks.execution import (
     resolve_precision,
     semantic_settings,
 )
-from tasks.image_batches import image_batches, index_batches
+from tasks.image_batches import DECODE_MODES, image_batches, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
@@ -65,6 +65,7 @@ class CaptionConfig:
     min_length: int = 5  # (BLIP: 5)
     prompt: str = "a picture of "  # fed to the decoder after [DEC], stripped from the output
     seed: int = 0  # run seed; each image's seed derives from (seed, web key)
+    decode: Literal["reduced", "exact"] = "reduced"  # reduced: large JPEGs decoded by libjpeg at 1/2-1/8 scale (>= model size) before the resize; exact: every pixel
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class CaptionConfig:
         require(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         require(self.temperature > 0 and self.repetition_penalty > 0, "temperature and repetition_penalty must be > 0")
         require(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        require(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         require(0 <= self.min_length <= self.max_length and self.max_length >= 2,
                 f"need 0 <= min_length <= max_length and max_length >= 2, got {self.min_length}, {self.max_length}")
         if self.strategy == "greedy" and self.num_captions > 1:
@@ -186,7 +188,7 @@ class _Captioner:
         batches = index_batches(todo, cfg.execution.batch_size)
         jpg = web.column("jpg").combine_chunks()
         with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
-            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, self.transform, cfg.execution, device)):
+            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, self.transform, cfg.execution, device, cfg.decode)):
                 good = np.array([not e for e in errors])
                 undecodable += int((~good).sum())
                 rows = np.asarray(rows)[good]

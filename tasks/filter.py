@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,7 @@ from tasks.execution import (
     semantic_settings,
 )
 from tasks.decide import DecisionRule, decide, nonempty_captions
-from tasks.image_batches import image_batches, index_batches
+from tasks.image_batches import DECODE_MODES, image_batches, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
@@ -64,12 +64,14 @@ class FilterConfig:
     threshold: float = 0.5  # keep when softmax ITM P(match) >= threshold (BLIP: 0.5)
     top_k: int | None = None  # keep at most this many synthetic captions per image (best first)
     max_text_tokens: int = 35  # ITM text length, [ENC] and [SEP] included (BLIP: 35)
+    decode: Literal["reduced", "exact"] = "reduced"  # reduced: large JPEGs decoded by libjpeg at 1/2-1/8 scale (>= model size) before the resize; exact: every pixel
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:
         require(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
         require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
         require(self.max_text_tokens >= 3, f"max_text_tokens must be >= 3 ([ENC], a word, [SEP]), got {self.max_text_tokens}")
+        require(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
 
 
 @dataclass
@@ -170,7 +172,7 @@ def _score(
     batches = index_batches(order, cfg.execution.batch_size)
     start, passed, judged = 0, 0, 0
     with inference_context(device, precision):
-        for pixels, image_errors in image_batches(jpg, batches, transform, cfg.execution, device):
+        for pixels, image_errors in image_batches(jpg, batches, transform, cfg.execution, device, cfg.decode):
             stop = start + len(image_errors)
             lo, hi = np.searchsorted(sorted_pos, [start, stop])
             caps = todo[by_pos[lo:hi]]  # captions of this batch's images

@@ -1,9 +1,14 @@
 """Image batches for the model stages: decode and transform rows of a binary column in
-DataLoader workers, ship them as uint8, normalise once on the device."""
+DataLoader workers, ship them as uint8, normalise once on the device.
+
+`decode="reduced"` lets libjpeg decode a large JPEG at 1/2-1/8 scale (never below the
+model's size) before the exact resize; ``"exact"`` decodes every pixel first.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -15,18 +20,26 @@ from data.images import decode_image
 from tasks.execution import ExecutionConfig, resolve_workers
 
 
+Decode = Literal["reduced", "exact"]
+DECODE_MODES = ("reduced", "exact")
+
+
 class _DecodedImages(Dataset):
     """Row i of an arrow binary column -> (uint8 pixels (3,S,S), error or "")."""
 
-    def __init__(self, jpg: pa.Array, transform: ImageTransform) -> None:
+    def __init__(self, jpg: pa.Array, transform: ImageTransform, decode: Decode = "exact") -> None:
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.jpg = jpg
         self.transform = transform
+        # a training crop may want every pixel of a small region: only eval resizes reduce
+        self.reduce_to = transform.image_size if decode == "reduced" and not transform.train else None
 
     def __len__(self) -> int:
         return len(self.jpg)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        decoded = decode_image(self.jpg[index].as_py())
+        decoded = decode_image(self.jpg[index].as_py(), reduce_to=self.reduce_to)
         if decoded.image is None:
             size = self.transform.image_size
             return torch.zeros(3, size, size, dtype=torch.uint8), decoded.error or "undecodable"
@@ -39,19 +52,21 @@ def image_batches(
     transform: ImageTransform,
     execution: ExecutionConfig,
     device: torch.device,
+    decode: Decode = "exact",
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Decode and transform the rows of each index batch in DataLoader workers.
 
     Yields (pixel_values (B,3,S,S) float on `device`, errors) in batch order; an error is
     "" for a good image, else the reason (its pixels are a constant and must not be used).
     Workers decode the next batches while the model runs on this one; batches travel as
-    uint8 (pinned on CUDA) and are normalised once on the device.
+    uint8 (pinned on CUDA) and are normalised once on the device. `decode`: see the
+    module docstring (the stages pass their config's `decode`).
     """
     if not batches:
         return
     workers = resolve_workers(execution.num_workers, device)
     loader = DataLoader(
-        _DecodedImages(jpg, transform),
+        _DecodedImages(jpg, transform, decode),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
