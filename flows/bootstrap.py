@@ -32,6 +32,7 @@ from flows.runners import build_task_runner, gpu_annotation
 from tasks.assemble import assemble_settings
 from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
+from tasks.filter import filter_config_settings
 from tasks.video_eval import semantic_settings as video_settings
 
 
@@ -252,7 +253,7 @@ def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | N
     # the caption folder is named by its settings hash; its records are what the plan reads
     plan_inputs = [filter_model] + ([captions] if captions else [])
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-filter", inputs=plan_inputs, settings=semantic_settings(run.config.filter),
+        job=run.job("plan-filter", inputs=plan_inputs, settings=filter_config_settings(run.config.filter),
                     params={"model": filter_model, "out_dir": str(run.layout.stage("filter")), "captions": captions,
                             "web": web}),  # fmt: skip
         config=run.config,

@@ -57,7 +57,16 @@ _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "
 @dataclass
 class FilterConfig:
     """Filter stage settings; all but `execution` enter the output folder's hash. The run
-    config's `filter:` block is this class (`flows.config.RunConfig`)."""
+    config's `filter:` block is this class (`flows.config.RunConfig`).
+
+    `itm_first_token` decides which scores `threshold` is compared with. The default,
+    ``enc``, is BLIP's convention: the ITM head was trained on the `[ENC]` token, so the
+    caption starts with `[ENC]`. transformers' `BlipForImageTextRetrieval` (and tools built
+    on it, such as Data-Juicer) scores the same caption with `[CLS]` first instead
+    (transformers#25629, #22732); on the same weights the two match probabilities differ
+    (docs/BENCHMARKS.md, "ITM first token"). Set ``cls`` only when a threshold was
+    calibrated on those tools' scores; left at ``enc`` it is not in the folder's hash.
+    """
 
     __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
 
@@ -65,6 +74,7 @@ class FilterConfig:
     top_k: int | None = None  # keep at most this many synthetic captions per image (best first)
     max_text_tokens: int = 35  # ITM text length, [ENC] and [SEP] included (BLIP: 35)
     decode: Literal["reduced", "exact"] = "reduced"  # reduced: large JPEGs decoded by libjpeg at 1/2-1/8 scale (>= model size) before the resize; exact: every pixel
+    itm_first_token: Literal["enc", "cls"] = "enc"  # enc: [ENC] first, as BLIP trained its ITM head; cls: [CLS] first, as transformers' BlipForImageTextRetrieval scores
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self) -> None:
@@ -72,6 +82,7 @@ class FilterConfig:
         require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
         require(self.max_text_tokens >= 3, f"max_text_tokens must be >= 3 ([ENC], a word, [SEP]), got {self.max_text_tokens}")
         require(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        require(self.itm_first_token in ("enc", "cls"), f"itm_first_token must be 'enc' or 'cls', got {self.itm_first_token!r}")
 
 
 @dataclass
@@ -154,7 +165,8 @@ def _score(
     todo = np.flatnonzero(scoreable)
     if len(todo) == 0:
         return _Scores(scores, errors)
-    ids, mask = tokenizer.encode([texts[i] for i in todo], mode="itm", max_length=cfg.max_text_tokens)  # (C', T)
+    mode = "itm" if cfg.itm_first_token == "enc" else "text"  # text mode: the same ids, [CLS] first
+    ids, mask = tokenizer.encode([texts[i] for i in todo], mode=mode, max_length=cfg.max_text_tokens)  # (C', T)
     lengths = np.zeros(n_captions, dtype=np.int64)
     lengths[todo] = mask.sum(dim=1).numpy()
     row_of = np.full(n_captions, -1, dtype=np.int64)  # caption -> row in ids
@@ -332,13 +344,22 @@ def _counts(keep: np.ndarray, failed: np.ndarray, reasons: list[str | None], is_
     return counts
 
 
+def filter_config_settings(cfg: FilterConfig) -> dict[str, Any]:
+    """The config fields that change scores or decisions (all but `execution`), without
+    `itm_first_token` at its default: folders made before that option keep their hash."""
+    settings = semantic_settings(cfg)
+    if cfg.itm_first_token == "enc":
+        settings.pop("itm_first_token")
+    return settings
+
+
 def filter_settings(fingerprint: str, cfg: FilterConfig, device: torch.device, caption_hashes: list[str | None]) -> dict[str, Any]:
     """What the filter's output depends on: judge weights, threshold/top-k, precision and
     the identity of the synthetic captions it scores (their stage's settings hash)."""
     return {
         "stage": "filter",
         "judge": fingerprint,
-        **semantic_settings(cfg),
+        **filter_config_settings(cfg),
         "precision": resolve_precision(cfg.execution.precision, device),
         "captions": sorted({h for h in caption_hashes if h}),
     }

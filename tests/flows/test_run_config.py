@@ -101,6 +101,13 @@ def test_every_stage_setting_is_reachable_from_yaml_and_set(tmp_path: Path) -> N
         load_yaml(path, sets=["filter.threshold"])
 
 
+def test_the_filter_itm_first_token_is_a_run_config_setting() -> None:
+    assert load_config({"preset": "demo-quick"}).filter.itm_first_token == "enc"  # BLIP's convention
+    assert load_config({"preset": "demo-quick", "filter": {"itm_first_token": "cls"}}).filter.itm_first_token == "cls"
+    with pytest.raises(ConfigError, match=r"filter\.itm_first_token.*'enc'.*'cls'"):
+        load_config({"preset": "demo-quick", "filter": {"itm_first_token": "sep"}})
+
+
 def test_a_stage_block_follows_the_run_device_unless_it_names_its_own() -> None:
     from flows.steps import stage_config
 
