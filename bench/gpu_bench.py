@@ -13,7 +13,8 @@ Sections (each runs on its own: one that fails records its error and the others 
   `MED.generate` vs `BlipForConditionalGeneration.generate`, batch sizes doubling.
 - `pipeline`: `tasks.filter.run_filter` on a Parquet shard of photo-like 640x480 JPEGs
   (DataLoader decode workers, pinned uint8 batches, Parquet out) vs the same model on
-  the same batches already decoded and on the device: the ratio is the pipeline's efficiency.
+  the same batches already decoded (by the stage's own loader) and on the device: the
+  ratio (model-only seconds / stage seconds) is the pipeline's efficiency.
 - `decode`: JPEG decodes/s on one core, PIL full vs reduced (`decode_image(reduce_to=384)`)
   vs `torchvision.io.decode_jpeg(device="cuda")` (nvjpeg) when torchvision and CUDA exist.
 - `pretrain_mfu`: one pretrain `TrainStep` (ITC with momentum queue, ITM with hard
@@ -61,7 +62,7 @@ SECTION_SECONDS = 45.0  # stop doubling a batch size once one measurement takes 
 SECTION_MODULES = (
     "blip_core", "blip_core.config", "blip_core.hf", "blip_core.med", "blip_core.image", "blip_core.train",
     "blip_core.train.distributed", "blip_core.train.loop", "blip_core.train.state", "data.images", "data.shards",
-    "data.synth_photo", "tasks.execution", "tasks.filter", "torch.distributed", "torch.nn.parallel",
+    "data.synth_photo", "tasks.execution", "tasks.filter", "tasks.image_batches", "torch.distributed", "torch.nn.parallel",
     "torch.utils.flop_counter", "transformers", "train_step",
 )  # fmt: skip
 
@@ -77,7 +78,7 @@ def sizes(quick: bool, device: str) -> dict[str, Any]:
                 "decode_images": 8, "decode_jpeg": (640, 480), "decode_target": 384,
                 "train_preset": "tiny", "train_size": 0, "train_batches": [4], "train_steps": 2, "repeats": 3}  # fmt: skip
     return {"preset": "base", "image_size": 384, "itm_batches": [16, 32, 64, 128, 256, 512, 1024],
-            "caption_batches": [16, 32, 64, 128, 256, 512], "pipeline_images": 4096, "pipeline_jpeg": (640, 480),
+            "caption_batches": [16, 32, 64, 128, 256, 512], "pipeline_images": 2048, "pipeline_jpeg": (640, 480),
             "pipeline_batch": 256, "decode_images": 64, "decode_jpeg": (1600, 1200), "decode_target": 384,
             "train_preset": "base", "train_size": 224, "train_batches": [32, 64, 128, 256], "train_steps": 3,
             "repeats": 2}  # fmt: skip
@@ -249,11 +250,11 @@ def _loaded(preset_name: str, image_size: int, device: torch.device) -> Any:
 
 
 def section_pipeline(device: torch.device, s: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    from blip_core.image import ImageTransform, normalise
-    from data.images import decode_image
+    from blip_core.image import ImageTransform
     from data.shards import read_table
     from tasks.execution import ExecutionConfig, inference_context, resolve_precision, resolve_workers
     from tasks.filter import FilterConfig, run_filter
+    from tasks.image_batches import image_batches, index_batches
 
     n, b = s["pipeline_images"], s["pipeline_batch"]
     shard = _pipeline_shard(tmp / "web", n, *s["pipeline_jpeg"])
@@ -264,20 +265,20 @@ def section_pipeline(device: torch.device, s: dict[str, Any], tmp: Path) -> dict
     runs = iter(range(100))
     stage_s = best_seconds(lambda: run_filter([shard], tmp / f"filter{next(runs)}", loaded, cfg), device, s["repeats"])
 
-    # the same batches, decoded beforehand and already on the device (uint8, normalised per batch as the stage does)
+    # the same batches, decoded beforehand by the stage's own loader and kept on the device
     table = read_table(shard, "pairs")
-    transform = ImageTransform(size)
-    pixels = torch.stack([transform.pixels(decode_image(j, reduce_to=size).image) for j in table.column("jpg").to_pylist()])
-    pixels = pixels.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else pixels.to(device)
+    batches = index_batches(np.arange(n), b)
+    on_device = [p for p, _ in image_batches(table.column("jpg").combine_chunks(), batches, ImageTransform(size), execution, device, "reduced")]
     ids, mask = loaded.tokenizer.encode(table.column("caption").to_pylist(), mode="itm", max_length=cfg.max_text_tokens)
     ids, mask = ids.to(device), mask.to(device)
 
     def model_only() -> None:
         with inference_context(device, resolve_precision("auto", device)):
-            for i in range(0, n, b):
-                embeds = model.encode_image(normalise(pixels[i : i + b]))
-                width = int(mask[i : i + b].sum(1).max())
-                model.itm_logits(embeds, ids[i : i + b, :width], mask[i : i + b, :width]).float().softmax(-1)[:, 1].cpu()
+            for rows, pixels in zip(batches, on_device):
+                lo, hi = rows[0], rows[-1] + 1
+                width = int(mask[lo:hi].sum(1).max())
+                embeds = model.encode_image(pixels)
+                model.itm_logits(embeds, ids[lo:hi, :width], mask[lo:hi, :width]).float().softmax(-1)[:, 1].cpu()
 
     model_s = best_seconds(model_only, device, s["repeats"])
     return {"images": n, "jpeg": "x".join(map(str, s["pipeline_jpeg"])), "batch": b, "model_px": size,
@@ -447,7 +448,7 @@ def markdown(report: dict[str, Any]) -> str:
 
     def row(name: str, measure: str, figures: str) -> None:
         r = sec[name]
-        status = r["status"] if r["status"] == "ok" else f"error: {r['error'][:120]}"
+        status = r["status"] if r["status"] in ("ok", "skipped") else f"error: {r['error'][:120]}"
         lines.append(f"| {name} | {measure} | {figures if r['status'] == 'ok' else '-'} | {r['peak_gib']:.2f} | {status} |")
 
     def per_batch(name: str, keys: list[str]) -> str:
@@ -469,6 +470,14 @@ def markdown(report: dict[str, Any]) -> str:
     row("ddp", f"{g.get('backend')} 1-rank step s plain / DDP (overhead)",
         f"{_fmt(g.get('plain_step_s'))} / {_fmt(g.get('ddp_step_s'))} ({_fmt(g.get('ddp_overhead'))}), batch {g.get('batch')}")
     return "\n".join(lines) + "\n"
+
+
+def write_json(out: Path, quick: bool, s: dict[str, Any], device: torch.device, sections: dict[str, Any], start: float) -> dict[str, Any]:
+    report = {"quick": quick, "sizes": s, "environment": environment(device), "sections": sections,
+              "wall_s": time.perf_counter() - start}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
 
 
 def main() -> None:
@@ -524,10 +533,8 @@ def main() -> None:
             if name == "pipeline":
                 models.clear()  # free the ITM / caption models before the stage loads its own
             sections[name] = run_section(name, device, fn)
-    report = {"quick": args.quick, "sizes": s, "environment": environment(device), "sections": sections,
-              "wall_s": time.perf_counter() - start}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+            write_json(args.out, args.quick, s, device, sections, start)  # so far: a run cut short keeps what it measured
+    report = write_json(args.out, args.quick, s, device, sections, start)
     table = markdown(report)
     (args.out / "gpu.md").write_text(table)
     print(table)
