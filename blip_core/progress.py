@@ -111,3 +111,25 @@ class PlainProgress:
         file.write(self.line(now) + "\n")
         file.flush()
         self._last_time, self._last_n = now, self.n
+
+
+class Advance:
+    """A callback ``advance(n, total)`` for code that knows its total only once it runs
+    (``with Advance("export", "row") as advance: export(..., on_shard=advance)``): the bar
+    opens at the first call."""
+
+    def __init__(self, desc: str, unit: str = "it", enabled: bool = True) -> None:
+        self.desc, self.unit, self.enabled = desc, unit, enabled
+        self.bar: Any = None
+
+    def __call__(self, n: int, total: int | None) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total, self.desc, self.unit, self.enabled)
+        self.bar.update(n)
+
+    def __enter__(self) -> Advance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

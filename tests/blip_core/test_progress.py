@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from blip_core import progress
-from blip_core.progress import PlainProgress, progress_bar
+from blip_core.progress import Advance, PlainProgress, progress_bar
 
 
 def test_plain_lines_every_five_percent_and_at_close(monkeypatch) -> None:
@@ -49,3 +49,13 @@ def test_form_follows_stderr(monkeypatch) -> None:
     assert not isinstance(bar, PlainProgress) and not bar.disable
     bar.close()
     assert progress_bar(3, "x", enabled=False).disable
+
+
+def test_advance_opens_its_bar_at_the_first_call(monkeypatch) -> None:
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    with Advance("export", unit="row") as advance:
+        assert advance.bar is None
+        advance(4, 10)
+        advance(6, 10)
+    assert err.getvalue().splitlines()[-1].startswith("export: 100% 10/10 [") and "row/s" in err.getvalue()
