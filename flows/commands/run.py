@@ -12,6 +12,7 @@ import typer
 # and time for Prefect's temporary server to start on a busy machine (its default is 20 s).
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",  # also the client's telemetry notice, which a terminal would show above the progress
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
