@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from blip_core.progress import Advance
 from flows.config import RunConfig
 
 PORT_FILE = "www.port"
@@ -93,9 +92,7 @@ def ingest_url_list(params: dict[str, Any], config: RunConfig) -> list[str]:
         www = Path(params["www"])
         with local_image_server(www, www.parent / PORT_FILE) as base_url:
             write_url_list(url_list.parent, base_url)
-            with Advance("ingest: download", unit="shard") as advance:
-                ingest_web(url_list, dst, cfg, on_shard=advance)
+            ingest_web(url_list, dst, cfg)
     else:
-        with Advance("ingest: download", unit="shard") as advance:
-            ingest_web(url_list, dst, cfg, on_shard=advance)
+        ingest_web(url_list, dst, cfg)
     return [str(p) for p in list_shards(dst)]
