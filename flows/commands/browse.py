@@ -11,13 +11,10 @@ from __future__ import annotations
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import duckdb
 import typer
 
-from data.catalog import QueryRefused
 from data.gallery import DEFAULT_LIMIT, build_gallery, write_gallery
-from data.schema import SchemaError
-from flows.commands.query import EXIT_ERROR, EXIT_REFUSED, resolve_run
+from flows.commands.query import query_errors, resolve_run
 
 HOST = "127.0.0.1"
 
@@ -52,17 +49,11 @@ def browse(
 ) -> None:
     """Show a query's rows as an HTML gallery: thumbnail, caption, source, ITM score, verdict,
     and the other captions of each image side by side; sortable by any column."""
-    try:
+    with query_errors("browse"):
         if out is not None:
             gallery = write_gallery(resolve_run(run), sql, out, limit, title)
         else:
             gallery = build_gallery(resolve_run(run), sql, limit, title)
-    except (QueryRefused, duckdb.PermissionException) as exc:
-        typer.echo(f"capfilt browse: {exc}", err=True)
-        raise typer.Exit(EXIT_REFUSED) from None
-    except (duckdb.Error, SchemaError, FileNotFoundError) as exc:
-        typer.echo(f"capfilt browse: {exc}", err=True)
-        raise typer.Exit(EXIT_ERROR) from None
     shown = f"{gallery.shown} of {gallery.total} rows" if gallery.truncated else f"{gallery.total} rows"
     if out is not None:
         typer.echo(f"wrote {out} ({shown}); open {out.resolve().as_uri()}")

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import typer
 
 from data.catalog import QueryRefused, describe, hide_blobs, open_catalog, run_query
+from data.layout import LayoutError
 from data.schema import SchemaError
 from data.shards import atomic_path
 
@@ -140,6 +141,20 @@ def _print_schema(con: duckdb.DuckDBPyConnection) -> str:
 # ----------------------------------------------------------------------------- command
 
 
+@contextmanager
+def query_errors(command: str) -> Iterator[None]:
+    """Turn a refused statement into exit 2 and a failed query (bad SQL, a broken shard, a run
+    folder whose current outputs cannot be told) into exit 1, each with its message."""
+    try:
+        yield
+    except (QueryRefused, duckdb.PermissionException) as exc:
+        typer.echo(f"capfilt {command}: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    except (duckdb.Error, SchemaError, LayoutError, FileNotFoundError) as exc:
+        typer.echo(f"capfilt {command}: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
 def query(
     run: Path = typer.Argument(..., help="the run folder (or a name under runs/)"),
     sql: str | None = typer.Argument(None, help="one SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN"),
@@ -150,7 +165,7 @@ def query(
 ) -> None:
     """Query a run's datasets with SQL (read-only): human, web, test, synthetic, scored,
     rejects, dataset (D'), stage_stats."""
-    try:
+    with query_errors("query"):
         con = open_catalog(resolve_run(run))
         if schema:
             typer.echo(_print_schema(con), nl=False)
@@ -169,12 +184,6 @@ def query(
             rows = _write_stream(relation, fmt, output)
             if output is not None:
                 typer.echo(f"wrote {rows} rows to {output}", err=True)
-    except (QueryRefused, duckdb.PermissionException) as exc:
-        typer.echo(f"capfilt query: {exc}", err=True)
-        raise typer.Exit(EXIT_REFUSED) from None
-    except (duckdb.Error, SchemaError, FileNotFoundError) as exc:
-        typer.echo(f"capfilt query: {exc}", err=True)
-        raise typer.Exit(EXIT_ERROR) from None
 
 
 def register(app: typer.Typer) -> None:
