@@ -405,8 +405,11 @@ def _write_annotations(out: Path, shards: int) -> None:
         handle.write("]\n")
 
 
-def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS) -> ExportStats:
+def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS,
+           on_shard: Callable[[int, int], None] | None = None) -> ExportStats:  # fmt: skip
     """Export the D' shards `inputs` to `out` in `fmt`; a rerun skips finished shards.
+    `on_shard(rows, total_rows)` is called after each output shard (written or found
+    finished), e.g. to advance a progress bar.
 
     Raises ExportError for a row without image bytes (naming shard and key), a stem
     collision, or an `out` holding another export; SchemaError for a non-``dataset`` input.
@@ -432,6 +435,8 @@ def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAUL
             written += 1
         by_source.update({s: record.counts.get(s, 0) for s in SOURCES})
         sizes[record.shard] = record.counts["rows"]
+        if on_shard is not None:
+            on_shard(record.counts["rows"], plan.rows)
     stats = ExportStats(fmt, str(out), sum(by_source.values()), {s: by_source[s] for s in SOURCES},
                         len(plan.shards), written, len(plan.shards) - written, [str(p) for p in inputs])
     if stats.rows != plan.rows:

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -69,6 +69,7 @@ _FETCHABLE_SCHEMES = ("http", "https")  # urllib would also read file://, ftp://
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _FORMAT_ALIASES = {"json": "jsonl"}
 _LOG_TAIL_CHARS = 3000
+_POLL_S = 1.0  # seconds between `run_img2dataset`'s polls
 _SERVER_START_S = 15.0
 
 
@@ -205,8 +206,10 @@ def img2dataset_args(url_parquet: Path, output: Path, cfg: WebIngestConfig, mode
 _CHILD = "import json, sys\nfrom img2dataset import download\ndownload(**json.load(open(sys.argv[1])))\n"
 
 
-def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None) -> None:
-    """Run `img2dataset.download(**args)` in a child process; its output goes to `log`.
+def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None,
+                    on_poll: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Run `img2dataset.download(**args)` in a child process; its output goes to `log`;
+    `on_poll()` is called about every second while it runs (e.g. to count finished shards).
 
     The child gets its own process group; past `timeout_s` the whole group (img2dataset
     spawns a logger and a pool) is killed. Raises RuntimeError with the log's tail when
@@ -225,7 +228,7 @@ def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None) -> No
             start_new_session=True,
         )
         try:
-            code = proc.wait(timeout=timeout_s)
+            code = _wait(proc, timeout_s, on_poll)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -237,6 +240,21 @@ def run_img2dataset(args: dict, log: Path, timeout_s: float | None = None) -> No
     if code != 0:
         tail = log.read_text()[-_LOG_TAIL_CHARS:]
         raise RuntimeError(f"img2dataset failed (exit {code}); log {log}:\n{tail}")
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None, on_poll: Callable[[], None] | None) -> int:
+    """`proc.wait(timeout_s)`, calling `on_poll()` about every second meanwhile."""
+    if on_poll is None:
+        return proc.wait(timeout=timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        try:
+            return proc.wait(timeout=_POLL_S if left is None else min(_POLL_S, left))
+        except subprocess.TimeoutExpired:
+            on_poll()
 
 
 def read_raw_results(raw_parquet: Path) -> dict[str, RawRow]:
@@ -332,8 +350,11 @@ def _prepare_work(url_list: Path, out: Path, cfg: WebIngestConfig) -> tuple[Path
     return work, table
 
 
-def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bool = False) -> IngestStats:
-    """Download a URL list into pairs shards under `out` (see the module docstring)."""
+def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bool = False,
+               on_shard: Callable[[int, int], None] | None = None) -> IngestStats:  # fmt: skip
+    """Download a URL list into pairs shards under `out` (see the module docstring).
+    `on_shard(n, total)` is told as img2dataset finishes `n` more of the `total` shards to
+    download (e.g. to advance a progress bar)."""
     out = Path(out)
     work, table = _prepare_work(Path(url_list), out, cfg)
     settings = settings_hash(cfg.download_settings())
@@ -343,7 +364,10 @@ def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bo
     todo = [i for i, fp in enumerate(fingerprints) if not is_complete(out / shard_name(i), fp, settings)]
     if todo:
         args = img2dataset_args(work / "input.parquet", work / "raw", cfg, "incremental")
-        run_img2dataset(args, work / "raw.log", cfg.run_timeout_s)
+        poll = _shard_counter(work / "raw", len(todo), on_shard)
+        run_img2dataset(args, work / "raw.log", cfg.run_timeout_s, poll)
+        if poll is not None:
+            poll()  # the shards that finished since the last poll
     stats = IngestStats()
     for index, (rows, fp) in enumerate(zip(slices, fingerprints)):
         path = out / shard_name(index)
@@ -355,6 +379,23 @@ def ingest_web(url_list: Path, out: Path, cfg: WebIngestConfig, retry_failed: bo
     if retry_failed:
         stats = _retry_failed(out, work, cfg, settings)
     return stats
+
+
+def _shard_counter(raw: Path, total: int, on_shard: Callable[[int, int], None] | None) -> Callable[[], None] | None:
+    """A poll that tells `on_shard` of img2dataset's new ``*_stats.json`` (written as each of
+    its shards finishes) in `raw`."""
+    if on_shard is None:
+        return None
+    seen = [len(list(raw.glob("*_stats.json")))]  # shards finished by an earlier, interrupted run
+    told = [0]
+
+    def poll() -> None:
+        done = min(total, len(list(raw.glob("*_stats.json"))) - seen[0])
+        if done > told[0]:
+            on_shard(done - told[0], total)
+            told[0] = done
+
+    return poll
 
 
 def normalise_raw_shard(expected: list[dict], raw_path: Path, cfg: WebIngestConfig) -> pa.Table:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from blip_core.progress import Advance
 from flows.config import RunConfig
 
 PORT_FILE = "www.port"
@@ -92,7 +93,9 @@ def ingest_url_list(params: dict[str, Any], config: RunConfig) -> list[str]:
         www = Path(params["www"])
         with local_image_server(www, www.parent / PORT_FILE) as base_url:
             write_url_list(url_list.parent, base_url)
-            ingest_web(url_list, dst, cfg)
+            with Advance("ingest: download", unit="shard") as advance:
+                ingest_web(url_list, dst, cfg, on_shard=advance)
     else:
-        ingest_web(url_list, dst, cfg)
+        with Advance("ingest: download", unit="shard") as advance:
+            ingest_web(url_list, dst, cfg, on_shard=advance)
     return [str(p) for p in list_shards(dst)]

@@ -37,13 +37,13 @@ _TASK_OPTIONS: dict[str, Any] = {
 def stage_config(config: RunConfig, cfg: StageConfig) -> StageConfig:
     """A stage's config as the run gives it, for the flow's tasks: its `execution.device`
     left at ``auto`` and `num_workers` at -1 follow the run's `device` and `loader_workers`;
-    progress bars are off (a Prefect worker logs instead)."""
+    progress stays on: a bar in the CLI's terminal (threads runner), plain lines in logs
+    and in worker processes (`blip_core.progress` decides by stderr)."""
     run = cfg.execution
     execution = dataclasses.replace(
         run,
         device=config.device if run.device == "auto" else run.device,
         num_workers=config.loader_workers if run.num_workers == -1 else run.num_workers,
-        progress=False,
     )
     return dataclasses.replace(cfg, execution=execution)
 

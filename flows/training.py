@@ -53,7 +53,7 @@ def train_model(
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(arguments, nproc_per_node)
     cfg = TrainStageConfig(**stage)
-    overrides = {**cfg.overrides(), "device": device, "num_workers": loader_workers, "progress": False, "keep_last": 2}
+    overrides = {**cfg.overrides(), "device": device, "num_workers": loader_workers, "keep_last": 2}  # progress on
     result = train_stage(out, data, mode, init=init, preset=preset, augment=cfg.augment, vocab_size=vocab_size,
                          tokenizer_dir=tokenizer_dir, **overrides)  # fmt: skip
     return {"final": result.final_dir, "steps": result.steps, "finished_before": result.skipped,

@@ -220,7 +220,7 @@ class AblationResult:
 # Public so that experiments beside the table (bench/filter_base_probe.py) build on the same
 # world, tokenizer, training recipe and evaluation; each skips work whose output is complete.
 
-_EXECUTION = ExecutionConfig(batch_size=256, num_workers=0, device="cpu", progress=False)
+_EXECUTION = ExecutionConfig(batch_size=256, num_workers=0, device="cpu")  # progress on (blip_core.progress)
 
 
 def make_world(cfg: AblationConfig, out: Path) -> Path:
@@ -263,7 +263,7 @@ def train_or_resume(
         batch_size=cfg.batch_size, lr=cfg.lr if pretrain else cfg.finetune_lr,
         warmup_steps=cfg.warmup_steps if pretrain else 0, schedule="cosine",
         queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha, seed=seed, device="cpu", num_workers=0,
-        progress=False, mix_units=cfg.mix_units,
+        mix_units=cfg.mix_units,
         log_every=10, checkpoint_every=max(cfg.pretrain_steps, cfg.finetune_steps), keep_last=1,
     )  # fmt: skip
 

@@ -323,5 +323,5 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
                  kind="dataset", fingerprint=fingerprint, digest=digest, work=functools.partial(_select, p, j, cache))
         for j in range(p.n_shards)
     ]  # fmt: skip
-    with progress_bar(p.n_shards, "assemble", cfg.execution.progress) as bar:
+    with progress_bar(p.n_shards, "assemble", cfg.execution.progress, unit="shard") as bar:
         return run_stage(stats, jobs, on_done=lambda: bar.update(1))

@@ -34,7 +34,7 @@ class ExecutionConfig:
     num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto (see `resolve_workers`)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16; enters the hash resolved
-    progress: bool = True  # tqdm bars with images/s and keep rate
+    progress: bool = True  # a bar with images/s on a terminal, plain lines every ~10 s or 5 % otherwise
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -117,8 +117,9 @@ def load_stage_model(model: Any, device: torch.device, role: str, wrong_format: 
     return model
 
 
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar counting images (its rate is images/s); a no-op object when disabled."""
-    from tqdm.auto import tqdm
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img") -> Any:
+    """A counter of `unit`s (images by default: its rate is images/s): a bar on a terminal,
+    plain lines in logs (`blip_core.progress`); a no-op when disabled."""
+    from blip_core.progress import progress_bar as counter
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
+    return counter(total, desc, unit=unit, enabled=enabled)

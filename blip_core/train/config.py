@@ -94,7 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0: a bar on a terminal, plain lines otherwise (blip_core.progress)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, saved with checkpoints
 
     @classmethod

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from blip_core.atomic import replace_folder
 from blip_core.checkpoint import save as save_model_folder
 from blip_core.med import MED
+from blip_core.progress import progress_bar
 from blip_core.tokenizer import Tokenizer
 from blip_core.train import checkpoint as ckpt
 from blip_core.train.config import TrainConfig
@@ -261,7 +261,8 @@ def _run(
     if info.is_main:
         truncate_after(metrics_path, state.step)
     writer = MetricsWriter(metrics_path, enabled=info.is_main)
-    bar = tqdm(total=total, initial=state.step, desc=cfg.mode, disable=not (info.is_main and cfg.progress), unit="step")
+    bar = progress_bar(total, cfg.mode, unit="step", enabled=info.is_main and cfg.progress, initial=state.step,
+                       leave=True)
     last: dict[str, float] = {}
     try:
         tick, samples = time.perf_counter(), 0
@@ -280,7 +281,7 @@ def _run(
                     values = _mean_over_ranks(values, info)
                     last = {**values, "samples_per_s": samples / max(now - tick, 1e-9), "temp": float(state.model.temp.detach())}
                     writer.write({"step": state.step, "epoch": state.epoch, **last})
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k in _LOGGED_PARTS or k == "samples_per_s"})
+                    bar.set_postfix({"loss": f"{last['loss']:.3g}", "samples/s": f"{last['samples_per_s']:.3g}"})
                     tick, samples = now, 0
                 bar.update(1)
                 if state.step % cfg.checkpoint_every == 0:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from blip_core.progress import Advance
 from data.ingest import IngestStats
 from data.ingest_human import HumanIngestConfig, ingest_human
 from data.ingest_video import VideoIngestConfig, ingest_videos
@@ -121,7 +122,8 @@ def ingest_web_command(
     )
     server = serve_folder(serve, port) if serve is not None else contextlib.nullcontext()
     with server:
-        stats = ingest_web(url_list, out, cfg, retry_failed=retry_failed)
+        with Advance("ingest: download", unit="shard") as advance:
+            stats = ingest_web(url_list, out, cfg, retry_failed=retry_failed, on_shard=advance)
     _echo_stats(stats, out)
 
 

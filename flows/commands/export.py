@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from blip_core.progress import Advance
 from data.export import DEFAULT_SHARD_ROWS, ExportError, dataset_shards, export
 from data.inputs import expand_inputs
 from data.layout import LayoutError
@@ -53,7 +54,8 @@ def export_command(
     Hugging Face datasets / duckdb (parquet)."""
     try:
         shards, out = _sources(args, inputs)
-        stats = export(shards, out, fmt.value, shard_size)
+        with Advance("export", unit="row") as advance:
+            stats = export(shards, out, fmt.value, shard_size, on_shard=advance)
     except (ExportError, SchemaError, LayoutError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"capfilt export: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None

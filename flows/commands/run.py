@@ -12,15 +12,24 @@ import typer
 # and time for Prefect's temporary server to start on a busy machine (its default is 20 s).
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",  # also the client's telemetry notice, which a terminal would show above the progress
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
 
-def _offline_env() -> None:
+_VERBOSE_HELP = "Show Prefect's own log lines (flow and task runs, states); by default only warnings, so progress shows."
+
+
+def _offline_env(verbose: bool = True) -> None:
+    """Set the offline defaults; unless `verbose`, Prefect logs only warnings and errors (its
+    per-task INFO lines would bury the progress). Before Prefect is imported; an explicit
+    PREFECT_LOGGING_LEVEL wins."""
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def _headline(metrics_path: Path) -> list[str]:
@@ -47,6 +56,7 @@ def demo(
     ablation: bool = typer.Option(False, "--ablation", help="Then run the miniature Table 1 into RUN/ablation and print "
                                   "it: `capfilt ablation`'s defaults (2 seeds, about 25 min on 2 cores), or with "
                                   "--quick a one-minute smoke version too small to show an effect."),
+    verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
     """Run the whole CapFilt bootstrap on the built-in synthetic world (tiny MED, CPU).
 
@@ -55,7 +65,7 @@ def demo(
     assembles D', pretrains the final model and evaluates it. A second call on the same
     folder resumes where the first stopped (and so does `--ablation`'s experiment).
     """
-    _offline_env()
+    _offline_env(verbose)
     from flows.demo import run_demo
     from flows.interrupt import exit_on_interrupt
 
@@ -95,9 +105,10 @@ def run(
     run_dir: str = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
     sets: list[str] = typer.Option(None, "--set", help="Override any field: FIELD=VALUE, e.g. "
                                    "--set filter.threshold=0.3 --set caption.execution.batch_size=64 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", help=_VERBOSE_HELP),
 ) -> None:
     """Run (or resume) the bootstrap described by a YAML run config, in this process."""
-    _offline_env()
+    _offline_env(verbose)
     from flows.bootstrap import run_bootstrap
     from flows.config import ConfigError, load_yaml
 

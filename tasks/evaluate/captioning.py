@@ -14,6 +14,7 @@ from tasks.evaluate.config import EvalConfig
 from tasks.evaluate.metrics import caption_scores
 from tasks.evaluate.model_inputs import model_device, pixels, tokens
 from tasks.evaluate.testset import TestSet
+from tasks.execution import progress_bar
 
 PERCENT = 100.0
 EXAMPLES = 5  # test captions kept in the result, generated beside the first reference
@@ -29,13 +30,15 @@ def generate_captions(model: Any, tokenizer: Any, test: TestSet, cfg: EvalConfig
         ids, _ = tokens(tokenizer, [cfg.prompt], "decoder", cfg.max_caption_tokens, device)
         prompt_ids = ids[0, 1 : tokenizer.prompt_length(cfg.prompt)]
     out: list[str] = []
-    for i in range(0, len(test.images), cfg.batch_size):
-        ids = model.generate(
-            pixels(test.images[i : i + cfg.batch_size], size, device), strategy=cfg.caption_strategy,
-            max_length=cfg.max_caption_tokens, min_length=cfg.min_caption_tokens, num_beams=cfg.num_beams,
-            prompt_ids=prompt_ids,
-        )
-        out += tokenizer.decode(ids.cpu(), strip_prompt=cfg.prompt)
+    with progress_bar(len(test.images), "evaluate: captions", cfg.progress) as bar:
+        for i in range(0, len(test.images), cfg.batch_size):
+            ids = model.generate(
+                pixels(test.images[i : i + cfg.batch_size], size, device), strategy=cfg.caption_strategy,
+                max_length=cfg.max_caption_tokens, min_length=cfg.min_caption_tokens, num_beams=cfg.num_beams,
+                prompt_ids=prompt_ids,
+            )
+            out += tokenizer.decode(ids.cpu(), strip_prompt=cfg.prompt)
+            bar.update(ids.shape[0])
     return out
 
 

@@ -28,6 +28,7 @@ class EvalConfig:
     image_size: int | None = None  # None: the model's own
     batch_size: int = 64  # execution only: images per forward pass
     device: str = "auto"  # execution only: auto (cuda when available) | cpu | cuda[:N]
+    progress: bool = True  # execution only: bars on a terminal, plain lines otherwise (blip_core.progress)
 
     def __post_init__(self) -> None:
         require(self.rerank_k >= 1 and self.batch_size >= 1, "rerank_k and batch_size must be >= 1")
@@ -35,7 +36,7 @@ class EvalConfig:
                 f"caption_strategy must be beam, greedy or nucleus, got {self.caption_strategy!r}")  # fmt: skip
 
 
-_EXECUTION_FIELDS = ("batch_size", "device")
+_EXECUTION_FIELDS = ("batch_size", "device", "progress")
 
 
 def semantic_settings(cfg: EvalConfig) -> dict[str, Any]:

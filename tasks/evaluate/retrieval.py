@@ -20,6 +20,7 @@ from tasks.evaluate.config import EvalConfig
 from tasks.evaluate.metrics import PairScorer, relevance_matrix, rerank_top_k, retrieval_recall
 from tasks.evaluate.model_inputs import model_device, pixels, tokens
 from tasks.evaluate.testset import TestSet
+from tasks.execution import progress_bar
 
 
 @torch.no_grad()
@@ -28,13 +29,17 @@ def _embed(model: Any, tokenizer: Any, test: TestSet, cfg: EvalConfig) -> tuple[
     size = cfg.image_size or model.config.vision.image_size
     device = model_device(model)
     embeds, img_feats, txt_feats = [], [], []
-    for i in range(0, len(test.images), cfg.batch_size):
-        e = model.encode_image(pixels(test.images[i : i + cfg.batch_size], size, device))  # (B, 1+P, Dv)
-        embeds.append(e)
-        img_feats.append(model.image_features(e))
-    for i in range(0, len(test.texts), cfg.batch_size):
-        ids, mask = tokens(tokenizer, test.texts[i : i + cfg.batch_size], "text", cfg.max_text_tokens, device)
-        txt_feats.append(model.text_features(model.encode_text(ids, mask)))
+    with progress_bar(len(test.images), "evaluate: embed images", cfg.progress) as bar:
+        for i in range(0, len(test.images), cfg.batch_size):
+            e = model.encode_image(pixels(test.images[i : i + cfg.batch_size], size, device))  # (B, 1+P, Dv)
+            embeds.append(e)
+            img_feats.append(model.image_features(e))
+            bar.update(e.shape[0])
+    with progress_bar(len(test.texts), "evaluate: embed texts", cfg.progress, unit="text") as bar:
+        for i in range(0, len(test.texts), cfg.batch_size):
+            ids, mask = tokens(tokenizer, test.texts[i : i + cfg.batch_size], "text", cfg.max_text_tokens, device)
+            txt_feats.append(model.text_features(model.encode_text(ids, mask)))
+            bar.update(ids.shape[0])
     return torch.cat(embeds), torch.cat(img_feats), torch.cat(txt_feats)
 
 
@@ -47,11 +52,14 @@ def _itm_scorer(model: Any, tokenizer: Any, image_embeds: torch.Tensor, texts: l
         img_idx, txt_idx = (c, q) if text_is_query else (q, c)
         device = image_embeds.device
         out = []
-        for i in range(0, len(img_idx), cfg.batch_size):
-            ii = torch.as_tensor(img_idx[i : i + cfg.batch_size], device=device)
-            batch = [texts[j] for j in txt_idx[i : i + cfg.batch_size]]
-            ids, mask = tokens(tokenizer, batch, "itm", cfg.max_text_tokens, device)
-            out.append(model.itm_logits(image_embeds.index_select(0, ii), ids, mask)[:, 1].float().cpu())
+        desc = f"evaluate: ITM re-rank ({'text' if text_is_query else 'image'} queries)"
+        with progress_bar(len(img_idx), desc, cfg.progress, unit="pair") as bar:
+            for i in range(0, len(img_idx), cfg.batch_size):
+                ii = torch.as_tensor(img_idx[i : i + cfg.batch_size], device=device)
+                batch = [texts[j] for j in txt_idx[i : i + cfg.batch_size]]
+                ids, mask = tokens(tokenizer, batch, "itm", cfg.max_text_tokens, device)
+                out.append(model.itm_logits(image_embeds.index_select(0, ii), ids, mask)[:, 1].float().cpu())
+                bar.update(len(batch))
         return torch.cat(out).numpy()
 
     return score

@@ -110,8 +110,10 @@ def test_webdataset_reads_back_dprime(dprime: list[Path], tmp_path: Path) -> Non
     import webdataset as wds
 
     out = tmp_path / "wds"
-    stats = export(dprime, out, "webdataset", shard_rows=4)
+    progress: list[tuple[int, int]] = []
+    stats = export(dprime, out, "webdataset", shard_rows=4, on_shard=lambda rows, total: progress.append((rows, total)))
     assert (stats.rows, stats.shards, stats.written) == (10, 3, 3)
+    assert progress == [(4, 10), (4, 10), (2, 10)]  # after each output shard: its rows, of all
     assert stats.by_source == {"human": 3, "web": 3, "synthetic": 4}
     urls = [str(out / f"{i:05d}.tar") for i in range(3)]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))

@@ -50,8 +50,10 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     generate_world(world, WORLD, as_urls=True)
     with serve_folder(world / "www") as base_url:
         url_list = write_url_list(world, base_url)
-        stats = ingest_web(url_list, root / "web", CFG)
-        yield {"root": root, "world": world, "url_list": url_list, "out": root / "web", "stats": stats, "base": base_url}
+        progress: list[tuple[int, int]] = []
+        stats = ingest_web(url_list, root / "web", CFG, on_shard=lambda n, total: progress.append((n, total)))
+        yield {"root": root, "world": world, "url_list": url_list, "out": root / "web", "stats": stats, "base": base_url,
+               "progress": progress}  # fmt: skip
 
 
 def _expected(world: Path) -> dict[str, str]:
@@ -76,6 +78,8 @@ def test_every_url_is_accounted_for(served: dict) -> None:
     assert all("HTML" in r["error"] for r in rows if r["key"].startswith("web-html"))
     records = [read_completion(p) for p in list_shards(served["out"])]
     assert sum(r.counts["input"] for r in records if r) == 36
+    shards = len(records)
+    assert sum(n for n, _ in served["progress"]) == shards and {t for _, t in served["progress"]} == {shards}
 
 
 @pytest.mark.slow
@@ -254,9 +258,11 @@ def test_human_jsonl_and_blip_list_of_paths(tmp_path: Path) -> None:
     assert rows[0]["image_id"] == rows[1]["image_id"] != rows[2]["image_id"]
 
 
-def test_an_img2dataset_run_past_its_limit_is_stopped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("polled", [False, True])
+def test_an_img2dataset_run_past_its_limit_is_stopped(tmp_path: Path, polled: bool) -> None:
     path = tmp_path / "list.parquet"
     pq.write_table(pa.table({KEY_COLUMN: ["a"], "url": ["http://127.0.0.1:9/a.png"], "caption": ["x"]}), path)
     args = img2dataset_args(path, tmp_path / "raw", CFG, "incremental")
     with pytest.raises(RuntimeError, match="ran past 0.5 s"):
-        run_img2dataset(args, tmp_path / "raw.log", timeout_s=0.5)  # importing img2dataset alone takes longer
+        run_img2dataset(args, tmp_path / "raw.log", timeout_s=0.5,  # importing img2dataset alone takes longer
+                        on_poll=(lambda: None) if polled else None)  # fmt: skip

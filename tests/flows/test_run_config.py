@@ -113,6 +113,8 @@ def test_a_stage_block_follows_the_run_device_unless_it_names_its_own() -> None:
 
     cfg = load_config({"preset": "demo-quick", "loader_workers": 3, "filter": {"execution": {"device": "cpu"}}})
     caption = stage_config(cfg, cfg.caption)
-    assert (caption.execution.device, caption.execution.num_workers, caption.execution.progress) == ("cpu", 3, False)
+    assert (caption.execution.device, caption.execution.num_workers, caption.execution.progress) == ("cpu", 3, True)
     assert caption.execution.batch_size == 128 and caption.top_p == cfg.caption.top_p
     assert stage_config(cfg, cfg.filter).execution.device == "cpu"
+    quiet = load_config({"preset": "demo-quick", "caption": {"execution": {"progress": False}}})
+    assert stage_config(quiet, quiet.caption).execution.progress is False  # a block may turn its progress off
