@@ -67,11 +67,8 @@ def demo(
     """
     _offline_env(verbose)
     from flows.demo import run_demo
-    from flows.interrupt import exit_on_interrupt
 
-    again = "capfilt demo" + (" --quick" if quick else "") + (f" --out {out}" if out else "") + (" --ablation" if ablation else "")
-    with exit_on_interrupt(again):
-        result = run_demo(quick=quick, out=out)
+    result = run_demo(quick=quick, out=out)
     typer.echo(f"\nrun folder: {result.run_dir}")
     if result.report is not None:
         typer.echo(f"report:     {result.report}  (also {result.report.with_suffix('.html')})")
@@ -85,18 +82,16 @@ def demo(
     for command in result.query_commands():
         typer.echo(f"  {command}")
     if ablation:
-        _demo_ablation(Path(result.run_dir) / "ablation", quick, again)
+        _demo_ablation(Path(result.run_dir) / "ablation", quick)
 
 
-def _demo_ablation(folder: Path, quick: bool, again: str) -> None:
+def _demo_ablation(folder: Path, quick: bool) -> None:
     """The miniature Table 1 after the demo (see `capfilt ablation`)."""
-    from flows.interrupt import exit_on_interrupt
     from tasks.ablation import AblationConfig, quick_config, run_ablation
 
     cfg = quick_config(str(folder)) if quick else AblationConfig(out_dir=str(folder))
     typer.echo(f"\nminiature Table 1 ({'quick smoke version' if quick else 'capfilt ablation defaults'}) in {folder}:")
-    with exit_on_interrupt(again):
-        run_ablation(cfg, log=typer.echo)
+    run_ablation(cfg, log=typer.echo)
     typer.echo((folder / "table.md").read_text())
 
 
@@ -116,12 +111,7 @@ def run(
         cfg = load_yaml(config, sets=sets, run_dir=run_dir)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
-    from flows.interrupt import exit_on_interrupt
-
-    again = f"capfilt run --config {config}" + (f" --run-dir {run_dir}" if run_dir else "")
-    again += "".join(f" --set {item}" for item in sets or [])
-    with exit_on_interrupt(again):
-        summary = run_bootstrap(cfg)
+    summary = run_bootstrap(cfg)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=2, default=str))
 
 

@@ -1,8 +1,11 @@
-"""`capfilt demo --quick` end to end from the command line: interrupted once with Ctrl-C,
-resumed to the end, then a last call that finds everything done and runs `--ablation`."""
+"""`capfilt demo --quick` end to end from the command line: interrupted with Ctrl-C at each
+moment of a run (start-up, the temporary server's start, ingestion, training, a shard stage,
+the report), resumed to the end, then a last call that finds everything done and runs
+`--ablation`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -11,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -25,25 +29,51 @@ def _demo(out: Path, *flags: str) -> str:
     return done.stdout
 
 
-def _interrupt_during_pretraining(out: Path) -> str:
-    """Start the demo in its own process group, press Ctrl-C (SIGINT to the group, as a
-    terminal does) once the first model is training, and return what it printed."""
-    proc = subprocess.Popen([str(BIN / "capfilt"), "demo", "--quick", "--out", str(out)], env=ENV,
+HOOK = Path(__file__).with_name("interrupt_hook.py")
+# Ctrl-C at each moment of a run, in order (each press ends one call; the next call resumes):
+# during start-up (imports), while Prefect's temporary server starts, during ingestion, in
+# the middle of training, in a shard stage, while the report is written.
+MOMENTS = ("start-up", "server", "progress:ingest:1", "progress:pretrain:5", "progress:caption:1", "report")
+
+
+def _interrupt_at(out: Path, moment: str, mark: Path) -> None:
+    """Start the demo in its own process group, press Ctrl-C at `moment` (SIGINT to the
+    group, as a terminal does; `interrupt_hook.py` presses at the named moment) and check
+    that it ends at once with exit 130, a resume hint, no traceback, nothing left running."""
+    mark.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(HOOK), "flows.entry", "demo", "--quick", "--out", str(out)],
+                            env={**ENV, "INTERRUPT_AT": moment, "INTERRUPT_MARK": str(mark)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 600  # models/pretrain/<id>/metrics.jsonl: the first model is training
-    while not any(m.stat().st_size for m in out.glob("models/pretrain/*/metrics.jsonl")) and proc.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first line comes at step 10 of 20: on an idle CPU the rest take about a second
-    assert proc.poll() is None, "the demo ended before its first model trained"
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)  # one press is enough: no second Ctrl-C
-    assert proc.returncode == 130, stderr[-3000:]
-    assert f"resume with: capfilt demo --quick --out {out}" in stderr
-    deadline = time.monotonic() + 60  # the temporary API server got the same SIGINT and stops too
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _group_alive(proc.pid), "processes of the interrupted demo are still running"
-    return stdout
+    if moment == "start-up":  # from outside, as a user would: two seconds in, while it imports
+        time.sleep(2)
+        children: list[int] = []
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)  # one press is enough: no second Ctrl-C
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if moment != "start-up":
+        assert mark.is_file(), f"the demo ended (exit {proc.returncode}) before {moment}: {stderr[-2000:]}"
+        noted = json.loads(mark.read_text())
+        assert noted["moment"] == moment
+        children = noted["children"]
+    assert proc.returncode == 130, f"Ctrl-C at {moment}: exit {proc.returncode}\n{stderr[-3000:]}"
+    assert f"resume with: capfilt demo --quick --out {out}" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, f"Ctrl-C at {moment} printed a traceback:\n{stderr[-3000:]}"
+    deadline = time.monotonic() + 30  # children were sent SIGTERM, then SIGKILL after 3 s
+    while (_group_alive(proc.pid) or any(map(_alive, children))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), f"processes of the demo interrupted at {moment} are still running"
+    assert not any(map(_alive, children)), f"children of the demo interrupted at {moment} are still running"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its reaper has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:
@@ -59,10 +89,13 @@ def _weights(out: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
-def test_demo_quick_survives_ctrl_c_prints_real_results_and_resumes(tmp_path: Path) -> None:
+def test_demo_quick_survives_ctrl_c_at_every_moment_prints_real_results_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    _interrupt_during_pretraining(out)
-    assert not list(out.glob("models/pretrain/*/final"))
+    for moment in MOMENTS:
+        _interrupt_at(out, moment, tmp_path / "mark.json")
+        if moment == "progress:pretrain:5":
+            assert not list(out.glob("models/pretrain/*/final"))
+    assert list(out.glob("caption/*/part-*.parquet")) and not (out / "report.md").exists()
     stdout = _demo(out)  # resumes: the ingested shards are kept, the pretraining continues
     report = out / "report.md"
     assert f"report:     {report}" in stdout and report.is_file()
