@@ -114,6 +114,11 @@ class RunLayout:
         return self.root / "stages.jsonl"
 
     @property
+    def run_record(self) -> Path:
+        """``run.json``: the record of a run that ended normally (`flows.run_record`)."""
+        return self.root / "run.json"
+
+    @property
     def prefect(self) -> Path:
         """Prefect's persisted results and output records for this run."""
         return self.root / ".prefect"

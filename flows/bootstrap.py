@@ -327,9 +327,13 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     row per stage. Holds the run folder's lock, so two runs never write one folder.
     """
     from data.run_lock import run_lock
+    from flows.run_record import forget_record, write_record
 
     with run_lock(config.run_dir):
-        return _bootstrap(_Run(config))
+        forget_record(config)
+        summary = _bootstrap(_Run(config))
+        write_record(config, summary)
+        return summary
 
 
 def _bootstrap(run: _Run) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class DemoResult:
     report: Path | None
     metrics: Path | None
     summary: dict[str, Any]
+    reused: bool = False  # a finished run found unchanged (`flows.run_record`): nothing ran
 
     def query_commands(self) -> list[str]:
         """Three `capfilt query` commands over this run."""
@@ -45,11 +46,17 @@ def demo_config(quick: bool = False, out: str | Path | None = None) -> RunConfig
 
 
 def run_demo(quick: bool = False, out: str | Path | None = None) -> DemoResult:
-    """Run (or resume) the demo flow and return what it wrote."""
-    from flows.bootstrap import run_bootstrap
+    """Run (or resume) the demo flow and return what it wrote; a finished, unchanged run
+    folder is returned as it is, without starting Prefect."""
+    from flows.run_record import finished_summary
 
     config = demo_config(quick, out)
-    summary = run_bootstrap(config)
+    summary = finished_summary(config)
+    reused = summary is not None
+    if summary is None:
+        from flows.bootstrap import run_bootstrap
+
+        summary = run_bootstrap(config)
     root = Path(config.run_dir).resolve()
     report = root / "report.md"
     metrics = root / "eval" / "metrics.json"
@@ -58,4 +65,5 @@ def run_demo(quick: bool = False, out: str | Path | None = None) -> DemoResult:
         report=report if report.is_file() else None,
         metrics=metrics if metrics.is_file() else None,
         summary=summary,
+        reused=reused,
     )

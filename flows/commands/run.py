@@ -32,6 +32,10 @@ def _offline_env(verbose: bool = True) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+_NOTHING_TO_DO = ("nothing to do: this run finished and neither its settings, its files nor its inputs changed "
+                  "since ({record}); delete that file to run the flow anyway")
+
+
 def _headline(metrics_path: Path) -> list[str]:
     """A few numbers read from the run's eval/metrics.json (nothing when it is absent)."""
     data = json.loads(metrics_path.read_text())
@@ -69,6 +73,8 @@ def demo(
     from flows.demo import run_demo
 
     result = run_demo(quick=quick, out=out)
+    if result.reused:
+        typer.echo(_NOTHING_TO_DO.format(record=result.run_dir / "run.json"), err=True)
     typer.echo(f"\nrun folder: {result.run_dir}")
     if result.report is not None:
         typer.echo(f"report:     {result.report}  (also {result.report.with_suffix('.html')})")
@@ -104,14 +110,20 @@ def run(
 ) -> None:
     """Run (or resume) the bootstrap described by a YAML run config, in this process."""
     _offline_env(verbose)
-    from flows.bootstrap import run_bootstrap
     from flows.config import ConfigError, load_yaml
+    from flows.run_record import finished_summary
 
     try:
         cfg = load_yaml(config, sets=sets, run_dir=run_dir)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
-    summary = run_bootstrap(cfg)
+    summary = finished_summary(cfg)
+    if summary is None:
+        from flows.bootstrap import run_bootstrap
+
+        summary = run_bootstrap(cfg)
+    else:
+        typer.echo(_NOTHING_TO_DO.format(record=Path(cfg.run_dir) / "run.json"), err=True)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=2, default=str))
 
 

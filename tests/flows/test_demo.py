@@ -22,11 +22,11 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
-def _demo(out: Path, *flags: str) -> str:
+def _demo(out: Path, *flags: str) -> tuple[str, str]:
     done = subprocess.run([str(BIN / "capfilt"), "demo", "--quick", "--out", str(out), *flags], env=ENV,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done.stdout, done.stderr
 
 
 HOOK = Path(__file__).with_name("interrupt_hook.py")
@@ -96,7 +96,7 @@ def test_demo_quick_survives_ctrl_c_at_every_moment_prints_real_results_and_resu
         if moment == "progress:pretrain:5":
             assert not list(out.glob("models/pretrain/*/final"))
     assert list(out.glob("caption/*/part-*.parquet")) and not (out / "report.md").exists()
-    stdout = _demo(out)  # resumes: the ingested shards are kept, the pretraining continues
+    stdout, stderr = _demo(out)  # resumes: the ingested shards are kept, the pretraining continues
     report = out / "report.md"
     assert f"report:     {report}" in stdout and report.is_file()
     assert "# capfilt run report" in report.read_text()
@@ -113,8 +113,9 @@ def test_demo_quick_survives_ctrl_c_at_every_moment_prints_real_results_and_resu
     assert len(before) >= 5
     # the second call on the same folder resumes: nothing finished is redone; --ablation
     # then runs the (quick) miniature Table 1 into the run folder and prints it
-    stdout = _demo(out, "--ablation")
+    stdout, stderr = _demo(out, "--ablation")
     assert _weights(out) == before
+    assert "nothing to do: this run finished" in stderr  # answered by RUN/run.json, without Prefect
     table = (out / "ablation" / "table.md").read_text()
     assert "| human + filtered web + filtered synthetic (C+F) |" in table and "78.4 / 60.7" in table
     assert "filter ROC-AUC" in stdout and table.splitlines()[2] in stdout
