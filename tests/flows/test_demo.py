@@ -89,6 +89,7 @@ def _weights(out: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
 
 
+@pytest.mark.timeout(1800)  # seven launches and a quick ablation: over 900 s with both cores shared 5 ways
 def test_demo_quick_survives_ctrl_c_at_every_moment_prints_real_results_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     for moment in MOMENTS:
