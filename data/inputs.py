@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from data.img2dataset import is_img2dataset, read_as_pairs
 from data.schema import SchemaError, conform
 from data.shards import combine_fingerprints, file_fingerprint, read_table, shard_name
-from data.webdataset_input import exists, is_webdataset_shard, read_webdataset_pairs, sidecar_of, tar_of
+from data.webdataset_input import exists, is_webdataset_shard, read_webdataset_pairs, sidecar_of, tar_of, webdataset_rows
 
 _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
 _NUMBERED_SHARD = re.compile(r"(\d+)\.(?:parquet|tar)")
@@ -59,6 +59,14 @@ def webdataset_tars(paths: Sequence[Path]) -> list[Path]:
     same output. Order is kept."""
     out = [Path(tar_of(p)) if p.suffix == ".parquet" and exists(tar_of(p)) else p for p in paths]
     return list(dict.fromkeys(out))
+
+
+def input_rows(src: Path) -> int:
+    """How many rows `read_pairs` gives for an input shard, cheaply: a Parquet file's row
+    count from its footer; a webdataset tar's rows (sidecar and tar joined, nothing decoded)."""
+    if is_webdataset_shard(src):
+        return webdataset_rows(src).num_rows
+    return pq.ParquetFile(src).metadata.num_rows
 
 
 def input_fingerprint(src: Path) -> str:

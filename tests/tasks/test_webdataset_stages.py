@@ -1,4 +1,4 @@
-"""The stages read img2dataset's webdataset output in place: caption and filter give
+"""The stages read img2dataset's webdataset output in place: caption, filter and assemble give
 exactly the outputs they give for the same samples in img2dataset's parquet format,
 through the CLI too, and a truncated tar or a sidecar that disagrees with its tar ends
 as failed rows with the reason (every sample key in the stage's accounting)."""
@@ -65,6 +65,17 @@ def test_caption_and_filter_give_the_same_outputs_for_both_formats(tmp_path: Pat
     assert filter_totals["web_input"] == 9 and filter_totals["failed"] == 2
     kinds = sorted(failure_kind(r["error"]) for r in outputs["failed"])
     assert kinds == ["failed_to_download", "undecodable"]
+
+
+def test_assemble_takes_a_webdataset_folder_as_a_pairs_input(tmp_path: Path, both_formats) -> None:
+    from tasks.assemble import AssembleConfig, run_assemble
+
+    cfg = AssembleConfig(rows_per_shard=4, execution=EXEC)
+    made = {fmt: run_assemble([folder], tmp_path / fmt, cfg) for fmt, folder in both_formats.items()}
+    rows = {fmt: [r for p in list_shards(s.output) for r in read_table(p, "dataset").to_pylist()] for fmt, s in made.items()}
+    assert rows["wds"] == rows["parquet"] and made["wds"].totals == made["parquet"].totals
+    assert made["wds"].settings_hash != made["parquet"].settings_hash  # other input bytes, another folder
+    assert made["wds"].totals["input"] == 9
 
 
 def _cli_filter(inputs: list[str], out: Path, model: Path) -> dict:
