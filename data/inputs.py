@@ -43,7 +43,7 @@ def expand_item(item: str | Path) -> list[Path]:
     """
     path = Path(item)
     if path.is_dir():
-        matches = sorted(p for p in path.iterdir() if p.suffix in _SHARD_SUFFIXES and p.is_file())
+        matches = sorted(p for suffix in _SHARD_SUFFIXES for p in path.glob(f"*{suffix}") if p.is_file())
     elif path.is_file():
         matches = [path]
     else:

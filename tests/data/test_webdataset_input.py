@@ -107,6 +107,28 @@ def test_tar_reader_names_the_cut_and_keeps_the_members_before_it() -> None:
         list(iter_members(io.BytesIO(bytes(corrupt))))
 
 
+@pytest.mark.parametrize("fmt", ["pax", "ustar", "gnu"])
+def test_tar_reader_reads_every_header_format_as_tarfile_does(fmt: str) -> None:
+    import tarfile
+
+    names = ["deep/" * 30 + "x.jpg", "short.txt", "caf\u00e9.png", "dir/"] if fmt != "ustar" else ["deep/" * 20 + "x.jpg", "short.txt"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format={"pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT,
+                                                          "gnu": tarfile.GNU_FORMAT}[fmt]) as handle:  # fmt: skip
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                handle.addfile(info)
+            else:
+                info.size = 700 * i + 3
+                handle.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    data = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as handle:
+        expected = [(m.name, handle.extractfile(m).read()) for m in handle.getmembers() if m.isreg()]
+    assert list(iter_members(io.BytesIO(data))) == expected and len(expected) == min(len(names), 3)
+
+
 def test_a_sidecar_that_disagrees_with_its_tar_gives_failed_rows_with_the_reason(tmp_path: Path) -> None:
     stray = Sample(key="000000099", caption="listed, never written", data=jpeg(99))
     listed = [r for r in ROWS if r.key != "000000002"] + [stray]  # drops a tar sample, adds one the tar lacks
