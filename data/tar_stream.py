@@ -4,7 +4,7 @@
 file or an fsspec stream from ``s3://``, no seeking) and yields ``(name, bytes)`` for each
 regular file, pax and GNU long names resolved. Headers are parsed by the standard
 library (`tarfile.TarInfo.frombuf`, checksum checked) or, for the common ustar entries,
-by a lean equivalent (5x less time per header); the walk is ours, because
+by a lean equivalent (the whole walk 2x faster, docs/BENCHMARKS.md); the walk is ours, because
 `tarfile`'s own stream mode (and the `webdataset` library, which uses it) ends
 *silently* when a tar is cut inside or right before a header: the samples after the cut
 would vanish unaccounted. Here any stop before the end-of-archive block raises
