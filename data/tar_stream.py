@@ -17,7 +17,7 @@ Reading is pure: nothing is written.
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -26,6 +26,7 @@ _LONG_NAME_TYPES = (tarfile.GNUTYPE_LONGNAME,)
 _PAX_TYPES = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
 _SKIPPED_TYPES = (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK)  # global pax headers, link targets
 _FAST_TYPES = (tarfile.REGTYPE, *_PAX_TYPES, *_LONG_NAME_TYPES)  # parsed by `_header` itself
+_SKIP_CHUNK = 1 << 20  # unwanted member data is read and dropped this much at a time
 
 
 class TarCutError(Exception):
@@ -42,9 +43,11 @@ class TarCutError(Exception):
         super().__init__(f"stops at byte {offset}, {what}, after {members} whole members")
 
 
-def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of every regular file in the tar, in order; raises `TarCutError` at
-    a cut or a bad header (after the members before it), returns at the end-of-archive block."""
+def iter_members(stream: BinaryIO, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every regular file in the tar (those `want` accepts), in order;
+    raises `TarCutError` at a cut or a bad header (after the members before it), returns
+    at the end-of-archive block. Unwanted members are read through without being held,
+    so a big member of another kind costs no memory."""
     reader = _Reader(stream)
     members = 0
     long_name: str | None = None  # from a GNU long-name or pax header, for the next member
@@ -62,8 +65,9 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise TarCutError(reader.pos - BLOCK, f"at a bad header ({exc})", members) from None
         name = long_name or info.name
         size = info.size if pax_size is None or info.type in _PAX_TYPES else pax_size
-        data = reader.take(size)
-        if len(data) < size:
+        keep = info.type not in _SKIPPED_TYPES and (not info.isreg() or want is None or want(name))
+        data = reader.take(size) if keep else b""
+        if (len(data) if keep else reader.skip(size)) < size:
             raise TarCutError(reader.pos, f"inside the data of {name!r}", members)
         whole_padding = len(reader.take(-size % BLOCK)) == -size % BLOCK
         if info.type in _PAX_TYPES:
@@ -76,7 +80,8 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name, pax_size = None, None
             if info.isreg():
                 members += 1
-                yield name, data
+                if keep:
+                    yield name, data
         if not whole_padding:
             raise TarCutError(reader.pos, f"inside the padding after {name!r}", members)
 
@@ -120,6 +125,13 @@ class _Reader:
         data = b"".join(parts)
         self.pos += len(data)
         return data
+
+    def skip(self, size: int) -> int:
+        """Read `size` bytes without keeping them; returns how many there were."""
+        done = 0
+        while done < size and (chunk := self.take(min(_SKIP_CHUNK, size - done))):
+            done += len(chunk)
+        return done
 
 
 def _pax_records(data: bytes) -> dict[str, str]:

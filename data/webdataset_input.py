@@ -85,14 +85,20 @@ def read_samples(tar: str | Path) -> TarSamples:
     name = _name(tar)
     with fsspec.open(str(tar), "rb") as stream:
         try:
-            for member, data in iter_members(stream):
-                match = _SAMPLE_NAME.match(member)
-                if match is None or match.group(2).lower() not in _KEPT_EXTENSIONS:
-                    continue
-                out.samples.setdefault(match.group(1), {}).setdefault(match.group(2).lower(), data)
+            for member, data in iter_members(stream, want=lambda member: _sample_part(member) is not None):
+                key, extension = _sample_part(member)  # type: ignore[misc]  # wanted: not None
+                out.samples.setdefault(key, {}).setdefault(extension, data)
         except TarCutError as exc:
             out.cut = f"{name} {exc}"
     return out
+
+
+def _sample_part(member: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member that is a sample's image, txt or json, else None."""
+    match = _SAMPLE_NAME.match(member)
+    if match is None or match.group(2).lower() not in _KEPT_EXTENSIONS:
+        return None
+    return match.group(1), match.group(2).lower()
 
 
 def webdataset_rows(tar: str | Path) -> pa.Table:

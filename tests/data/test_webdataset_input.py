@@ -129,6 +129,32 @@ def test_tar_reader_reads_every_header_format_as_tarfile_does(fmt: str) -> None:
     assert list(iter_members(io.BytesIO(data))) == expected and len(expected) == min(len(names), 3)
 
 
+def test_members_that_are_no_sample_part_are_read_through_without_being_held(tmp_path: Path) -> None:
+    import tarfile
+    import tracemalloc
+
+    big = 8 << 20
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as handle:
+        for name, data in [("000000000.jpg", jpeg(0)), ("000000000.npy", bytes(big)), ("README", b"notes"),
+                           ("000000000.seg.png", b"mask"), ("000000000.txt", b"photo number 0")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "wds"
+    write_webdataset_format(folder, 0, samples(0, 1))
+    (folder / "00000.tar").write_bytes(buffer.getvalue())
+    tracemalloc.start()
+    try:
+        got = read_samples(folder / "00000.tar")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.cut is None and got.samples == {"000000000": {"jpg": jpeg(0), "txt": b"photo number 0"}}
+    assert peak < big // 2  # the 8 MiB member went by in 1 MiB chunks
+    assert _kind(_by_key(read_pairs(folder / "00000.tar"))["000000000"]) == "ok"
+
+
 def test_a_sidecar_that_disagrees_with_its_tar_gives_failed_rows_with_the_reason(tmp_path: Path) -> None:
     stray = Sample(key="000000099", caption="listed, never written", data=jpeg(99))
     listed = [r for r in ROWS if r.key != "000000002"] + [stray]  # drops a tar sample, adds one the tar lacks
