@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -48,15 +49,18 @@ def is_img2dataset(schema: pa.Schema) -> bool:
     return _MARKER_COLUMNS <= names and has_key and "source" not in names
 
 
-def read_img2dataset(path: Path) -> pa.Table:
-    """One img2dataset Parquet shard as it is (no rows changed).
+def read_img2dataset(path: str | Path) -> pa.Table:
+    """One img2dataset Parquet shard as it is (no rows changed); `path` may be a URL (fsspec).
 
     Raises SchemaError naming the file when it is no readable Parquet file or no
     img2dataset output, and saying what to do instead.
     """
-    path = Path(path)
     try:
-        table = pq.read_table(path)
+        if "://" not in str(path):
+            table = pq.read_table(path)
+        else:
+            with fsspec.open(str(path), "rb") as handle:
+                table = pq.read_table(handle)
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(f"{path}: not a readable Parquet file ({exc}); replace it or remove it") from exc
     if not is_img2dataset(table.schema):
@@ -77,8 +81,8 @@ def raw_rows(table: pa.Table, where: str | Path) -> list[RawRow]:
     image_col = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
     if image_col is None:
         raise SchemaError(
-            f"{where}: no image bytes column ({', '.join(IMAGE_COLUMNS)}); webdataset metadata keeps its "
-            "images in NNNNN.tar: import the folder with `capfilt ingest img2dataset` first"
+            f"{where}: no image bytes column ({', '.join(IMAGE_COLUMNS)}); this is img2dataset's webdataset "
+            "sidecar, whose images are in the NNNNN.tar beside it: put that tar back and pass the tar or its folder"
         )
     image_ids = _strings(table, "image_id", where)
     captions = _strings(table, "caption", where)

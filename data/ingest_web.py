@@ -33,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,9 +45,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data.images import DEFAULT_MAX_PIXELS
-from data.img2dataset import IMAGE_COLUMNS, KEY_COLUMN, SUCCESS, raw_rows, read_img2dataset, to_pairs
+from data.img2dataset import KEY_COLUMN, raw_rows, read_img2dataset, to_pairs
 from data.ingest import IngestStats, RawRow, normalise_rows, write_pairs_shard
 from data.schema import conform
+from data.webdataset_input import webdataset_rows
 from data.shards import (
     CompletionRecord,
     atomic_path,
@@ -490,8 +490,9 @@ def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStat
 
     img2dataset shard ``NNNNN`` becomes ``out/part-NNNNN.parquet``, its rows turned into
     pairs rows by `data.img2dataset.to_pairs` (the stages' reader gives the same rows for
-    the same parquet file); failed rows (kept in img2dataset's parquet files) become
-    failed rows. Safe to rerun: a shard whose record matches the source files'
+    the same files: a webdataset tar and its sidecar are joined by
+    `data.webdataset_input.webdataset_rows`, every sample accounted for); failed rows
+    (kept in img2dataset's parquet files) become failed rows. Safe to rerun: a shard whose record matches the source files'
     fingerprints is skipped.
     """
     folder, out = Path(folder), Path(out)
@@ -506,7 +507,8 @@ def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStat
         if is_complete(path, fp, settings):
             stats.add(_record(path), written=False)
             continue
-        rows = to_pairs(_import_table(meta, tar), meta or tar, cfg.source, cfg.max_pixels)
+        table = webdataset_rows(tar) if tar is not None else read_img2dataset(meta)  # type: ignore[arg-type]
+        rows = to_pairs(table, tar or meta, cfg.source, cfg.max_pixels)
         stats.add(write_pairs_shard(rows, path, fp, settings), written=True)
     return stats
 
@@ -520,47 +522,6 @@ def _img2dataset_shards(folder: Path) -> dict[int, tuple[Path | None, Path | Non
         meta, tar = shards.get(int(match.group(1)), (None, None))
         shards[int(match.group(1))] = (path, tar) if match.group(2) == "parquet" else (meta, path)
     return shards
-
-
-def _tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {suffix: bytes} of a webdataset tar."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as handle:
-        for member in handle.getmembers():
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.rpartition(".")
-            extracted = handle.extractfile(member)
-            if extracted is not None:
-                members.setdefault(key, {})[suffix] = extracted.read()
-    return members
-
-
-def _import_table(meta: Path | None, tar: Path | None) -> pa.Table:
-    """img2dataset rows of one shard: its parquet file, with the images and captions of its
-    webdataset tar (when there is one) filled into the ``jpg`` and ``caption`` columns."""
-    files = _tar_members(tar) if tar is not None else {}
-    if meta is None:  # a tar without its parquet: every member is a success
-        keys = sorted(files)
-        table = pa.table({"key": keys, "status": [SUCCESS] * len(keys), "error_message": pa.nulls(len(keys), pa.string())})
-    else:
-        table = read_img2dataset(meta)
-    if tar is None:
-        return table
-    members = [files.get(k, {}) for k in table.column("key").cast(pa.string()).to_pylist()]
-    image_col = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
-    images = _filled(table, image_col, [next((m[s] for s in IMAGE_COLUMNS if s in m), None) for m in members])
-    texts = [m["txt"].decode("utf-8", errors="replace") if "txt" in m else None for m in members]
-    captions = _filled(table, "caption", texts)
-    table = table.drop_columns([c for c in (image_col, "caption") if c and c in table.column_names])
-    return table.append_column("caption", pa.array(captions, pa.string())).append_column("jpg", pa.array(images, pa.binary()))
-
-
-def _filled(table: pa.Table, name: str | None, fallback: list) -> list:
-    """Column `name`'s values, each null (or the whole column when absent) taken from `fallback`."""
-    if name is None or name not in table.column_names:
-        return fallback
-    return [v if v is not None else f for v, f in zip(table.column(name).to_pylist(), fallback)]
 
 
 # ---------------------------------------------------------------- a local HTTP server

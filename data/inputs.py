@@ -5,7 +5,10 @@ output shard it writes (`output_name`, `plan_outputs`): ``part-00042.parquet`` s
 img2dataset's ``00042.parquet`` becomes ``part-00042.parquet``. Inputs may be our shards
 of any kind holding the pair columns, or img2dataset's own Parquet output, which
 `read_pairs` turns into ``pairs`` rows with the one img2dataset adapter
-(`data.img2dataset`), the same rows ingestion would write for it.
+(`data.img2dataset`), the same rows ingestion would write for it, or img2dataset's
+webdataset output (``00042.tar`` + sidecar ``00042.parquet``), read in place by
+`data.webdataset_input` into the same rows: the tar is the input (it names
+``part-00042.parquet``), its sidecar is part of it, never an input of its own.
 
 Nothing here writes; reading a shard again gives the same rows.
 """
@@ -24,27 +27,54 @@ import pyarrow.parquet as pq
 
 from data.img2dataset import is_img2dataset, read_as_pairs
 from data.schema import SchemaError, conform
-from data.shards import read_table, shard_name
+from data.shards import combine_fingerprints, file_fingerprint, read_table, shard_name
+from data.webdataset_input import exists, is_webdataset_shard, read_webdataset_pairs, sidecar_of, tar_of, webdataset_rows
 
 _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
-_NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
+_NUMBERED_SHARD = re.compile(r"(\d+)\.(?:parquet|tar)")
+_SHARD_SUFFIXES = (".parquet", ".tar")
 
 
 def expand_item(item: str | Path) -> list[Path]:
-    """One input: a file, a folder (its ``*.parquet``, sorted) or a glob pattern (sorted).
+    """One input: a file, a folder (its ``*.parquet`` and ``*.tar``, sorted) or a glob
+    pattern (sorted); a webdataset sidecar stands for its tar (`webdataset_tars`).
 
     Raises FileNotFoundError naming an item that matches nothing.
     """
     path = Path(item)
     if path.is_dir():
-        matches = sorted(p for p in path.glob("*.parquet") if p.is_file())
+        matches = sorted(p for suffix in _SHARD_SUFFIXES for p in path.glob(f"*{suffix}") if p.is_file())
     elif path.is_file():
         matches = [path]
     else:
-        matches = sorted(Path(p) for p in glob.glob(str(item)) if p.endswith(".parquet"))
+        matches = sorted(Path(p) for p in glob.glob(str(item)) if p.endswith(_SHARD_SUFFIXES))
     if not matches:
-        raise FileNotFoundError(f"input {item!s}: no Parquet shards there (give files, folders or globs)")
-    return [p.resolve() for p in matches]
+        raise FileNotFoundError(f"input {item!s}: no Parquet or webdataset shards there (give files, folders or globs)")
+    return webdataset_tars([p.resolve() for p in matches])
+
+
+def webdataset_tars(paths: Sequence[Path]) -> list[Path]:
+    """`paths` with each webdataset sidecar (``N.parquet`` beside an ``N.tar``) replaced by
+    its tar, once: the tar is read in place with its sidecar, and both would name the
+    same output. Order is kept."""
+    out = [Path(tar_of(p)) if p.suffix == ".parquet" and exists(tar_of(p)) else p for p in paths]
+    return list(dict.fromkeys(out))
+
+
+def input_rows(src: Path) -> int:
+    """How many rows `read_pairs` gives for an input shard, cheaply: a Parquet file's row
+    count from its footer; a webdataset tar's rows (sidecar and tar joined, nothing decoded)."""
+    if is_webdataset_shard(src):
+        return webdataset_rows(src).num_rows
+    return pq.ParquetFile(src).metadata.num_rows
+
+
+def input_fingerprint(src: Path) -> str:
+    """The identity of an input shard's bytes: the file's fingerprint; a webdataset tar's
+    with its sidecar's (a changed sidecar changes the rows read)."""
+    if is_webdataset_shard(src) and exists(sidecar_of(src)):
+        return combine_fingerprints([file_fingerprint(src), file_fingerprint(Path(sidecar_of(src)))])
+    return file_fingerprint(src)
 
 
 def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
@@ -55,7 +85,7 @@ def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
 
 def output_name(src: Path) -> str:
     """The output shard name for an input: ``part-00042.parquet`` stays, img2dataset's
-    ``00042.parquet`` becomes ``part-00042.parquet``; other names are refused."""
+    ``00042.parquet`` or ``00042.tar`` becomes ``part-00042.parquet``; other names are refused."""
     name = Path(src).name
     if _OUR_SHARD.fullmatch(name):
         return name
@@ -63,7 +93,7 @@ def output_name(src: Path) -> str:
     if numbered:
         return shard_name(int(numbered.group(1)))
     raise ValueError(
-        f"{src}: input shards must be named part-NNNNN.parquet or NNNNN.parquet (img2dataset), "
+        f"{src}: input shards must be named part-NNNNN.parquet, or NNNNN.parquet / NNNNN.tar (img2dataset), "
         "so outputs can be named after them; rename the file"
     )
 
@@ -84,9 +114,13 @@ def plan_outputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
 
 
 def read_pairs(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a shard as ``pairs`` rows, whether ours (any kind holding the pair columns) or
-    img2dataset's raw Parquet output (`data.img2dataset.read_as_pairs`, source ``web``).
+    """Read a shard as ``pairs`` rows, whether ours (any kind holding the pair columns),
+    img2dataset's raw Parquet output (`data.img2dataset.read_as_pairs`, source ``web``) or
+    its webdataset tar read in place (`data.webdataset_input.read_webdataset_pairs`).
     `columns` limits what is returned (and, for ours, what is read)."""
+    if is_webdataset_shard(path):
+        table = read_webdataset_pairs(path)
+        return table.select(list(columns)) if columns else table
     path = Path(path)
     try:
         schema = pq.read_schema(path)

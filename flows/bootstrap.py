@@ -131,9 +131,9 @@ def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | Non
 
 
 def _rows(path: str) -> int:
-    import pyarrow.parquet as pq
+    from data.inputs import input_rows
 
-    return pq.ParquetFile(path).metadata.num_rows
+    return input_rows(Path(path))
 
 
 # ----------------------------------------------------------------------------- training

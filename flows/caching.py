@@ -22,12 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from data.inputs import input_fingerprint
 from data.layout import RunLayout
 from data.shards import file_fingerprint, read_completion, settings_hash, write_atomic
 
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
-_FINGERPRINT_PATTERNS = ("*.parquet", "*.safetensors", "*.json", "*.txt", "*.png")
+_FINGERPRINT_PATTERNS = ("*.parquet", "*.tar", "*.safetensors", "*.json", "*.txt", "*.png")
 
 
 class StepJob(BaseModel):
@@ -69,14 +70,15 @@ def _outputs_file(job: StepJob) -> Path:
 
 
 def fingerprint_path(path: str | Path) -> str:
-    """The identity of an input: a file's fingerprint; a folder's top-level data files'.
+    """The identity of an input: a file's fingerprint (a webdataset tar's with its sidecar's,
+    `data.inputs.input_fingerprint`); a folder's top-level data files'.
 
     Folders are fingerprinted by their Parquet, weights and JSON files (not recursing,
     so checkpoint sub-folders do not count); temporary files are ignored.
     """
     path = Path(path)
     if path.is_file():
-        return file_fingerprint(path)
+        return input_fingerprint(path)
     if path.is_dir():
         files = sorted({p for pattern in _FINGERPRINT_PATTERNS for p in path.glob(pattern) if p.is_file()})
         return settings_hash({p.name: file_fingerprint(p) for p in files})

@@ -60,7 +60,7 @@ class DataConfig(_Model):
 
     world: WorldConfig | None = Field(None, description="generate the synthetic world into RUN/world")
     human: list[str] = Field(default_factory=list, description="human pair shards / folders")
-    web: list[str] = Field(default_factory=list, description="web pair shards or img2dataset output folders")
+    web: list[str] = Field(default_factory=list, description="web pair shards or img2dataset output folders (parquet or webdataset format, read in place)")
     web_urls: str | None = Field(None, description="URL list (csv/tsv/jsonl/parquet) to fetch with img2dataset")
     test: list[str] = Field(default_factory=list, description="held-out test pair shards / folders")
     truth: str | None = Field(None, description="synthetic-world truth folder (evaluation only)")

@@ -43,9 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.inputs import expand_item, read_pairs
+from data.inputs import expand_item, input_fingerprint, read_pairs
+from data.webdataset_input import is_webdataset_shard
 from data.schema import SCORED, SchemaError, conform
-from data.shards import combine_fingerprints, file_fingerprint, is_complete, read_completion, read_table, shard_name
+from data.shards import combine_fingerprints, is_complete, read_completion, read_table, shard_name
 from tasks.decide import DecisionRule, decide, nonempty_captions
 from tasks.execution import ExecutionConfig, progress_bar, require, semantic_settings
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
@@ -96,6 +97,8 @@ class _Plan:
 
 
 def _is_scored(path: Path) -> bool:
+    if is_webdataset_shard(path):
+        return False
     try:
         names = set(pq.read_schema(path).names)
     except (OSError, pa.ArrowException) as exc:
@@ -306,7 +309,7 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
     """Assemble D' from `inputs` (files, folders or globs, in priority order) into
     ``out_dir/<hash>/``; a rerun skips shards already complete (and, when all are, the plan)."""
     files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
-    fingerprint = combine_fingerprints([file_fingerprint(f) for f in files])
+    fingerprint = combine_fingerprints([input_fingerprint(f) for f in files])
     settings: dict[str, Any] = {"stage": "assemble", **assemble_settings(cfg), "inputs": fingerprint}
     folder, digest = stage_dir(out_dir, settings)
     stats = StageStats(stage="assemble", output=folder, settings_hash=digest)

@@ -27,8 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
-from data.shards import file_fingerprint
+from data.inputs import expand_inputs, input_fingerprint, ok_mask, plan_outputs, read_pairs
 from tasks.execution import (
     ExecutionConfig,
     inference_context,
@@ -209,7 +208,7 @@ def caption_job(src: Path, dst_dir: Path, digest: str, name: str, caption: Calla
     """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
     src = Path(src)
     return ShardJob(name=name, source=str(src), outputs={"captions": Path(dst_dir) / name}, kind="pairs",
-                    fingerprint=file_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
+                    fingerprint=input_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
 
 
 def caption_shard(

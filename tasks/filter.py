@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data.inputs import expand_inputs, ok_mask, plan_outputs, read_pairs
+from data.inputs import expand_inputs, input_fingerprint, ok_mask, plan_outputs, read_pairs
 from data.schema import SchemaError
 from data.shards import combine_fingerprints, file_fingerprint, read_completion
 from tasks.execution import (
@@ -305,7 +305,7 @@ def filter_job(
 ) -> ShardJob:  # fmt: skip
     """The lifecycle job for one web shard (and its caption shard): three outputs in `dst_dir`."""
     src = Path(src)
-    fingerprint = combine_fingerprints([file_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
+    fingerprint = combine_fingerprints([input_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
     return ShardJob(name=name, source=str(src), outputs=output_paths(Path(dst_dir), name), kind="scored",
                     fingerprint=fingerprint, digest=digest, work=lambda: judge(src, captions, name))  # fmt: skip
 

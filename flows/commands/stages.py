@@ -110,7 +110,7 @@ def _run_assemble(cfg: Any, ctx: typer.Context, input: list[str], output: Path) 
         _report(run_assemble(_inputs(ctx, input), output, cfg))
 
 
-_WEB_INPUT = "Web pair shards or img2dataset Parquet (files, folders, globs)."
+_WEB_INPUT = "Web pair shards, or img2dataset output in parquet or webdataset format (NNNNN.tar + sidecar, read in place) (files, folders, globs)."
 
 
 def _commands() -> dict[str, Any]:

@@ -105,8 +105,8 @@ def test_bad_keys_name_the_file_row_and_fix_in_both_paths(tmp_path: Path, keys: 
     assert str(src) in str(staged.value) and str(src) in str(imported.value)
 
 
-def test_webdataset_metadata_alone_is_refused_by_the_stage_reader(tmp_path: Path) -> None:
+def test_webdataset_sidecar_without_its_tar_is_refused_by_the_stage_reader(tmp_path: Path) -> None:
     table = pq.read_table(_img2dataset_shard(tmp_path / "i2d" / "00000.parquet")).drop_columns(["jpg"])
     pq.write_table(table, tmp_path / "i2d" / "00000.parquet")
-    with pytest.raises(SchemaError, match=r"00000\.parquet: no image bytes column.*capfilt ingest img2dataset"):
+    with pytest.raises(SchemaError, match=r"00000\.parquet: no image bytes column.*NNNNN\.tar beside it: put that tar back"):
         read_pairs(tmp_path / "i2d" / "00000.parquet")

@@ -34,6 +34,15 @@ def test_key_is_stable_and_free_of_run_ids(tmp_path: Path) -> None:
     assert job_cache_key(_job(tmp_path, src)) != first
 
 
+def test_key_of_a_webdataset_shard_changes_with_its_sidecar(tmp_path: Path) -> None:
+    from webdataset_shards import samples, write_webdataset_format
+
+    tar = write_webdataset_format(tmp_path / "wds", 3, samples(0, 3))
+    first = job_cache_key(_job(tmp_path, tar))
+    write_webdataset_format(tmp_path / "wds", 3, samples(0, 3), sidecar_rows=samples(0, 2))  # the same tar bytes
+    assert job_cache_key(_job(tmp_path, tar)) != first
+
+
 def test_cached_result_is_dropped_when_outputs_are_gone(tmp_path: Path) -> None:
     src = _shard(tmp_path / "in" / "part-00000.parquet")
     out = _shard(tmp_path / "caption" / "h" / "part-00000.parquet")

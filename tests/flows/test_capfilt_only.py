@@ -25,7 +25,27 @@ def _as_img2dataset(src: Path, dst: Path) -> int:
     return table.num_rows
 
 
-def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
+def _as_webdataset(parquet: Path) -> None:
+    """img2dataset's webdataset format of the same rows, in place: NNNNN.tar (the fetched
+    images, KEY.jpg / .txt / .json, written by the webdataset library) + the sidecar."""
+    import json
+
+    import webdataset as wds
+
+    table = pq.read_table(parquet)
+    with open(parquet.with_suffix(".tar"), "wb") as handle:
+        writer = wds.TarWriter(handle)
+        for row in table.to_pylist():
+            if row["status"] == "success":
+                meta = json.dumps({"key": row["key"], "url": row["url"], "caption": row["caption"]})
+                writer.write({"__key__": row["key"], "jpg": row["jpg"], "txt": row["caption"] or "", "json": meta})
+        writer.close()
+    pq.write_table(table.drop_columns(["jpg"]), parquet)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harness, random_tiny_model, fmt: str) -> None:
+    """`data.web` names img2dataset's output folder in either of its formats (webdataset read in place)."""
     from data.synth import SynthConfig, generate_world
     from flows.bootstrap import bootstrap
     from flows.config import load_config
@@ -35,6 +55,9 @@ def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harnes
     shards.mkdir()
     rows = sum(_as_img2dataset(p, shards / f"{i:05d}.parquet")
                for i, p in enumerate(sorted((tmp_path / "world" / "web").glob("part-*.parquet"))))  # fmt: skip
+    if fmt == "webdataset":
+        for parquet in sorted(shards.glob("*.parquet")):
+            _as_webdataset(parquet)
     cfg = load_config({
         "run_dir": str(tmp_path / "run"), "data": {"web": [str(shards)]},
         "model": {"filter": str(random_tiny_model), "captioner": str(random_tiny_model)},
@@ -44,7 +67,7 @@ def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harnes
     assert not (tmp_path / "run" / "models").exists()  # nothing was trained
     stages = {r["stage"]: r for r in summary["stages"]}
     assert set(stages) == {"ingest", "caption", "filter"}
-    assert stages["caption"]["input"] == rows and stages["caption"]["shards"] == 2
+    assert stages["ingest"]["web"] == stages["caption"]["input"] == rows and stages["caption"]["shards"] == 2
     filt = stages["filter"]
     assert filt["input"] == rows + stages["caption"]["kept"]  # web captions + one synthetic per image
     assert filt["kept"] + filt["rejected"] + filt["failed"] == filt["input"]

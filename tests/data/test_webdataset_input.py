@@ -1,0 +1,291 @@
+"""img2dataset's webdataset format read in place: the same pairs rows as its parquet
+format, every sample key accounted for (truncated tars, sidecars that disagree with their
+tar, undecodable images), found in folders and globs, read through fsspec URLs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from webdataset_shards import HTML, Sample, jpeg, samples, tar_bytes, write_parquet_format, write_webdataset_format
+
+from data.ingest import failure_kind
+from data.ingest_web import ImportConfig, import_img2dataset
+from data.inputs import expand_inputs, expand_item, input_fingerprint, output_name, plan_outputs, read_pairs
+from data.shards import read_table
+from data.tar_stream import TarCutError, iter_members
+from data.webdataset_input import MISSING_FROM_TAR, NOT_IN_SIDECAR, TRUNCATED_TAR, read_samples, read_webdataset_pairs
+
+ROWS = samples(0, 6, failed=(1,), garbage=(4,))  # ok, 404, ok, ok, html, ok
+
+
+def _by_key(table) -> dict[str, dict]:
+    return {r["key"]: r for r in table.to_pylist()}
+
+
+def _kind(row: dict) -> str:
+    return "ok" if row["status"] == "ok" else failure_kind(row["error"])
+
+
+def test_webdataset_format_gives_the_same_pairs_rows_as_the_parquet_format(tmp_path: Path) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 3, ROWS)
+    parquet = write_parquet_format(tmp_path / "parquet", 3, ROWS)
+    in_place = read_pairs(tar)
+    assert in_place.schema.equals(read_pairs(parquet).schema, check_metadata=False)
+    assert in_place.to_pylist() == read_pairs(parquet).to_pylist()
+    rows = _by_key(in_place)
+    assert list(rows) == [r.key for r in ROWS]  # the sidecar's order, every key once
+    assert [_kind(r) for r in rows.values()] == ["ok", "failed_to_download", "ok", "ok", "undecodable", "ok"]
+    assert rows["000000001"]["error"] == "failed_to_download: HTTP Error 404: Not Found"
+    assert rows["000000000"]["jpg"] == jpeg(0) and rows["000000000"]["caption"] == "photo number 0"
+    assert (rows["000000000"]["width"], rows["000000000"]["url"]) == (24, "http://example.com/000000000.jpg")
+
+
+def test_ingestion_import_of_a_webdataset_folder_gives_the_stage_readers_rows(tmp_path: Path) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    stats = import_img2dataset(tmp_path / "wds", tmp_path / "imported", ImportConfig())
+    assert (stats.input, stats.ok) == (6, 4) and stats.failures == {"failed_to_download": 1, "undecodable": 1}
+    assert read_table(tmp_path / "imported" / "part-00000.parquet", "pairs").to_pylist() == read_pairs(tar).to_pylist()
+
+
+def test_our_tar_reader_yields_what_the_webdataset_library_reads(tmp_path: Path) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    ours = read_samples(tar)
+    assert ours.cut is None
+    theirs = {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in wds.WebDataset(str(tar), shardshuffle=False)}
+    assert ours.samples == theirs and list(ours.samples) == list(theirs)
+
+
+def _member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """member name -> (start of its header block, end of its data) in a webdataset tar."""
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as handle:
+        return {m.name: (m.offset, m.offset_data + m.size) for m in handle.getmembers()}
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["inside the image of the 3rd sample", "inside the header of the 3rd sample", "right after the 2nd sample", "at byte 0"],
+)
+def test_a_truncated_tar_gives_failed_rows_with_the_reason_not_a_crash(tmp_path: Path, where: str) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    data = tar.read_bytes()
+    offsets = _member_offsets(data)
+    cut = {
+        "inside the image of the 3rd sample": offsets["000000003.jpg"][1] - 100,
+        "inside the header of the 3rd sample": offsets["000000003.jpg"][0] + 700,  # in the pax header's data block
+        "right after the 2nd sample": offsets["000000003.jpg"][0],  # whole members only, no end-of-archive block
+        "at byte 0": 0,
+    }[where]
+    tar.write_bytes(data[:cut])
+    rows = _by_key(read_pairs(tar))
+    assert list(rows) == [r.key for r in ROWS]  # every sidecar key accounted for, once
+    before = ["000000000", "000000002"] if cut else []
+    assert [k for k, r in rows.items() if r["status"] == "ok"] == before
+    assert _kind(rows["000000001"]) == "failed_to_download"  # its own reason stays
+    for key in ("000000003", "000000004", "000000005"):
+        assert _kind(rows[key]) == TRUNCATED_TAR
+        assert f"00000.tar stops at byte {cut}" in rows[key]["error"] and key in rows[key]["error"]
+    assert rows["000000003"]["jpg"] is None and rows["000000003"]["caption"] == "photo number 3"
+
+
+def test_tar_reader_names_the_cut_and_keeps_the_members_before_it() -> None:
+    data = tar_bytes(ROWS[:3])
+    members = []
+    with pytest.raises(TarCutError, match=r"stops at byte 2000, inside the data of '000000000\.jpg', after 0 whole members"):
+        members += list(iter_members(io.BytesIO(data[:2000])))
+    whole = list(iter_members(io.BytesIO(data)))
+    assert [name for name, _ in whole][:3] == ["000000000.jpg", "000000000.json", "000000000.txt"]
+    corrupt = bytearray(data)
+    corrupt[_member_offsets(data)["000000002.jpg"][0] + 50] ^= 0xFF  # a bit flip in a header
+    with pytest.raises(TarCutError, match=r"at a bad header \(bad checksum\), after 3 whole members"):
+        list(iter_members(io.BytesIO(bytes(corrupt))))
+
+
+@pytest.mark.parametrize("fmt", ["pax", "ustar", "gnu"])
+def test_tar_reader_reads_every_header_format_as_tarfile_does(fmt: str) -> None:
+    import tarfile
+
+    names = ["deep/" * 30 + "x.jpg", "short.txt", "caf\u00e9.png", "dir/"] if fmt != "ustar" else ["deep/" * 20 + "x.jpg", "short.txt"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format={"pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT,
+                                                          "gnu": tarfile.GNU_FORMAT}[fmt]) as handle:  # fmt: skip
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                handle.addfile(info)
+            else:
+                info.size = 700 * i + 3
+                handle.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    data = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as handle:
+        expected = [(m.name, handle.extractfile(m).read()) for m in handle.getmembers() if m.isreg()]
+    assert list(iter_members(io.BytesIO(data))) == expected and len(expected) == min(len(names), 3)
+
+
+def test_members_that_are_no_sample_part_are_read_through_without_being_held(tmp_path: Path) -> None:
+    import tarfile
+    import tracemalloc
+
+    big = 8 << 20
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as handle:
+        for name, data in [("000000000.jpg", jpeg(0)), ("000000000.npy", bytes(big)), ("README", b"notes"),
+                           ("000000000.seg.png", b"mask"), ("000000000.txt", b"photo number 0")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "wds"
+    write_webdataset_format(folder, 0, samples(0, 1))
+    (folder / "00000.tar").write_bytes(buffer.getvalue())
+    tracemalloc.start()
+    try:
+        got = read_samples(folder / "00000.tar")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.cut is None and got.samples == {"000000000": {"jpg": jpeg(0), "txt": b"photo number 0"}}
+    assert peak < big // 2  # the 8 MiB member went by in 1 MiB chunks
+    assert _kind(_by_key(read_pairs(folder / "00000.tar"))["000000000"]) == "ok"
+
+
+def test_a_sidecar_that_disagrees_with_its_tar_gives_failed_rows_with_the_reason(tmp_path: Path) -> None:
+    stray = Sample(key="000000099", caption="listed, never written", data=jpeg(99))
+    listed = [r for r in ROWS if r.key != "000000002"] + [stray]  # drops a tar sample, adds one the tar lacks
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS, sidecar_rows=listed)
+    rows = _by_key(read_pairs(tar))
+    assert sorted(rows) == sorted({r.key for r in ROWS} | {stray.key})
+    assert list(rows)[-1] == "000000002"  # tar samples the sidecar lacks come after its rows
+    unlisted, missing = rows["000000002"], rows["000000099"]
+    assert _kind(unlisted) == NOT_IN_SIDECAR and "00000.tar holds it, 00000.parquet does not list it" in unlisted["error"]
+    assert (unlisted["caption"], unlisted["url"], unlisted["jpg"]) == ("photo number 2", "http://example.com/000000002.jpg", None)
+    assert _kind(missing) == MISSING_FROM_TAR and "00000.tar has no member for '000000099'" in missing["error"]
+    assert [_kind(rows[k]) for k in ("000000000", "000000003", "000000005")] == ["ok"] * 3
+
+
+def test_a_sample_without_an_image_member_names_what_the_tar_holds(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer)
+    writer.write({"__key__": "000000000", "jpg": jpeg(0), "txt": "ok"})
+    writer.write({"__key__": "000000001", "txt": "caption only"})  # image member lost
+    writer.close()
+    folder = tmp_path / "wds"
+    write_webdataset_format(folder, 0, samples(0, 2))
+    (folder / "00000.tar").write_bytes(buffer.getvalue())
+    rows = _by_key(read_pairs(folder / "00000.tar"))
+    assert _kind(rows["000000000"]) == "ok"
+    assert rows["000000001"]["error"] == f"{MISSING_FROM_TAR}: 00000.tar has only txt for '000000001' (expected one of jpg, png, webp, jpeg)"
+
+
+def test_a_tar_without_a_sidecar_is_its_own_record(tmp_path: Path) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    (tmp_path / "wds" / "00000.parquet").unlink()
+    rows = _by_key(read_pairs(tar))
+    assert list(rows) == [r.key for r in ROWS if r.data is not None]  # failed fetches were never in the tar
+    assert [_kind(r) for r in rows.values()] == ["ok", "ok", "ok", "undecodable", "ok"]
+    assert rows["000000000"]["url"] == "http://example.com/000000000.jpg"  # from KEY.json
+    assert "HTML" in rows["000000004"]["error"]
+
+
+def test_folders_globs_and_sidecars_name_the_tar_once(tmp_path: Path) -> None:
+    folder = tmp_path / "wds"
+    tars = [write_webdataset_format(folder, i, samples(10 * i, 2)) for i in range(2)]
+    assert expand_item(folder) == tars  # sidecars and NNNNN_stats.json are not inputs
+    assert expand_item(folder / "*") == tars
+    assert expand_item(folder / "00001.parquet") == [tars[1]]  # a sidecar stands for its tar
+    assert expand_inputs([folder / "00000.parquet", folder / "00000.tar", folder]) == tars
+    assert [name for _, name in plan_outputs(expand_inputs([folder]))] == ["part-00000.parquet", "part-00001.parquet"]
+    assert output_name(Path("s3://bucket/wds/00042.tar")) == "part-00042.parquet"
+
+
+def test_the_fingerprint_of_a_tar_covers_its_sidecar(tmp_path: Path) -> None:
+    tar = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    before = input_fingerprint(tar)
+    write_webdataset_format(tmp_path / "wds", 0, ROWS, sidecar_rows=ROWS[:-1])  # same tar bytes
+    assert input_fingerprint(tar) != before
+
+
+def test_a_tar_and_its_sidecar_are_read_through_fsspec_urls(tmp_path: Path) -> None:
+    local = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    fs = fsspec.filesystem("memory")
+    for name in ("00000.tar", "00000.parquet"):
+        fs.pipe(f"/wds-test/{name}", (local.parent / name).read_bytes())
+    try:
+        remote = read_webdataset_pairs("memory://wds-test/00000.tar")
+    finally:
+        fs.rm("/wds-test", recursive=True)
+    assert remote.to_pylist() == read_pairs(local).to_pylist()
+
+
+def test_png_and_webp_members_are_images_too(tmp_path: Path) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(buffer, format="PNG")
+    rows = [Sample(key="000000000", caption="png", data=buffer.getvalue()), Sample(key="000000001", caption="no", data=HTML)]
+    folder = tmp_path / "wds"
+    write_webdataset_format(folder, 0, rows)
+    (folder / "00000.tar").write_bytes(tar_bytes(rows, ext="png"))
+    got = _by_key(read_pairs(folder / "00000.tar"))
+    assert (got["000000000"]["status"], got["000000000"]["width"], got["000000000"]["height"]) == ("ok", 8, 6)
+    assert _kind(got["000000001"]) == "undecodable"
+    assert pq.read_schema(folder / "00000.parquet").names[:2] == ["key", "url"]  # the sidecar holds no bytes
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, and the AWS
+    environment variables that point s3fs at it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from data.ingest_web import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec keys instances by options, not by endpoint
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_webdataset_shard_on_s3_is_read_in_place(tmp_path: Path, s3_server: str) -> None:
+    import s3fs
+
+    local = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    tar = local.read_bytes()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("wds-bucket")
+    fs.pipe("wds-bucket/i2d/00000.parquet", (local.parent / "00000.parquet").read_bytes())
+    fs.pipe("wds-bucket/i2d/00000.tar", tar[: len(tar) // 2])  # an upload that died half way
+    remote = _by_key(read_pairs("s3://wds-bucket/i2d/00000.tar"))  # type: ignore[arg-type]
+    assert list(remote) == [r.key for r in ROWS]
+    assert [_kind(r) for r in remote.values()][:3] == ["ok", "failed_to_download", "ok"]
+    assert all(_kind(remote[k]) == TRUNCATED_TAR for k in ("000000004", "000000005"))
+    fs.pipe("wds-bucket/i2d/00000.tar", tar)
+    fs.invalidate_cache()
+    assert read_pairs("s3://wds-bucket/i2d/00000.tar").to_pylist() == read_pairs(local).to_pylist()  # type: ignore[arg-type]
