@@ -1,6 +1,7 @@
 """Which shards a stage reads, and those shards read as ``pairs`` rows.
 
-A stage is given files, folders and globs (`expand_inputs`); each input shard names the
+A stage is given files, folders and globs (`expand_inputs`), local or as URLs
+(``s3://bucket/web/``, ``s3://bucket/web/*.parquet``; see `data.storage`); each input shard names the
 output shard it writes (`output_name`, `plan_outputs`): ``part-00042.parquet`` stays,
 img2dataset's ``00042.parquet`` becomes ``part-00042.parquet``. Inputs may be our shards
 of any kind holding the pair columns, or img2dataset's own Parquet output, which
@@ -20,43 +21,59 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data.img2dataset import is_img2dataset, read_as_pairs
-from data.schema import SchemaError, conform
-from data.shards import read_table, shard_name
+from data.schema import conform
+from data.shards import parquet_schema, read_table, shard_name
+from data.storage import Location, RemotePath, location
 
 _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
 _NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
 
 
-def expand_item(item: str | Path) -> list[Path]:
-    """One input: a file, a folder (its ``*.parquet``, sorted) or a glob pattern (sorted).
+def expand_item(item: str | Path | RemotePath) -> list[Location]:
+    """One input: a file, a folder (its ``*.parquet``, sorted) or a glob pattern (sorted),
+    local or a URL.
 
     Raises FileNotFoundError naming an item that matches nothing.
     """
-    path = Path(item)
+    path = location(item)
+    matches = _expand_remote(path) if isinstance(path, RemotePath) else _expand_local(path)
+    if not matches:
+        raise FileNotFoundError(f"input {item!s}: no Parquet shards there (give files, folders or globs)")
+    return matches
+
+
+def _expand_remote(path: RemotePath) -> list[Location]:
+    if any(c in path.key for c in "*?["):
+        found = (RemotePath(path.fs.unstrip_protocol(p), path.options) for p in path.fs.glob(path.path))
+        return sorted(p for p in found if p.name.endswith(".parquet"))
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.parquet") if p.is_file())
+    return [path] if path.is_file() else []
+
+
+def _expand_local(path: Path) -> list[Location]:
+    item = str(path)
     if path.is_dir():
         matches = sorted(p for p in path.glob("*.parquet") if p.is_file())
     elif path.is_file():
         matches = [path]
     else:
-        matches = sorted(Path(p) for p in glob.glob(str(item)) if p.endswith(".parquet"))
-    if not matches:
-        raise FileNotFoundError(f"input {item!s}: no Parquet shards there (give files, folders or globs)")
+        matches = sorted(Path(p) for p in glob.glob(item) if p.endswith(".parquet"))
     return [p.resolve() for p in matches]
 
 
-def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
+def expand_inputs(items: Sequence[str | Path | RemotePath]) -> list[Location]:
     """Files, folders and globs -> unique Parquet paths sorted by the output they name."""
     unique = list(dict.fromkeys(p for item in items for p in expand_item(item)))
     return sorted(unique, key=lambda p: (output_name(p), str(p)))
 
 
-def output_name(src: Path) -> str:
+def output_name(src: Location) -> str:
     """The output shard name for an input: ``part-00042.parquet`` stays, img2dataset's
     ``00042.parquet`` becomes ``part-00042.parquet``; other names are refused."""
-    name = Path(src).name
+    name = location(src).name
     if _OUR_SHARD.fullmatch(name):
         return name
     numbered = _NUMBERED_SHARD.fullmatch(name)
@@ -68,9 +85,9 @@ def output_name(src: Path) -> str:
     )
 
 
-def plan_outputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
+def plan_outputs(inputs: Sequence[Location]) -> list[tuple[Location, str]]:
     """(input, output name) pairs; refuses two inputs that would write the same output."""
-    seen: dict[str, Path] = {}
+    seen: dict[str, Location] = {}
     plan = []
     for src in inputs:
         name = output_name(src)
@@ -78,20 +95,17 @@ def plan_outputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
             raise ValueError(
                 f"{src} and {seen[name]} would both write {name}; run the stage once per input folder"
             )
-        seen[name] = Path(src)
-        plan.append((Path(src), name))
+        seen[name] = location(src)
+        plan.append((location(src), name))
     return plan
 
 
-def read_pairs(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def read_pairs(path: Location, columns: Sequence[str] | None = None) -> pa.Table:
     """Read a shard as ``pairs`` rows, whether ours (any kind holding the pair columns) or
     img2dataset's raw Parquet output (`data.img2dataset.read_as_pairs`, source ``web``).
     `columns` limits what is returned (and, for ours, what is read)."""
-    path = Path(path)
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    path = location(path)
+    schema = parquet_schema(path)
     if is_img2dataset(schema):
         table = read_as_pairs(path)
         return table.select(list(columns)) if columns else table
