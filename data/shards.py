@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.schema import SchemaError, check_schema, conform, schema_for
-from data.storage import Location, RemotePath, location, open_input
+from data.storage import Location, RemotePath, list_files, location, open_input
 
 SHARD_GLOB = "part-*.parquet"
 DONE_SUFFIX = ".done.json"
@@ -202,10 +202,7 @@ def is_complete(shard_path: Location, input_fingerprint: str, settings_hash: str
 
 def list_shards(folder: Location) -> list[Location]:
     """Sorted ``part-*.parquet`` files of `folder` (temporary files ignored; [] if absent)."""
-    folder = location(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(SHARD_GLOB) if p.is_file())
+    return list_files(location(folder), SHARD_GLOB)
 
 
 def _open(path: Location, kind: str) -> pq.ParquetFile:

@@ -299,6 +299,18 @@ class RemotePath:
 Location = Union[Path, RemotePath]
 
 
+def list_files(folder: Location, pattern: str) -> list[Location]:
+    """Sorted files (not folders) below `folder` matching the glob `pattern` (``**`` recursive);
+    [] when the folder does not exist. On object storage one listing, no request per file."""
+    if isinstance(folder, RemotePath):
+        found = folder.fs.glob(f"{folder.path.rstrip('/')}/{pattern}", detail=True)
+        return sorted(folder._from_fs(name) for name, info in found.items() if info.get("type") != "directory")
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
 def open_input(path: Location) -> Any:
     """What pyarrow readers are given: a local path as is (memory-mapped, as before), a
     remote file opened for reading (the caller closes it, or the reader does with force)."""

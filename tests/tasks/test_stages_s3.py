@@ -4,6 +4,7 @@ completion record (a killed write) is redone to the same bytes; no secret lands 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,25 @@ def test_publish_model_uploads_config_last(s3: str, local_world: dict[str, Path]
     target = publish_model(local_world["model"], f"{s3}/models/final")
     names = sorted(p.name for p in location(target).iterdir())
     assert "config.json" in names and names == sorted(p.name for p in local_world["model"].iterdir() if p.is_file())
+
+
+def test_capfilt_query_answers_over_s3(s3: str, local_world: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    local = _run_stages(tmp_path / "run", local_world["web"], local_world["model"], tmp_path)
+    web, model = _s3_inputs(s3, local_world)
+    _run_stages(f"{s3}/run", web, model, tmp_path)
+    sql = ("SELECT (SELECT count(*) FROM dataset) AS d, (SELECT count(*) FROM scored) AS s, "
+           "(SELECT count(*) FROM synthetic) AS c, (SELECT sum(counts['input']) FROM stage_stats WHERE stage = 'filter') AS i")  # fmt: skip
+    answers = {}
+    for run in (str(tmp_path / "run"), f"{s3}/run"):
+        result = CliRunner().invoke(app, ["query", run, sql, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        answers[run] = result.output
+    remote = answers[f"{s3}/run"]
+    assert remote == answers[str(tmp_path / "run")]
+    row = json.loads(remote.splitlines()[0])
+    assert row["d"] == local["assemble"].totals["kept"] > 0
+    assert int(row["i"]) == local["filter"].totals["input"] > 0
