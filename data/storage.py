@@ -29,7 +29,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Union
 
@@ -38,6 +38,56 @@ _OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec storage options (
 # Listings are not cached: another process (a Dask worker, a second run) may have written
 # since, and a stale listing would hide a finished shard or show a deleted one.
 _DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
+
+
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential", "sas", "signature")
+_NOT_SECRET = {"use_listings_cache", "listings_expiry_time", "default_block_size", "default_cache_type"}
+
+
+def _is_secret_name(name: str) -> bool:
+    name = name.lower()
+    return name not in _NOT_SECRET and any(word in name for word in _SECRET_WORDS)
+
+
+@dataclass
+class StorageConfig:
+    """fsspec storage options per protocol, for run folders and inputs given as URLs (the
+    run config's ``storage:`` block), e.g. ``{"s3": {"endpoint_url": "http://127.0.0.1:9000",
+    "key": "${MY_KEY}", "secret": "${MY_SECRET}"}}``. A secret-like option (key, secret,
+    token, password, ...) must be a ``${ENV_VAR}`` reference, resolved from the environment
+    when used: the config is stored with the run (Prefect parameters, results), so it never
+    holds a secret. With no options the backends' own environment applies (``AWS_*``)."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # protocol -> fsspec storage options; secrets as ${ENV_VAR}
+
+    def __post_init__(self) -> None:
+        for protocol, opts in self.options.items():
+            for name, value in opts.items():
+                if _is_secret_name(name) and not (isinstance(value, str) and _ENV_REF.match(value)):
+                    raise ValueError(
+                        f"storage.options.{protocol}.{name}: give a secret as an environment reference "
+                        f"(\"${{MY_VAR}}\") or through the backend's own variables (AWS_SECRET_ACCESS_KEY, ...), "
+                        "not its value: the run config is stored with the run"
+                    )
+
+    def resolved(self) -> dict[str, dict[str, Any]]:
+        """The options with every ``${VAR}`` replaced by its value (KeyError naming a missing one)."""
+        return {protocol: {name: _resolve(value, f"storage.options.{protocol}.{name}") for name, value in opts.items()}
+                for protocol, opts in self.options.items()}  # fmt: skip
+
+
+def _resolve(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve(v, f"{where}.{k}") for k, v in value.items()}
+    match = _ENV_REF.match(value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    if match.group(1) not in os.environ:
+        raise KeyError(f"{where}: environment variable {match.group(1)} is not set")
+    return os.environ[match.group(1)]
 
 
 def configure(options: Mapping[str, Mapping[str, Any]]) -> None:

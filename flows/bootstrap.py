@@ -328,6 +328,15 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     """
     from data.run_lock import run_lock
 
+    from data.storage import is_remote
+
+    if is_remote(config.run_dir):
+        raise ValueError(
+            f"run_dir {config.run_dir}: the bootstrap flow keeps its run folder on a local disk (training, "
+            "Prefect results); put inputs (data.web) on object storage, or run the shard stages there with "
+            "`capfilt caption|filter|assemble --output s3://...`"
+        )
+    config.apply_storage()
     with run_lock(config.run_dir):
         return _bootstrap(_Run(config))
 

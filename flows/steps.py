@@ -37,7 +37,9 @@ _TASK_OPTIONS: dict[str, Any] = {
 def stage_config(config: RunConfig, cfg: StageConfig) -> StageConfig:
     """A stage's config as the run gives it, for the flow's tasks: its `execution.device`
     left at ``auto`` and `num_workers` at -1 follow the run's `device` and `loader_workers`;
-    progress bars are off (a Prefect worker logs instead)."""
+    progress bars are off (a Prefect worker logs instead). Applies the run's storage
+    options in this process (a Dask worker's too) before the stage opens any URL."""
+    config.apply_storage()
     run = cfg.execution
     execution = dataclasses.replace(
         run,

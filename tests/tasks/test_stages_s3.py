@@ -135,3 +135,30 @@ def test_capfilt_query_answers_over_s3(s3: str, local_world: dict[str, Path], tm
     row = json.loads(remote.splitlines()[0])
     assert row["d"] == local["assemble"].totals["kept"] > 0
     assert int(row["i"]) == local["filter"].totals["input"] > 0
+
+
+def test_storage_options_from_the_run_config_keep_the_secret_out(s3: str, s3_secret: str, monkeypatch, tmp_path: Path) -> None:
+    """Credentials given as ${VAR} references in `storage.options` reach s3fs (the AWS key
+    variables are unset), and neither the config's dump nor the written files hold them."""
+    from data.storage import configure
+    from flows.config import ConfigError, load_config
+
+    monkeypatch.setenv("MY_S3_KEY", "capfilt-test-key")
+    monkeypatch.setenv("MY_S3_SECRET", s3_secret)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    values = {"preset": "demo-quick", "run_dir": str(tmp_path / "run"), "data": {"web": [f"{s3}/web"]},
+              "storage": {"options": {"s3": {"key": "${MY_S3_KEY}", "secret": "${MY_S3_SECRET}"}}}}  # fmt: skip
+    cfg = load_config(values)
+    assert s3_secret not in cfg.model_dump_json() and s3_secret not in repr(cfg)
+    with pytest.raises(ConfigError, match=r"storage.options.s3.secret: give a secret as an environment reference"):
+        load_config({**values, "storage": {"options": {"s3": {"secret": s3_secret}}}})
+    try:
+        cfg.apply_storage()
+        target = location(f"{s3}/probe/x.json")
+        assert target.options["secret"] == s3_secret
+        target.write_text("{}")
+        assert s3_secret not in repr(target) and s3_secret not in str(target)
+        assert target.read_text() == "{}"
+    finally:
+        configure({})
