@@ -84,18 +84,33 @@ def s3_secret() -> str:
     return S3_SECRET_KEY
 
 
-@pytest.fixture
-def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """``s3://<fresh bucket>`` on the session's moto server, with the AWS variables set."""
+def _bucket(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     import fsspec
     import s3fs
 
-    for name, value in s3_env(s3_server).items():
+    for name, value in s3_env(endpoint).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     s3fs.S3FileSystem.clear_instance_cache()  # an instance made before the variables changed
     bucket = f"capfilt-test-{uuid.uuid4().hex[:12]}"
-    fs = fsspec.filesystem("s3", use_listings_cache=False)
-    fs.mkdir(bucket)
-    yield f"s3://{bucket}"
+    fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``s3://<fresh bucket>`` on the session's moto server, with the AWS variables set."""
+    import s3fs
+
+    yield _bucket(s3_server, monkeypatch)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3_module(s3_server: str) -> Iterator[str]:
+    """`s3` for a whole test module (one bucket, the AWS variables set until the module ends)."""
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _bucket(s3_server, monkeypatch)
     s3fs.S3FileSystem.clear_instance_cache()
