@@ -133,7 +133,9 @@ def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | Non
 def _rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    from data.storage import location, open_input
+
+    return pq.ParquetFile(open_input(location(path))).metadata.num_rows  # path: local or a URL
 
 
 # ----------------------------------------------------------------------------- training
