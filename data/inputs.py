@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from data.img2dataset import is_img2dataset, read_as_pairs
 from data.schema import conform
 from data.shards import parquet_schema, read_table, shard_name
-from data.storage import Location, RemotePath, location
+from data.storage import Location, RemotePath, list_files, location
 
 _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
 _NUMBERED_SHARD = re.compile(r"(\d+)\.parquet")
@@ -48,9 +48,9 @@ def _expand_remote(path: RemotePath) -> list[Location]:
     if any(c in path.key for c in "*?["):
         found = (RemotePath(path.fs.unstrip_protocol(p), path.options) for p in path.fs.glob(path.path))
         return sorted(p for p in found if p.name.endswith(".parquet"))
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.parquet") if p.is_file())
-    return [path] if path.is_file() else []
+    if path.name.endswith(".parquet") and path.is_file():
+        return [path]
+    return list_files(path, "*.parquet")  # a folder: one listing
 
 
 def _expand_local(path: Path) -> list[Location]:

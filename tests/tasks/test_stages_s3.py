@@ -166,3 +166,13 @@ def test_storage_options_from_the_run_config_keep_the_secret_out(s3: str, s3_sec
         assert target.read_text() == "{}"
     finally:
         configure({})
+
+
+def test_inputs_by_url_glob_and_a_missing_prefix_named(runs: dict) -> None:
+    from data.inputs import expand_inputs
+
+    s3 = runs["s3"]
+    assert [p.name for p in expand_inputs([f"{s3}/inputs/web/part-0000[01].parquet"])] == ["part-00000.parquet", "part-00001.parquet"]
+    assert len(expand_inputs([f"{s3}/inputs/web"])) == 3
+    with pytest.raises(FileNotFoundError, match=rf"input {s3}/nothing-here: no Parquet shards there"):
+        expand_inputs([f"{s3}/nothing-here"])
