@@ -18,6 +18,10 @@ A stage with several settings folders (a rerun with other settings) is shown by 
 folder the latest run used, as the run's ``current.json`` records it (`data.layout`);
 ``stage_stats`` lists the records of all of them.
 
+The run folder may be a URL (``s3://bucket/run``, `data.storage`): the shards are then
+read through the fsspec filesystem of that URL (credentials from the AWS variables or
+the storage options), wrapped as a pyarrow filesystem; duckdb needs no extension.
+
 Confinement. duckdb itself never touches the file system: the shards are scanned
 through pyarrow datasets registered on the connection (projection and filters are
 pushed down, rows stream), and the connection is then locked with
@@ -34,17 +38,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
-import pyarrow.parquet as pq
 
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, RunLayout
 from data.schema import check_schema, schema_for
-from data.shards import DONE_SUFFIX, SHARD_GLOB, read_completion
+from data.shards import DONE_SUFFIX, SHARD_GLOB, parquet_schema, read_completion
+from data.storage import Location, arrow_filesystem, list_files, location
 
 _ALLOWED_TYPES = {duckdb.StatementType.SELECT}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
@@ -76,24 +79,22 @@ class _Source:
 
     name: str
     kind: str
-    files: list[Path]
-    base: Path | None = None  # files' paths below `base` give the partition columns
+    files: list[Location]
+    base: Location | None = None  # files' paths below `base` give the partition columns
     partitions: tuple[str, ...] = ()
 
 
-def _shards_below(folder: Path) -> list[Path]:
+def _shards_below(folder: Location) -> list[Location]:
     """``part-*.parquet`` files below `folder`, skipping private ``_x`` / ``.x`` folders
     (e.g. img2dataset's own output under ``ingest/web/_img2dataset``)."""
-    if not folder.is_dir():
-        return []
-    return sorted(
+    return [
         p
-        for p in folder.rglob(SHARD_GLOB)
-        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts[:-1])
-    )
+        for p in list_files(folder, f"**/{SHARD_GLOB}")
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts[:-1])
+    ]
 
 
-def _sources(run_dir: Path) -> list[_Source]:
+def _sources(run_dir: Location) -> list[_Source]:
     layout = RunLayout(run_dir)
     sources = [_Source(name, "pairs", _shards_below(layout.ingest(name))) for name in INGEST_SPLITS]
     caption = layout.current_stage("caption")
@@ -112,23 +113,26 @@ def _sources(run_dir: Path) -> list[_Source]:
 def _dataset(source: _Source) -> pds.Dataset:
     """A pyarrow dataset over the source's shards, each schema-checked (errors name the file)."""
     for path in source.files:
-        check_schema(pq.read_schema(path), source.kind, path)
+        check_schema(parquet_schema(path), source.kind, path)
     schema = schema_for(source.kind).remove_metadata()
+    filesystem, _ = arrow_filesystem(source.files[0])
+    paths = [arrow_filesystem(p)[1] for p in source.files]
     if not source.partitions:
-        return pds.dataset([str(p) for p in source.files], schema=schema, format="parquet")
+        return pds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
     partition_schema = pa.schema([(name, pa.string()) for name in source.partitions])
     for name in source.partitions:
         schema = schema.append(pa.field(name, pa.string()))
     return pds.dataset(
-        [str(p) for p in source.files],
+        paths,
         schema=schema,
         format="parquet",
+        filesystem=filesystem,
         partitioning=pds.DirectoryPartitioning(partition_schema),
-        partition_base_dir=str(source.base),
+        partition_base_dir=arrow_filesystem(source.base)[1],
     )
 
 
-def _stage_stats(run_dir: Path) -> pa.Table | None:
+def _stage_stats(run_dir: Location) -> pa.Table | None:
     """One row per completed shard of each stage folder (None when there are none).
 
     The filter writes one record per outcome folder (kept / rejected / failed), each with
@@ -136,7 +140,7 @@ def _stage_stats(run_dir: Path) -> pa.Table | None:
     output_bytes summed) so that sums over `counts` count every input row once.
     """
     rows: dict[tuple[str, str], dict] = {}
-    for done in sorted(run_dir.rglob("*" + DONE_SUFFIX)):
+    for done in list_files(run_dir, "**/*" + DONE_SUFFIX):
         try:
             record = read_completion(done)
         except ValueError:
@@ -193,14 +197,14 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
-def open_catalog(run_dir: Path) -> duckdb.DuckDBPyConnection:
+def open_catalog(run_dir: Location | str) -> duckdb.DuckDBPyConnection:
     """An in-memory, locked duckdb connection with one view per dataset of `run_dir`.
 
     Reads only footers, schemas and completion records; writes nothing anywhere.
     Raises FileNotFoundError when `run_dir` is not a folder and SchemaError naming the
     file when a shard does not match its dataset kind.
     """
-    run_dir = Path(run_dir).resolve()
+    run_dir = location(run_dir).resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     con = duckdb.connect(":memory:")

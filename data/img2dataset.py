@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from data.images import DEFAULT_MAX_PIXELS
 from data.ingest import RawRow, normalise_rows
 from data.schema import SchemaError, conform
+from data.storage import Location, location, open_input
 
 KEY_COLUMN = "capfilt_key"  # our key, carried through img2dataset as an additional column
 SUCCESS = "success"
@@ -49,18 +49,15 @@ def is_img2dataset(schema: pa.Schema) -> bool:
     return _MARKER_COLUMNS <= names and has_key and "source" not in names
 
 
-def read_img2dataset(path: str | Path) -> pa.Table:
-    """One img2dataset Parquet shard as it is (no rows changed); `path` may be a URL (fsspec).
+def read_img2dataset(path: Location) -> pa.Table:
+    """One img2dataset Parquet shard as it is (no rows changed).
 
     Raises SchemaError naming the file when it is no readable Parquet file or no
     img2dataset output, and saying what to do instead.
     """
+    path = location(path)
     try:
-        if "://" not in str(path):
-            table = pq.read_table(path)
-        else:
-            with fsspec.open(str(path), "rb") as handle:
-                table = pq.read_table(handle)
+        table = pq.read_table(open_input(path))
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(f"{path}: not a readable Parquet file ({exc}); replace it or remove it") from exc
     if not is_img2dataset(table.schema):

@@ -7,7 +7,8 @@ used. A stage folder keeps one ``<settings-hash>/`` sub-folder per settings ever
 "which one is current" is a fact the writer records, never a guess from file times.
 
 Paths stored in the record are relative to the run folder, so a run folder that is
-moved or copied elsewhere still reads, and resumes, as it was.
+moved or copied elsewhere still reads, and resumes, as it was. The root may be a local
+path or a URL (``s3://bucket/run``, `data.storage`): every path below is of the same kind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.shards import write_atomic
+from data.storage import Location, RemotePath, is_url, location
 
 CURRENT_FILE = "current.json"
 _RECORD_VERSION = 1
@@ -34,30 +36,30 @@ class LayoutError(ValueError):
 class RunLayout:
     """Where everything of one run lives, under `root`."""
 
-    root: Path
+    root: Location
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", location(self.root))
 
     # ------------------------------------------------------------------ inputs
 
     @property
-    def world(self) -> Path:
+    def world(self) -> Location:
         """The synthetic world the demo generates (``capfilt synth`` layout)."""
         return self.root / "world"
 
-    def ingest(self, split: str) -> Path:
+    def ingest(self, split: str) -> Location:
         """``ingest/<split>``: the pair shards a split was brought in as."""
         if split not in INGEST_SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {INGEST_SPLITS}")
         return self.root / "ingest" / split
 
     @property
-    def truth(self) -> Path:
+    def truth(self) -> Location:
         """The synthetic world's truth (read by evaluation only)."""
         return self.root / "truth"
 
-    def truth_dir(self) -> Path | None:
+    def truth_dir(self) -> Location | None:
         """The truth folder when the run has one (``truth/``, else ``world/truth/``)."""
         for candidate in (self.truth, self.world / "truth"):
             if candidate.is_dir():
@@ -67,80 +69,84 @@ class RunLayout:
     # ------------------------------------------------------------------ models
 
     @property
-    def models(self) -> Path:
+    def models(self) -> Location:
         return self.root / "models"
 
     @property
-    def tokenizer(self) -> Path:
+    def tokenizer(self) -> Location:
         """The vocabulary every scratch model of the run shares."""
         return self.models / "tokenizer"
 
-    def model_dir(self, role: str, round_index: int = 1) -> Path:
+    def model_dir(self, role: str, round_index: int = 1) -> Location:
         """A training stage's folder: ``models/<role>`` in round 1, ``models/round-<r>/<role>`` after."""
         return self.models / model_name(role, round_index)
 
     # ------------------------------------------------------------------ stage outputs
 
-    def stage(self, stage: str) -> Path:
+    def stage(self, stage: str) -> Location:
         """A shard stage's folder, holding one ``<settings-hash>/`` per settings run."""
         if stage not in SHARD_STAGES:
             raise ValueError(f"unknown shard stage {stage!r}; expected one of {SHARD_STAGES}")
         return self.root / stage
 
     @property
-    def eval_dir(self) -> Path:
+    def eval_dir(self) -> Location:
         return self.root / "eval"
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Location:
         return self.eval_dir / "metrics.json"
 
     @property
-    def video_metrics(self) -> Path:
+    def video_metrics(self) -> Location:
         """The zero-shot video evaluation (final and pretrain models on synthetic clips)."""
         return self.eval_dir / "video.json"
 
     @property
-    def report_md(self) -> Path:
+    def report_md(self) -> Location:
         return self.root / "report.md"
 
-    def gallery(self, name: str) -> Path:
+    def gallery(self, name: str) -> Location:
         """``gallery-<name>.html``: a `capfilt browse` page written next to the report."""
         return self.root / f"gallery-{name}.html"
 
     @property
-    def stages_log(self) -> Path:
+    def stages_log(self) -> Location:
         """``stages.jsonl``: one line per stage that did work (wall times for the report)."""
         return self.root / "stages.jsonl"
 
     @property
-    def run_record(self) -> Path:
+    def run_record(self) -> Location:
         """``run.json``: the record of a run that ended normally (`flows.run_record`)."""
         return self.root / "run.json"
 
     @property
-    def prefect(self) -> Path:
+    def prefect(self) -> Location:
         """Prefect's persisted results and output records for this run."""
         return self.root / ".prefect"
 
     # ------------------------------------------------------------------ the current record
 
     @property
-    def current_file(self) -> Path:
+    def current_file(self) -> Location:
         return self.root / CURRENT_FILE
 
-    def relative(self, path: str | Path) -> str:
+    def relative(self, path: str | Path | RemotePath) -> str:
         """`path` relative to the run folder when it lies inside it, else as given (absolute)."""
-        path = Path(path)
+        path = location(path)
+        if isinstance(path, RemotePath) != isinstance(self.root, RemotePath):
+            return str(path)
         try:
             return path.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return str(path)
 
-    def resolve(self, stored: str) -> Path:
+    def resolve(self, stored: str) -> Location:
         """A path as stored in the record -> a path to open (relative ones are under `root`)."""
+        if is_url(stored):
+            return location(stored)
         path = Path(stored)
-        return path if path.is_absolute() else self.root / path
+        return path if path.is_absolute() else self.root / path.as_posix()
 
     def read_current(self) -> dict[str, str]:
         """The record's entries (name -> stored path); empty when there is no record yet."""
@@ -166,12 +172,12 @@ class RunLayout:
         keeping the other entries: what a standalone stage command does."""
         self.write_current({**self.read_current(), name: path})
 
-    def current(self, name: str) -> Path | None:
+    def current(self, name: str) -> Location | None:
         """The recorded output `name`, or None when the record has no such entry."""
         stored = self.read_current().get(name)
         return self.resolve(stored) if stored is not None else None
 
-    def current_stage(self, stage: str) -> Path | None:
+    def current_stage(self, stage: str) -> Location | None:
         """The settings-hash folder of `stage` that the latest run used.
 
         From the record; a run folder without one (made by hand, or by an older version)
@@ -199,8 +205,8 @@ def model_name(role: str, round_index: int = 1) -> str:
     return role if round_index == 1 else f"round-{round_index}/{role}"
 
 
-def stage_layout(output: str | Path, stage: str) -> RunLayout | None:
+def stage_layout(output: str | Path | RemotePath, stage: str) -> RunLayout | None:
     """The run whose `stage` folder is `output` (``RUN/filter`` -> RUN), or None for a folder
     outside any run layout (a standalone stage command writing elsewhere)."""
-    output = Path(output)
+    output = location(output)
     return RunLayout(output.parent) if output.name == stage else None

@@ -1,8 +1,13 @@
-"""One writer per run folder: an advisory `flock` on `<run>/.lock`.
+"""One writer per run folder: an advisory `flock` on `<run>/.lock`, or on object storage
+a lease object at the same place (`data.lease`).
 
-The kernel drops a `flock` when its process dies, however it dies (SIGKILL included),
-so a crashed run never holds the folder; the file's text (pid, host, start time) is
-only there to make the refusal message useful.
+Local folders: the kernel drops a `flock` when its process dies, however it dies
+(SIGKILL included), so a crashed run never holds the folder; the file's text (pid,
+host, start time) is only there to make the refusal message useful.
+
+A run folder that is a URL (``s3://bucket/run``) has no flock: `run_lock` takes a lease
+there instead (owner, expiry, renewed while held; see `data.lease` for what each store
+guarantees). Either way a second writer is refused with an error naming the holder.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCK_NAME = ".lock"
+from data.lease import LOCK_NAME, RunLockedError, hold_lease, holder_record
+from data.storage import Location, RemotePath, location
 
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing this run folder."""
+__all__ = ["LOCK_NAME", "RunLockedError", "lock_scope", "run_lock"]
 
 
 @contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[Path]:
+def run_lock(run_dir: str | Path | RemotePath) -> Iterator[Location]:
     """Hold the run folder's lock for the `with` block; refuse at once if another process holds it."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
+    if isinstance(run_dir, RemotePath):
+        with hold_lease(run_dir / LOCK_NAME):
+            yield run_dir / LOCK_NAME
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -47,19 +55,19 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def lock_scope(output: str | Path) -> Path:
+def lock_scope(output: str | Path | RemotePath) -> Location:
     """The folder whose lock a writer of `output` must hold: the nearest folder at or above
     `output` that is a run folder (it has a `.lock` written by `run_lock`, as every flow
     run leaves), else `output` itself. So a standalone stage writing inside a run folder
     and a flow running on that folder hold the same lock and exclude each other."""
-    output = Path(output).resolve()
+    output = location(output).resolve()
     for folder in (output, *output.parents):
         if _written_by_run_lock(folder / LOCK_NAME):
             return folder
     return output
 
 
-def _written_by_run_lock(path: Path) -> bool:
+def _written_by_run_lock(path: Location) -> bool:
     """True for a lock file holding our holder record (other tools' `.lock` files, such as
     pytest's, are not run folders)."""
     try:
@@ -75,8 +83,4 @@ def _read_holder(fd: int) -> str:
 
 def _holder(raw: bytes) -> dict | None:
     """The holder record `run_lock` writes ({pid, host, since}), or None for anything else."""
-    try:
-        info = json.loads(raw or b"{}")
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) and {"pid", "host", "since"} <= info.keys() else None
+    return holder_record(raw)

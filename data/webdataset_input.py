@@ -31,12 +31,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 
 from data.images import DEFAULT_MAX_PIXELS
 from data.img2dataset import IMAGE_COLUMNS, KEY_COLUMN, SUCCESS, read_img2dataset, to_pairs
 from data.schema import SchemaError
+from data.storage import location
 from data.tar_stream import TarCutError, iter_members
 
 # Failure kinds (the text before the colon of a failed row's ``error``).
@@ -74,8 +74,7 @@ def tar_of(sidecar: str | Path) -> str:
 
 def exists(path: str | Path) -> bool:
     """Whether a file exists at a local path or URL."""
-    fs, inner = fsspec.core.url_to_fs(str(path))
-    return bool(fs.isfile(inner))
+    return location(path).is_file()
 
 
 def read_samples(tar: str | Path) -> TarSamples:
@@ -83,7 +82,7 @@ def read_samples(tar: str | Path) -> TarSamples:
     damaged tar gives the samples read before the damage and `cut` saying where it is."""
     out = TarSamples()
     name = _name(tar)
-    with fsspec.open(str(tar), "rb") as stream:
+    with location(tar).open("rb") as stream:  # a URL with the run's storage options
         try:
             for member, data in iter_members(stream, want=lambda member: _sample_part(member) is not None):
                 key, extension = _sample_part(member)  # type: ignore[misc]  # wanted: not None

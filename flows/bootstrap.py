@@ -25,6 +25,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from data.layout import MODEL_ENTRY, RunLayout, model_name
 from data.shards import settings_hash
+from data.storage import location
 from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
@@ -133,7 +134,7 @@ def _ingest(run: _Run, split: str, mode: str, sources: list[str], www: str | Non
 def _rows(path: str) -> int:
     from data.inputs import input_rows
 
-    return input_rows(Path(path))
+    return input_rows(location(path))  # path: local or a URL
 
 
 # ----------------------------------------------------------------------------- training
@@ -329,6 +330,15 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     from data.run_lock import run_lock
     from flows.run_record import forget_record, write_record
 
+    from data.storage import is_remote
+
+    if is_remote(config.run_dir):
+        raise ValueError(
+            f"run_dir {config.run_dir}: the bootstrap flow keeps its run folder on a local disk (training, "
+            "Prefect results); put inputs (data.web) on object storage, or run the shard stages there with "
+            "`capfilt caption|filter|assemble --output s3://...`"
+        )
+    config.apply_storage()
     with run_lock(config.run_dir):
         forget_record(config)
         summary = _bootstrap(_Run(config))

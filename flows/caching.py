@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from data.inputs import input_fingerprint
 from data.layout import RunLayout
 from data.shards import file_fingerprint, read_completion, settings_hash, write_atomic
+from data.storage import location
 
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
@@ -76,7 +77,7 @@ def fingerprint_path(path: str | Path) -> str:
     Folders are fingerprinted by their Parquet, weights and JSON files (not recursing,
     so checkpoint sub-folders do not count); temporary files are ignored.
     """
-    path = Path(path)
+    path = location(path)
     if path.is_file():
         return input_fingerprint(path)
     if path.is_dir():
@@ -87,14 +88,14 @@ def fingerprint_path(path: str | Path) -> str:
 
 def job_cache_key(job: StepJob) -> str:
     """``<step id>-<inputs hash>``: stable across flow runs, changes with inputs or settings."""
-    inputs = {str(Path(p)): fingerprint_path(p) for p in job.inputs}
+    inputs = {str(location(p)): fingerprint_path(p) for p in job.inputs}
     return f"{job.step_id}-{settings_hash(inputs)}"
 
 
 def output_complete(path: str | Path) -> bool:
     """A shard (``part-*.parquet``) with a completion record whose byte count matches, a
     saved model folder (config.json + weights), or any other existing file."""
-    path = Path(path)
+    path = location(path)
     if path.suffix == ".parquet" and path.name.startswith("part-"):
         try:
             record = read_completion(path)
@@ -111,7 +112,7 @@ def output_complete(path: str | Path) -> bool:
 def output_stamp(path: str | Path) -> str | None:
     """What an output is now, cheaply: size and mtime of a file, of a model folder's weights;
     None when it is missing. Any rewrite changes it (a rename, as a moved run, does not)."""
-    path = Path(path)
+    path = location(path)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
         return None

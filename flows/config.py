@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.assemble import AssembleConfig
+from data.storage import StorageConfig
 from data.synth_video import VideoWorldConfig
 from tasks.caption import CaptionConfig
 from tasks.evaluate.config import EvalConfig
@@ -137,6 +138,7 @@ class RunConfig(_Model):
     video: VideoConfig = Field(default_factory=VideoConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)  # fsspec options for URL inputs / outputs (data.storage)
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +182,13 @@ class RunConfig(_Model):
     def root(self) -> Path:
         """The run folder as a Path."""
         return Path(self.run_dir)
+
+    def apply_storage(self) -> None:
+        """Make this process use the config's storage options for URLs (`data.storage.configure`);
+        called by the flow and by each shard step, which may run in another process."""
+        from data.storage import configure
+
+        configure(self.storage.resolved())
 
     def runs_stage(self, stage: str) -> bool:
         """True when `stage` is at or before `stages.stop_after`."""

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from data.shards import list_shards
+from data.storage import RemotePath, location
 from flows.artifacts import TrainingProgress, publish_report
 from flows.caching import StepJob, record_outputs, step_cache_key
 from flows.config import RunConfig
@@ -38,7 +40,9 @@ def stage_config(config: RunConfig, cfg: StageConfig) -> StageConfig:
     """A stage's config as the run gives it, for the flow's tasks: its `execution.device`
     left at ``auto`` and `num_workers` at -1 follow the run's `device` and `loader_workers`;
     progress stays on: a bar in the CLI's terminal (threads runner), plain lines in logs
-    and in worker processes (`blip_core.progress` decides by stderr)."""
+    and in worker processes (`blip_core.progress` decides by stderr). Applies the run's
+    storage options in this process (a Dask worker's too) before the stage opens any URL."""
+    config.apply_storage()
     run = cfg.execution
     execution = dataclasses.replace(
         run,
@@ -63,8 +67,10 @@ def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
     import blip_core
 
     stage = job.step.removeprefix("plan-")
-    loaded = blip_core.load(Path(job.params["model"]), device="cpu")
-    out_dir, web = Path(job.params["out_dir"]), [Path(p) for p in job.params["web"]]
+    from tasks.model_store import local_model
+
+    loaded = blip_core.load(local_model(job.params["model"]), device="cpu")
+    out_dir, web = location(job.params["out_dir"]), [location(p) for p in job.params["web"]]
     if stage == "caption":
         from tasks.caption import plan_caption
 
@@ -74,7 +80,7 @@ def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
         from tasks.filter import plan_filter
 
         captions = job.params.get("captions")
-        stats, items = plan_filter(web, out_dir, loaded, stage_config(config, config.filter), Path(captions) if captions else None)
+        stats, items = plan_filter(web, out_dir, loaded, stage_config(config, config.filter), location(captions) if captions else None)
         shards = [{"src": str(src), "name": name, "captions": str(cap) if cap else None} for src, name, cap in items]
     else:
         raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
@@ -87,7 +93,7 @@ def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
 
 def _stats_dict(stats: Any) -> dict[str, Any]:
     out = dataclasses.asdict(stats)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+    return {k: (str(v) if isinstance(v, (Path, RemotePath)) else v) for k, v in out.items()}
 
 
 @task(name="caption-shard", retries=0, **_TASK_OPTIONS)
@@ -98,8 +104,8 @@ def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault("caption", job.index)
     p = job.params
     with gpu_slot(config):
-        stats = caption_shard(Path(p["src"]), Path(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
-    record_outputs(job, [str(Path(p["folder"]) / p["name"])])
+        stats = caption_shard(location(p["src"]), location(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
+    record_outputs(job, [str(location(p["folder"]) / p["name"])])
     return _stats_dict(stats)
 
 
@@ -110,12 +116,12 @@ def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 
     maybe_fault("filter", job.index)
     p = job.params
-    captions = Path(p["captions"]) if p.get("captions") else None
+    captions = location(p["captions"]) if p.get("captions") else None
     with gpu_slot(config):
         stats = filter_shard(
-            Path(p["src"]), captions, Path(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
+            location(p["src"]), captions, location(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
         )
-    record_outputs(job, [str(path) for path in output_paths(Path(p["folder"]), p["name"]).values()])
+    record_outputs(job, [str(path) for path in output_paths(location(p["folder"]), p["name"]).values()])
     return _stats_dict(stats)
 
 
@@ -224,9 +230,9 @@ def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault("assemble")
     p = job.params
     cfg = stage_config(config, config.assemble)
-    inputs = [Path(x) for x in p["human"]] + [Path(x) for x in p["scored"]]  # priority order: human first
-    stats = run_assemble(inputs, Path(p["out_dir"]), cfg)
-    shards = sorted(str(x) for x in Path(stats.output).glob("part-*.parquet"))
+    inputs = [location(x) for x in p["human"]] + [location(x) for x in p["scored"]]  # priority order: human first
+    stats = run_assemble(inputs, location(p["out_dir"]), cfg)
+    shards = sorted(str(x) for x in list_shards(stats.output))
     record_outputs(job, shards)
     return {"output": str(stats.output), "shard_stats": [_stats_dict(s) for s in stats.shards], "shards": shards}
 

@@ -35,18 +35,17 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data.inputs import expand_item, input_fingerprint, read_pairs
 from data.webdataset_input import is_webdataset_shard
-from data.schema import SCORED, SchemaError, conform
-from data.shards import combine_fingerprints, is_complete, read_completion, read_table, shard_name
+from data.schema import SCORED, conform
+from data.shards import combine_fingerprints, is_complete, parquet_schema, read_completion, read_table, shard_name
+from data.storage import Location, location
 from tasks.decide import DecisionRule, decide, nonempty_captions
 from tasks.execution import ExecutionConfig, progress_bar, require, semantic_settings
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
@@ -87,26 +86,23 @@ class _Plan:
     """Per segment (an input file, or with `sources` the rows of one source in one file),
     the outcome of each of its rows and the output shard it is attributed to."""
 
-    files: list[Path]  # per segment, its file (a file recurs with `sources`)
+    files: list[Location]  # per segment, its file (a file recurs with `sources`)
     rows: list[np.ndarray]  # per segment (n_i,) row indices in its file
     outcome: list[np.ndarray]  # per segment (n_i,) int8 codes
     shard: list[np.ndarray]  # per segment (n_i,) output shard index
     n_shards: int
-    redecided: frozenset[Path] = frozenset()  # files whose verdicts were decided anew
+    redecided: frozenset[Location] = frozenset()  # files whose verdicts were decided anew
     threshold: float | None = None  # the threshold the re-decided rows carry (None: their own)
 
 
-def _is_scored(path: Path) -> bool:
+def _is_scored(path: Location) -> bool:
     if is_webdataset_shard(path):
         return False
-    try:
-        names = set(pq.read_schema(path).names)
-    except (OSError, pa.ArrowException) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    names = set(parquet_schema(path).names)
     return {f.name for f in SCORED} <= names
 
 
-def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read(path: Location, columns: list[str] | None = None) -> pa.Table:
     """A pairs or scored shard as a `dataset`-shaped table (pairs rows count as kept)."""
     if _is_scored(path):
         return read_table(path, "scored", columns=columns + ["keep"] if columns else None)
@@ -154,7 +150,7 @@ def _outcomes(table: pa.Table, seen: set[bytes], dedupe: bool, keep: np.ndarray 
     return outcome
 
 
-def _segments(files: list[Path], cfg: AssembleConfig) -> list[tuple[Path, np.ndarray | None, bool]]:
+def _segments(files: list[Location], cfg: AssembleConfig) -> list[tuple[Location, np.ndarray | None, bool]]:
     """(file, row indices or None for all, excluded) in reading order: each file whole, or with
     `sources` the rows of each source over all files, then each file's other rows (excluded)."""
     if not cfg.sources:
@@ -178,7 +174,7 @@ def _equals(column: pa.ChunkedArray, value: str) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def redecide(files: list[Path], cfg: AssembleConfig) -> dict[Path, np.ndarray]:
+def redecide(files: list[Location], cfg: AssembleConfig) -> dict[Location, np.ndarray]:
     """Scored file -> (n,) keep of each of its rows, decided anew from the stored scores by
     `cfg.threshold` (else each row's stored threshold) and `cfg.top_k`, over all scored
     files together (an image's synthetic captions may be in a kept and a rejected shard)."""
@@ -203,11 +199,11 @@ def redecide(files: list[Path], cfg: AssembleConfig) -> dict[Path, np.ndarray]:
     return dict(zip(scored, np.split(decision.keep, ends), strict=True))
 
 
-def plan(files: list[Path], cfg: AssembleConfig) -> _Plan:
+def plan(files: list[Location], cfg: AssembleConfig) -> _Plan:
     """Read the dedupe columns of every input and decide each row's fate and shard."""
     verdicts = redecide(files, cfg) if cfg.redecides else {}
     seen: set[bytes] = set()
-    read: list[Path] = []
+    read: list[Location] = []
     rows: list[np.ndarray] = []
     outcomes: list[np.ndarray] = []
     for f, segment, excluded in _segments(files, cfg):
@@ -267,7 +263,7 @@ def _dataset_rows(table: pa.Table, rows: np.ndarray, redecided: bool = False, th
     return conform(part, "dataset")
 
 
-def _select(p: _Plan, j: int, cache: dict[Path, pa.Table]) -> ShardOutput:
+def _select(p: _Plan, j: int, cache: dict[Location, pa.Table]) -> ShardOutput:
     """The stage's own work for output shard j: gather its kept rows from the inputs (one
     input file held at a time)."""
     parts = []
@@ -284,7 +280,7 @@ def _select(p: _Plan, j: int, cache: dict[Path, pa.Table]) -> ShardOutput:
     return ShardOutput(tables={"dataset": table}, counts=_shard_counts(p, j), extra=extra)
 
 
-def _complete(folder: Path, fingerprint: str, digest: str) -> int | None:
+def _complete(folder: Location, fingerprint: str, digest: str) -> int | None:
     """The shard count when every output shard is complete, else None."""
     first = folder / shard_name(0)
     record = read_completion(first) if first.is_file() else None
@@ -305,13 +301,13 @@ def assemble_settings(cfg: AssembleConfig) -> dict[str, Any]:
     return settings
 
 
-def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> StageStats:
+def run_assemble(inputs: list[Location], out_dir: Location, cfg: AssembleConfig) -> StageStats:
     """Assemble D' from `inputs` (files, folders or globs, in priority order) into
     ``out_dir/<hash>/``; a rerun skips shards already complete (and, when all are, the plan)."""
     files = list(dict.fromkeys(p for item in inputs for p in expand_item(item)))
     fingerprint = combine_fingerprints([input_fingerprint(f) for f in files])
     settings: dict[str, Any] = {"stage": "assemble", **assemble_settings(cfg), "inputs": fingerprint}
-    folder, digest = stage_dir(out_dir, settings)
+    folder, digest = stage_dir(location(out_dir), settings)
     stats = StageStats(stage="assemble", output=folder, settings_hash=digest)
     total = _complete(folder, fingerprint, digest)
     if total is not None:
@@ -320,7 +316,7 @@ def run_assemble(inputs: list[Path], out_dir: Path, cfg: AssembleConfig) -> Stag
             stats.shards.append(ShardStats(shard=shard_name(j), source="", counts=dict(record.counts), skipped=True))
         return stats
     p = plan(files, cfg)
-    cache: dict[Path, pa.Table] = {}
+    cache: dict[Location, pa.Table] = {}
     jobs = [
         ShardJob(name=shard_name(j), source=f"assemble {shard_name(j)}", outputs={"dataset": folder / shard_name(j)},
                  kind="dataset", fingerprint=fingerprint, digest=digest, work=functools.partial(_select, p, j, cache))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 import torch
 
 from data.inputs import expand_inputs, input_fingerprint, ok_mask, plan_outputs, read_pairs
+from data.storage import Location, location
 from tasks.execution import (
     ExecutionConfig,
     inference_context,
@@ -175,7 +175,7 @@ class _Captioner:
         return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device),
                    ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device))  # fmt: skip
 
-    def caption(self, src: Path, name: str) -> ShardOutput:
+    def caption(self, src: Location, name: str) -> ShardOutput:
         """The stage's own work: sample captions for every decodable web image of `src`."""
         cfg, device = self.cfg, self.device
         web = read_pairs(src)
@@ -204,23 +204,23 @@ class _Captioner:
         return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(todo))
 
 
-def caption_job(src: Path, dst_dir: Path, digest: str, name: str, caption: Callable[[Path, str], ShardOutput]) -> ShardJob:
+def caption_job(src: Location, dst_dir: Location, digest: str, name: str, caption: Callable[[Location, str], ShardOutput]) -> ShardJob:
     """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
-    src = Path(src)
-    return ShardJob(name=name, source=str(src), outputs={"captions": Path(dst_dir) / name}, kind="pairs",
+    src = location(src)
+    return ShardJob(name=name, source=str(src), outputs={"captions": location(dst_dir) / name}, kind="pairs",
                     fingerprint=input_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
 
 
 def caption_shard(
-    src: Path, dst_dir: Path, model: Any, cfg: CaptionConfig, digest: str, name: str | None = None
+    src: Location, dst_dir: Location, model: Any, cfg: CaptionConfig, digest: str, name: str | None = None
 ) -> ShardStats:
     """Caption one web shard into ``dst_dir/<name>``; skipped (the model not even loaded) when
     its completion record matches the input bytes and `digest`. `model`: a `LoadedModel` or a folder."""
-    name = name or Path(src).name
+    name = name or location(src).name
     return run_shard(caption_job(src, dst_dir, digest, name, lambda s, n: _Captioner.build(model, cfg).caption(s, n)))
 
 
-def plan_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Path, str]]]:
+def plan_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Location, str]]]:
     """The caption stage's plan: its settings-hash folder (``stage.json`` written) and the
     (input, output name) of every shard. The flow's plan step and `run_caption` both use it."""
     device = resolve_device(cfg.execution.device)
@@ -230,7 +230,7 @@ def plan_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConf
     return StageStats(stage="caption", output=folder, settings_hash=digest), plan
 
 
-def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfig) -> StageStats:
+def run_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> StageStats:
     """Caption every web shard in `inputs` into ``out_dir/<settings-hash>/``; complete shards
     are skipped, so rerunning after a crash finishes the job."""
     captioner = _Captioner.build(model, cfg)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from data.storage import RemotePath
+
 _MAX_AUTO_WORKERS = 8
 _CPU_CORES_PER_WORKER = 4
 
@@ -101,10 +103,12 @@ def load_stage_model(model: Any, device: torch.device, role: str, wrong_format: 
     of BLIP (`wrong_format`: a captioning folder has no ITM head, a retrieval folder no
     decoder), whose missing weights would silently be random.
     """
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, Path, RemotePath)):
         import blip_core
 
-        model = blip_core.load(Path(model), device=str(device))
+        from tasks.model_store import local_model
+
+        model = blip_core.load(local_model(model), device=str(device))  # a URL: through the local cache
     if model.tokenizer is None:
         raise FileNotFoundError(
             f"the {role} model has no tokenizer files (tokenizer.json / vocab.txt); save one next to the weights"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from data.inputs import expand_inputs, input_fingerprint, ok_mask, plan_outputs, read_pairs
 from data.schema import SchemaError
 from data.shards import combine_fingerprints, file_fingerprint, read_completion
+from data.storage import Location, location
 from tasks.execution import (
     ExecutionConfig,
     inference_context,
@@ -97,11 +97,11 @@ def _load(model: Any, device: torch.device) -> Any:
     return load_stage_model(model, device, role="filter", wrong_format="hf-captioning")
 
 
-def _captions_for(caption_dir: Path | None, name: str) -> Path | None:
+def _captions_for(caption_dir: Location | None, name: str) -> Location | None:
     """The caption shard that belongs to web shard `name`, or None without a caption folder."""
     if caption_dir is None:
         return None
-    path = Path(caption_dir) / name
+    path = location(caption_dir) / name
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no caption shard for web shard {name}; run `capfilt caption` on the same "
@@ -110,7 +110,7 @@ def _captions_for(caption_dir: Path | None, name: str) -> Path | None:
     return path
 
 
-def _owner_index(web: pa.Table, syn: pa.Table, syn_path: Path | None) -> np.ndarray:
+def _owner_index(web: pa.Table, syn: pa.Table, syn_path: Location | None) -> np.ndarray:
     """For each synthetic row, the row of its image in the web shard (matched by image_id)."""
     if syn.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
@@ -253,7 +253,7 @@ def _scored_table(
     )
 
 
-def output_paths(folder: Path, name: str) -> dict[str, Path]:
+def output_paths(folder: Location, name: str) -> dict[str, Location]:
     """Where the failed / rejected / kept shards of one input go (kept last: the primary output)."""
     return {outcome: folder / outcome / name for outcome in ("failed", "rejected", "kept")}
 
@@ -272,7 +272,7 @@ class _Judge:
         device = resolve_device(cfg.execution.device)
         return cls(_load(model, device), cfg, device, resolve_precision(cfg.execution.precision, device))
 
-    def filter(self, src: Path, captions: Path | None, name: str) -> ShardOutput:
+    def filter(self, src: Location, captions: Location | None, name: str) -> ShardOutput:
         """The stage's own work: score every caption of `src`'s images and decide keep / reject."""
         cfg = self.cfg
         web = read_pairs(src)
@@ -300,20 +300,20 @@ class _Judge:
 
 
 def filter_job(
-    src: Path, captions: Path | None, dst_dir: Path, digest: str, name: str,
-    judge: Callable[[Path, Path | None, str], ShardOutput],
+    src: Location, captions: Location | None, dst_dir: Location, digest: str, name: str,
+    judge: Callable[[Location, Location | None, str], ShardOutput],
 ) -> ShardJob:  # fmt: skip
     """The lifecycle job for one web shard (and its caption shard): three outputs in `dst_dir`."""
-    src = Path(src)
+    src = location(src)
     fingerprint = combine_fingerprints([input_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
-    return ShardJob(name=name, source=str(src), outputs=output_paths(Path(dst_dir), name), kind="scored",
+    return ShardJob(name=name, source=str(src), outputs=output_paths(location(dst_dir), name), kind="scored",
                     fingerprint=fingerprint, digest=digest, work=lambda: judge(src, captions, name))  # fmt: skip
 
 
 def filter_shard(
-    src: Path,
-    captions: Path | None,
-    dst_dir: Path,
+    src: Location,
+    captions: Location | None,
+    dst_dir: Location,
     model: Any,
     cfg: FilterConfig,
     digest: str,
@@ -322,7 +322,7 @@ def filter_shard(
     """Filter one web shard (and its synthetic captions) into `dst_dir` (the settings-hash
     folder); skipped (the model not even loaded) when its three outputs are complete for
     these inputs and `digest`. `model` is a `blip_core.LoadedModel` or a model folder."""
-    name = name or Path(src).name
+    name = name or location(src).name
     work = lambda s, c, n: _Judge.build(model, cfg).filter(s, c, n)  # noqa: E731 - built only when needed
     return run_shard(filter_job(src, captions, dst_dir, digest, name, work))
 
@@ -366,8 +366,8 @@ def filter_settings(fingerprint: str, cfg: FilterConfig, device: torch.device, c
 
 
 def plan_filter(
-    inputs: list[Path], out_dir: Path, model: Any, cfg: FilterConfig, caption_dir: Path | None = None
-) -> tuple[StageStats, list[tuple[Path, str, Path | None]]]:
+    inputs: list[Location], out_dir: Location, model: Any, cfg: FilterConfig, caption_dir: Location | None = None
+) -> tuple[StageStats, list[tuple[Location, str, Location | None]]]:
     """The filter stage's plan: its settings-hash folder (``stage.json`` written) and the
     (input, output name, caption shard) of every shard. The flow's plan step and
     `run_filter` both use it."""
@@ -382,7 +382,7 @@ def plan_filter(
 
 
 def run_filter(
-    inputs: list[Path], out_dir: Path, model: Any, cfg: FilterConfig, caption_dir: Path | None = None
+    inputs: list[Location], out_dir: Location, model: Any, cfg: FilterConfig, caption_dir: Location | None = None
 ) -> StageStats:
     """Filter every web shard in `inputs` (with its caption shard from `caption_dir`) into
     ``out_dir/<settings-hash>/{kept,rejected,failed}/``; complete shards are skipped."""
@@ -392,7 +392,7 @@ def run_filter(
     return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
-def caption_hash(path: Path | None) -> str | None:
+def caption_hash(path: Location | None) -> str | None:
     """The caption stage's settings hash recorded for a caption shard (None without one)."""
     if path is None:
         return None

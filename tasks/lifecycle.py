@@ -21,12 +21,12 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from data.shards import CompletionRecord, is_complete, read_completion, settings_hash, write_atomic, write_completion, write_shard
+from data.storage import Location, location
 
 STAGE_FILE = "stage.json"
 
@@ -48,7 +48,7 @@ class StageStats:
     """What one stage run did over all its shards; `output` is the settings-hash folder."""
 
     stage: str
-    output: Path
+    output: Location  # a local path or a URL (`data.storage`)
     settings_hash: str
     shards: list[ShardStats] = field(default_factory=list)
 
@@ -114,14 +114,14 @@ class ShardJob:
 
     name: str  # output shard name, part-NNNNN.parquet
     source: str  # what it reads, for messages and records
-    outputs: dict[str, Path]
+    outputs: dict[str, Location]
     kind: str  # schema kind of every output
     fingerprint: str  # identity of the input bytes
     digest: str  # the stage's settings hash
     work: Callable[[], ShardOutput]  # the stage's own work
 
     @property
-    def primary(self) -> Path:
+    def primary(self) -> Location:
         return list(self.outputs.values())[-1]
 
     def complete(self) -> bool:
@@ -174,14 +174,14 @@ def run_stage(stats: StageStats, jobs: Sequence[ShardJob], on_done: Callable[[],
     return stats
 
 
-def stage_dir(out_dir: Path, settings: dict[str, Any]) -> tuple[Path, str]:
+def stage_dir(out_dir: Location | str, settings: dict[str, Any]) -> tuple[Location, str]:
     """The output folder for these semantic settings, ``out_dir/<hash>``, and the hash.
 
     Writes ``stage.json`` (the settings in plain JSON) into it, so a reader can tell what
     produced a folder; rewriting it is harmless because its content is a function of the hash.
     """
     digest = settings_hash(settings)
-    folder = Path(out_dir) / digest
+    folder = location(out_dir) / digest
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"settings_hash": digest, "settings": settings}, indent=2, sort_keys=True, default=str)
     target = folder / STAGE_FILE

@@ -18,7 +18,7 @@ def _imports(package: str) -> set[str]:
 
 
 def test_blip_core_imports_only_the_model_stack() -> None:
-    forbidden = {"prefect", "duckdb", "data", "tasks", "flows", "pyarrow", "img2dataset", "typer"}
+    forbidden = {"prefect", "duckdb", "data", "tasks", "flows", "pyarrow", "img2dataset", "typer", "fsspec", "s3fs"}
     assert not (_imports("blip_core") & forbidden)
 
 

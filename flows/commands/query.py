@@ -27,6 +27,7 @@ from data.catalog import QueryRefused, describe, hide_blobs, open_catalog, run_q
 from data.layout import LayoutError
 from data.schema import SchemaError
 from data.shards import atomic_path
+from data.storage import RemotePath, is_url, location
 
 DEFAULT_MAX_ROWS = 50
 MAX_CELL_CHARS = 60
@@ -43,8 +44,12 @@ class OutputFormat(str, enum.Enum):
     parquet = "parquet"
 
 
-def resolve_run(run: Path) -> Path:
-    """`run` as given, or ``runs/<run>`` when only that exists."""
+def resolve_run(run: str | Path) -> Path | RemotePath:
+    """`run` as given (a folder or a URL such as ``s3://bucket/run``), or ``runs/<run>``
+    when only that exists."""
+    if is_url(run):
+        return location(run)
+    run = Path(run)
     if not run.is_dir() and (Path(RUNS_FOLDER) / run).is_dir():
         return Path(RUNS_FOLDER) / run
     return run
@@ -156,7 +161,7 @@ def query_errors(command: str) -> Iterator[None]:
 
 
 def query(
-    run: Path = typer.Argument(..., help="the run folder (or a name under runs/)"),
+    run: str = typer.Argument(..., help="the run folder, a name under runs/, or a URL (s3://bucket/run)"),
     sql: str | None = typer.Argument(None, help="one SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN"),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv, json or parquet"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write here instead of the terminal"),

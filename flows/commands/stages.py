@@ -12,7 +12,6 @@ import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -35,7 +34,7 @@ def _inputs(ctx: typer.Context, first: list[str]) -> list[str]:
 
 
 @contextmanager
-def _one_writer(output: Path) -> Iterator[None]:
+def _one_writer(output: str) -> Iterator[None]:
     """Hold the lock of OUTPUT's run folder (or of OUTPUT when it is in none): a second
     command, or a flow run, writing there at once is refused (two writers would share the
     shards' temporary file names). A refusal, or a stage whose failed shards are listed
@@ -56,7 +55,7 @@ def _report(stats: StageStats) -> None:
     the settings folder just written as the run's current one (what views and reports read)."""
     from data.layout import stage_layout
 
-    layout = stage_layout(Path(stats.output).parent, stats.stage)
+    layout = stage_layout(stats.output.parent, stats.stage)
     if layout is not None:
         layout.mark_current(stats.stage, stats.output)
     done = [s for s in stats.shards if not s.skipped]
@@ -82,28 +81,28 @@ def _io(model_help: str | None, output_help: str, input_help: str) -> list[inspe
     params = [
         _param("ctx", typer.Context, inspect.Parameter.empty),
         _param("input", list[str], typer.Option(..., "--input", help=input_help)),
-        _param("output", Path, typer.Option(..., help=output_help)),
+        _param("output", str, typer.Option(..., help=output_help + " A folder or a URL (s3://bucket/run/caption).")),
     ]
     if model_help is not None:
-        params.append(_param("model", Path, typer.Option(..., help=model_help)))
+        params.append(_param("model", str, typer.Option(..., help=model_help + " A folder or a URL.")))
     return params
 
 
-def _run_caption(cfg: Any, ctx: typer.Context, input: list[str], output: Path, model: Path) -> None:
+def _run_caption(cfg: Any, ctx: typer.Context, input: list[str], output: str, model: str) -> None:
     from tasks.caption import run_caption
 
     with _one_writer(output):
         _report(run_caption(_inputs(ctx, input), output, model, cfg))
 
 
-def _run_filter(cfg: Any, ctx: typer.Context, input: list[str], output: Path, model: Path, captions: Path | None) -> None:
+def _run_filter(cfg: Any, ctx: typer.Context, input: list[str], output: str, model: str, captions: str | None) -> None:
     from tasks.filter import run_filter
 
     with _one_writer(output):
         _report(run_filter(_inputs(ctx, input), output, model, cfg, caption_dir=captions))
 
 
-def _run_assemble(cfg: Any, ctx: typer.Context, input: list[str], output: Path) -> None:
+def _run_assemble(cfg: Any, ctx: typer.Context, input: list[str], output: str) -> None:
     from tasks.assemble import run_assemble
 
     with _one_writer(output):
@@ -126,7 +125,7 @@ def _commands() -> dict[str, Any]:
         _run_caption,
         "Write synthetic captions for every web image (resumable; reruns skip complete shards).",
     )  # fmt: skip
-    captions = _param("captions", Path | None, typer.Option(
+    captions = _param("captions", str | None, typer.Option(
         None, help="Caption stage folder (OUTPUT/<hash> of `capfilt caption`) to score too."))  # fmt: skip
     filter_ = config_command(
         FilterConfig,

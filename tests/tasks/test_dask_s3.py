@@ -1,0 +1,77 @@
+"""Caption + filter + assemble over an S3 run folder on a Dask `LocalCluster` of two worker
+processes, each with its own temporary folder (no disk shared with the test or each other):
+inputs, model and outputs live on S3 only, and the shards equal a local run's byte for byte."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from test_stages_s3 import EXEC, _run_stages, _s3_inputs, _shard_bytes
+
+from data.layout import RunLayout
+from tasks.assemble import AssembleConfig, run_assemble
+from tasks.caption import CaptionConfig, caption_shard, plan_caption
+from tasks.filter import FilterConfig, filter_shard, plan_filter
+
+pytestmark = pytest.mark.slow
+
+
+def _private_tmp(base: str, threads: int) -> str:
+    """Run on a worker: give it its own temporary folder (model cache and uploads go there),
+    and the test process's torch thread count (Dask starts workers with one; a different
+    reduction order would change ITM scores in the last bits, which is not what is tested)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    folder = Path(base) / f"worker-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    os.environ.pop("CAPFILT_MODEL_CACHE", None)
+    tempfile.tempdir = str(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def local_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from stage_helpers import tiny_model, web_shards
+
+    base = tmp_path_factory.mktemp("dask-s3-world")
+    web_shards(base / "web", (5, 4, 3, 4), failed=(1,), garbage=(2,))
+    return {"web": base / "web", "model": tiny_model(base / "model")}
+
+
+def test_dask_workers_run_the_stages_over_s3_like_a_local_run(s3: str, local_world, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    local = _run_stages(tmp_path / "local-run", local_world["web"], local_world["model"], tmp_path)
+    web, model = _s3_inputs(s3, local_world)
+    layout = RunLayout(f"{s3}/run")
+    cfg_c, cfg_f = CaptionConfig(execution=EXEC), FilterConfig(execution=EXEC)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        import torch
+
+        folders = client.run(_private_tmp, str(tmp_path / "workers"), torch.get_num_threads())  # address -> its own tmp
+        workers = sorted(folders)
+        assert len(workers) == 2 and len(set(folders.values())) == 2
+
+        def spread(fn, *args, index: int):
+            return client.submit(fn, *args, workers=[workers[index % 2]], pure=False)
+
+        stats, plan = plan_caption([web], layout.stage("caption"), str(model), cfg_c)
+        done = client.gather([spread(caption_shard, src, stats.output, str(model), cfg_c, stats.settings_hash, name, index=i)
+                              for i, (src, name) in enumerate(plan)])  # fmt: skip
+        assert [s.skipped for s in done] == [False] * len(plan)
+        caption_dir = stats.output
+        fstats, items = plan_filter([web], layout.stage("filter"), str(model), cfg_f, caption_dir)
+        client.gather([spread(filter_shard, src, captions, fstats.output, str(model), cfg_f, fstats.settings_hash, name, index=i)
+                       for i, (src, name, captions) in enumerate(items)])  # fmt: skip
+        assembled = spread(run_assemble, [fstats.output / "kept"], layout.stage("assemble"),
+                           AssembleConfig(rows_per_shard=4, execution=EXEC), index=1).result()  # fmt: skip
+    for stage, folder in (("caption", caption_dir), ("filter", fstats.output), ("assemble", assembled.output)):
+        assert _shard_bytes(folder) == _shard_bytes(local[stage].output) and _shard_bytes(folder), stage
+    # each worker staged the model from S3 into its own folder: nothing came over a shared disk
+    for folder in folders.values():
+        assert any((Path(folder) / "capfilt-models").iterdir()), folder
