@@ -17,8 +17,9 @@ text byte for byte; a complete shard (same input bytes, same settings) is skippe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,7 @@ from tasks.execution import (
     resolve_precision,
     semantic_settings,
 )
-from tasks.image_batches import DECODE_MODES, image_batches, index_batches
+from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
@@ -157,6 +158,17 @@ def _synthetic_rows(web: pa.Table, captioned: np.ndarray, texts: list[str], fing
 
 
 @dataclass
+class _CaptionShard:
+    """One shard's rows as the caption stage reads them, and its batches of ok-status rows."""
+
+    src: Path
+    name: str
+    web: pa.Table
+    todo: np.ndarray  # (R,) web rows with an ok status
+    batches: list[list[int]]
+
+
+@dataclass
 class _Captioner:
     """What every shard of one caption run shares: the model on its device and the settings."""
 
@@ -176,19 +188,22 @@ class _Captioner:
         return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device),
                    ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device))  # fmt: skip
 
-    def caption(self, src: Path, name: str) -> ShardOutput:
-        """The stage's own work: sample captions for every decodable web image of `src`."""
-        cfg, device = self.cfg, self.device
+    def read(self, src: Path, name: str) -> Planned:
+        """Read one shard and batch its captionable rows; the images go to the stage's `ImageStream`."""
         web = read_pairs(src)
         todo = np.flatnonzero(ok_mask(web))
+        batches = index_batches(todo, self.cfg.execution.batch_size)
+        return Planned(_CaptionShard(Path(src), name, web, todo, batches), ShardImages(web.column("jpg").combine_chunks(), batches))
+
+    def generate(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
+        """The stage's own work: sample captions for every decodable web image of the shard."""
+        cfg, device, web = self.cfg, self.device, shard.web
         keys = web.column("key").to_pylist()
         captioned: list[np.ndarray] = []
         texts: list[str] = []
         undecodable = 0
-        batches = index_batches(todo, cfg.execution.batch_size)
-        jpg = web.column("jpg").combine_chunks()
-        with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
-            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, self.transform, cfg.execution, device, cfg.decode)):
+        with progress_bar(len(shard.todo), f"caption {shard.name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
+            for rows, (pixels, errors) in zip(shard.batches, images):
                 good = np.array([not e for e in errors])
                 undecodable += int((~good).sum())
                 rows = np.asarray(rows)[good]
@@ -201,15 +216,32 @@ class _Captioner:
         table = _synthetic_rows(web, done, texts, self.loaded.fingerprint, cfg.num_captions)
         counts = {"input": web.num_rows, "kept": len(done), "rejected": 0, "failed": web.num_rows - len(done),
                   "undecodable": undecodable, "captions": table.num_rows}  # fmt: skip
-        extra = {"source": str(src), "producer": self.loaded.fingerprint}
-        return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(todo))
+        extra = {"source": str(shard.src), "producer": self.loaded.fingerprint}
+        return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(shard.todo))
+
+    def stream(self, plans: list[Callable[[], Planned]], pending: Callable[[int], bool] = lambda i: True) -> ImageStream:
+        """The one image loader of this caption run, over the shards `plans` read."""
+        return ImageStream(plans, self.transform, self.cfg.execution, self.device, self.cfg.decode, pending)
+
+    def caption(self, src: Path, name: str) -> ShardOutput:
+        """One shard through a loader of its own (`caption_shard`); `run` streams many."""
+        with self.stream([partial(self.read, src, name)]) as stream:
+            return self.generate(*stream.take(0))
+
+    def run(self, stats: StageStats, plan: list[tuple[Path, str]]) -> StageStats:
+        """Every shard of `plan` through the lifecycle, their images through one loader."""
+        jobs: list[ShardJob] = []
+        with self.stream([partial(self.read, src, name) for src, name in plan], pending=lambda i: not jobs[i].complete()) as stream:
+            for i, (src, name) in enumerate(plan):
+                jobs.append(caption_job(src, stats.output, stats.settings_hash, name, partial(lambda i: self.generate(*stream.take(i)), i)))
+            return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
-def caption_job(src: Path, dst_dir: Path, digest: str, name: str, caption: Callable[[Path, str], ShardOutput]) -> ShardJob:
+def caption_job(src: Path, dst_dir: Path, digest: str, name: str, work: Callable[[], ShardOutput]) -> ShardJob:
     """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
     src = Path(src)
     return ShardJob(name=name, source=str(src), outputs={"captions": Path(dst_dir) / name}, kind="pairs",
-                    fingerprint=file_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
+                    fingerprint=file_fingerprint(src), digest=digest, work=work)  # fmt: skip
 
 
 def caption_shard(
@@ -218,7 +250,7 @@ def caption_shard(
     """Caption one web shard into ``dst_dir/<name>``; skipped (the model not even loaded) when
     its completion record matches the input bytes and `digest`. `model`: a `LoadedModel` or a folder."""
     name = name or Path(src).name
-    return run_shard(caption_job(src, dst_dir, digest, name, lambda s, n: _Captioner.build(model, cfg).caption(s, n)))
+    return run_shard(caption_job(src, dst_dir, digest, name, lambda: _Captioner.build(model, cfg).caption(Path(src), name)))
 
 
 def plan_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Path, str]]]:
@@ -236,5 +268,4 @@ def run_caption(inputs: list[Path], out_dir: Path, model: Any, cfg: CaptionConfi
     are skipped, so rerunning after a crash finishes the job."""
     captioner = _Captioner.build(model, cfg)
     stats, plan = plan_caption(inputs, out_dir, captioner.loaded, cfg)
-    jobs = [caption_job(src, stats.output, stats.settings_hash, name, captioner.caption) for src, name in plan]
-    return run_stage(stats, jobs)  # a bad input shard does not stop the others
+    return captioner.run(stats, plan)
