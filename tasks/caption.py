@@ -35,8 +35,10 @@ from tasks.execution import (
     inference_context,
     load_stage_model,
     progress_bar,
+    Resolved,
     require,
     resolve_device,
+    resolve_execution,
     resolve_precision,
     semantic_settings,
 )
@@ -178,6 +180,7 @@ class _Captioner:
     precision: str
     transform: Any
     prompt_ids: torch.Tensor  # (P,)
+    resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
     def build(cls, model: Any, cfg: CaptionConfig) -> _Captioner:
@@ -185,14 +188,17 @@ class _Captioner:
 
         device = resolve_device(cfg.execution.device)
         loaded = _load(model, device)
+        sequences = cfg.num_captions * (cfg.num_beams if cfg.strategy == "beam" else 1)  # generated per image
+        resolved = resolve_execution(cfg.execution, device, loaded.model.config.vision, copies=sequences, stage="caption")
         return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device),
-                   ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device))  # fmt: skip
+                   ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device),
+                   resolved)  # fmt: skip
 
     def read(self, src: Path, name: str) -> Planned:
         """Read one shard and batch its captionable rows; the images go to the stage's `ImageStream`."""
         web = read_pairs(src)
         todo = np.flatnonzero(ok_mask(web))
-        batches = index_batches(todo, self.cfg.execution.batch_size)
+        batches = index_batches(todo, self.resolved.batch_size)
         return Planned(_CaptionShard(Path(src), name, web, todo, batches), ShardImages(web.column("jpg").combine_chunks(), batches))
 
     def generate(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
@@ -221,7 +227,7 @@ class _Captioner:
 
     def stream(self, plans: list[Callable[[], Planned]], pending: Callable[[int], bool] = lambda i: True) -> ImageStream:
         """The one image loader of this caption run, over the shards `plans` read."""
-        return ImageStream(plans, self.transform, self.cfg.execution, self.device, self.cfg.decode, pending)
+        return ImageStream(plans, self.transform, self.resolved.num_workers, self.device, self.cfg.decode, pending)
 
     def caption(self, src: Path, name: str) -> ShardOutput:
         """One shard through a loader of its own (`caption_shard`); `run` streams many."""
@@ -234,6 +240,7 @@ class _Captioner:
         with self.stream([partial(self.read, src, name) for src, name in plan], pending=lambda i: not jobs[i].complete()) as stream:
             for i, (src, name) in enumerate(plan):
                 jobs.append(caption_job(src, stats.output, stats.settings_hash, name, partial(lambda i: self.generate(*stream.take(i)), i)))
+            stats.execution = self.resolved.why
             return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 

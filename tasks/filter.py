@@ -43,8 +43,10 @@ from tasks.execution import (
     inference_context,
     load_stage_model,
     progress_bar,
+    Resolved,
     require,
     resolve_device,
+    resolve_execution,
     resolve_precision,
     semantic_settings,
 )
@@ -298,11 +300,15 @@ class _Judge:
     cfg: FilterConfig
     device: torch.device
     precision: str
+    resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
     def build(cls, model: Any, cfg: FilterConfig) -> _Judge:
         device = resolve_device(cfg.execution.device)
-        return cls(_load(model, device), cfg, device, resolve_precision(cfg.execution.precision, device))
+        loaded = _load(model, device)
+        # memory estimate: a web caption and a synthetic one per image
+        resolved = resolve_execution(cfg.execution, device, loaded.model.config.vision, copies=2, stage="filter")
+        return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device), resolved)
 
     def read(self, src: Path, captions: Path | None, name: str) -> Planned:
         """Read one shard and plan its scoring; the images go to the stage's `ImageStream`."""
@@ -317,7 +323,7 @@ class _Judge:
         texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
         plan = _score_plan(self.loaded.tokenizer, web, texts, owner, status_ok & nonempty, self.cfg)
         shard = _FilterShard(Path(src), captions, name, web, syn, owner, is_syn, status_ok, nonempty, int(web_ok.sum()), plan)
-        images = ShardImages(web.column("jpg").combine_chunks(), index_batches(plan.order, self.cfg.execution.batch_size))
+        images = ShardImages(web.column("jpg").combine_chunks(), index_batches(plan.order, self.resolved.batch_size))
         return Planned(shard, images)
 
     def judge(self, shard: _FilterShard, batches: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
@@ -341,7 +347,7 @@ class _Judge:
 
     def stream(self, plans: list[Callable[[], Planned]], pending: Callable[[int], bool] = lambda i: True) -> ImageStream:
         """The one image loader of this filter run, over the shards `plans` read."""
-        return ImageStream(plans, _transform(self.loaded.model), self.cfg.execution, self.device, self.cfg.decode, pending)
+        return ImageStream(plans, _transform(self.loaded.model), self.resolved.num_workers, self.device, self.cfg.decode, pending)
 
     def filter(self, src: Path, captions: Path | None, name: str) -> ShardOutput:
         """One shard through a loader of its own (`filter_shard`); `run` streams many."""
@@ -356,6 +362,7 @@ class _Judge:
             for i, (src, name, captions) in enumerate(plan):
                 work = partial(lambda i: self.judge(*stream.take(i)), i)
                 jobs.append(filter_job(src, captions, stats.output, stats.settings_hash, name, work))
+            stats.execution = self.resolved.why
             return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 

@@ -137,7 +137,8 @@ def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
 class ImageStream:
     """One DataLoader over the image batches of every shard of a stage; see the module docstring.
 
-    `plans[i]()` plans shard i (reads it, orders its rows); `pending(i)` says whether shard
+    `plans[i]()` plans shard i (reads it, orders its rows); `workers` decoding processes
+    (0: in-process, no overlap with the model); `pending(i)` says whether shard
     i has work (a complete shard is never planned nor decoded). Use as a context manager:
     the workers stop on exit.
     """
@@ -146,7 +147,7 @@ class ImageStream:
         self,
         plans: Sequence[Callable[[], Planned]],
         transform: ImageTransform,
-        execution: ExecutionConfig,
+        workers: int,
         device: torch.device,
         decode: Decode = "exact",
         pending: Callable[[int], bool] = lambda i: True,
@@ -158,7 +159,7 @@ class ImageStream:
         self.device = device
         # a training crop may want every pixel of a small region: only eval resizes reduce
         reduce_to = transform.image_size if decode == "reduced" and not transform.train else None
-        self.workers = resolve_workers(execution.num_workers, device)
+        self.workers = workers
         self._loader = DataLoader(_BatchImages(transform, reduce_to), sampler=_Tags(self), batch_size=None,
                                   collate_fn=_as_is, **loader_options(self.workers, device))  # fmt: skip
         self._planned: dict[int, Planned | BaseException | None] = {}
@@ -232,7 +233,8 @@ def image_batches(
     `device`, errors) in batch order; an error is "" for a good image, else the reason."""
     if not batches:
         return
-    with ImageStream([lambda: Planned(None, ShardImages(jpg, batches))], transform, execution, device, decode) as stream:
+    workers = resolve_workers(execution.num_workers, device)
+    with ImageStream([lambda: Planned(None, ShardImages(jpg, batches))], transform, workers, device, decode) as stream:
         _, out = stream.take(0)
         yield from out
 

@@ -123,7 +123,7 @@ def test_a_shard_that_stops_early_leaves_the_next_its_own_batches(workers: int) 
     transform = ImageTransform(16)
     expected = [torch.cat([p for p, _ in image_batches(pa.array(b, pa.binary()), [list(range(5))], transform,
                                                         _exec(0), torch.device("cpu"))]) for b in blobs]  # fmt: skip
-    with ImageStream(_plans(blobs, 2), transform, _exec(workers), torch.device("cpu")) as stream:
+    with ImageStream(_plans(blobs, 2), transform, workers, torch.device("cpu")) as stream:
         state, batches = stream.take(0)
         assert state == 0
         next(batches)  # shard 0 stops after one of its three batches
@@ -137,7 +137,7 @@ def test_a_plan_that_raises_is_raised_for_its_shard_only() -> None:
     blobs = [[jpeg(r) for r in range(4)], [], [jpeg(7)]]
     plans = _plans(blobs, 3)
     plans[1] = lambda: (_ for _ in ()).throw(ValueError("shard 1 is broken"))
-    with ImageStream(plans, ImageTransform(16), _exec(0), torch.device("cpu")) as stream:
+    with ImageStream(plans, ImageTransform(16), 0, torch.device("cpu")) as stream:
         assert sum(len(e) for _, e in stream.take(0)[1]) == 4
         with pytest.raises(ValueError, match="shard 1 is broken"):
             stream.take(1)
