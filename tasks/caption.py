@@ -12,6 +12,12 @@ completion record holds kept (captioned images) + rejected (0) + failed = input.
 Each image samples with its own generator seeded from (run seed, web key), and a shard
 is always generated whole in the same batches, so a rerun after a crash writes the same
 text byte for byte; a complete shard (same input bytes, same settings) is skipped.
+
+Repeated images (img2dataset-style rows, the same bytes once per human caption) get one
+sample per row, as before: each row's seed derives from its own key, so their synthetic
+captions differ, and the stage generates once per row. (The filter, whose score depends
+on the image only, encodes such an image once.) One image loader streams all shards of
+a run (`tasks.image_batches.ImageStream`).
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ The keep / reject rule is `tasks.decide.decide`; the assemble stage applies the 
 to the stored scores for another threshold or top-k (no rescoring).
 
 Speed: each image goes through the vision encoder once for all of its captions (the
-image tokens and their cross-attention keys/values are indexed per caption); images are
-decoded in DataLoader workers; images are ordered by the token length of their longest
+image tokens and their cross-attention keys/values are indexed per caption), also when
+img2dataset-style rows repeat its bytes once per caption (`same_image_rows`: equal
+content, one decode and one encode); one image loader streams all shards of a run
+(`tasks.image_batches.ImageStream`); images are ordered by the token length of their longest
 caption so a batch pads little; bf16 autocast on CUDA.
 """
 
@@ -155,9 +157,10 @@ class _ScorePlan:
     mask: torch.Tensor  # (C', T)
     lengths: np.ndarray  # (C,) tokens per caption (0 when not scored)
     row_of: np.ndarray  # (C,) caption -> row in ids (-1 when not scored)
-    image_of: np.ndarray  # (C,) caption -> web row whose image it is scored with
+    image_of: np.ndarray  # (C,) caption -> web row whose image it is scored with (the first with its bytes)
     position: np.ndarray  # (W,) web row -> position in the image order (-1 when not encoded)
     order: np.ndarray  # (I,) web rows encoded, in batch order
+    distinct: int  # distinct images among the ok web rows
 
 
 def _score_plan(tokenizer: Any, web: pa.Table, texts: list[str], owner: np.ndarray, scoreable: np.ndarray,
@@ -166,15 +169,40 @@ def _score_plan(tokenizer: Any, web: pa.Table, texts: list[str], owner: np.ndarr
     n_captions = len(texts)
     todo = np.flatnonzero(scoreable)
     mode = "itm" if cfg.itm_first_token == "enc" else "text"  # text mode: the same ids, [CLS] first
-    ids, mask = tokenizer.encode([texts[i] for i in todo], mode=mode, max_length=cfg.max_text_tokens)  # (C', T)
+    if len(todo):
+        ids, mask = tokenizer.encode([texts[i] for i in todo], mode=mode, max_length=cfg.max_text_tokens)  # (C', T)
+    else:
+        ids = mask = torch.zeros(0, 1, dtype=torch.long)
     lengths = np.zeros(n_captions, dtype=np.int64)
     lengths[todo] = mask.sum(dim=1).numpy()
     row_of = np.full(n_captions, -1, dtype=np.int64)
     row_of[todo] = np.arange(len(todo))
-    order = _image_order(owner, lengths, scoreable, np.flatnonzero(ok_mask(web))) if len(todo) else owner[:0]
+    canonical, images = same_image_rows(web)
+    image_of = canonical[owner]  # each caption is scored with the first row holding its image's bytes
+    order = _image_order(image_of, lengths, scoreable, images) if len(todo) else owner[:0]
     position = np.full(web.num_rows, -1, dtype=np.int64)
     position[order] = np.arange(len(order))
-    return _ScorePlan(todo, ids, mask, lengths, row_of, owner, position, order)
+    return _ScorePlan(todo, ids, mask, lengths, row_of, image_of, position, order, len(images))
+
+
+def same_image_rows(web: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Repeated images by content: (canonical (W,), images (I,)). `canonical[r]` is the first
+    ok row whose image bytes equal row r's (r itself for a first occurrence or a row that is
+    not ok); `images` are the first occurrences, the rows the model encodes. img2dataset-
+    style sets (COCO, DataComp) store one row per pair, the same bytes once per caption:
+    those images are decoded and encoded once for all their captions. Bytes are compared
+    by pyarrow's hash table on their content (equal hash and equal bytes), never by name."""
+    ok = np.flatnonzero(ok_mask(web))
+    canonical = np.arange(web.num_rows, dtype=np.int64)
+    if len(ok) == 0:
+        return canonical, ok
+    jpg = web.column("jpg").take(pa.array(ok))
+    group = pc.index_in(jpg, value_set=pc.unique(jpg)).to_numpy(zero_copy_only=False).astype(np.int64)  # (R,)
+    _, first = np.unique(group, return_index=True)  # first ok position of each distinct image
+    first_row = np.empty(int(group.max()) + 1, dtype=np.int64)
+    first_row[group[first]] = ok[first]
+    canonical[ok] = first_row[group]
+    return canonical, np.sort(ok[first])
 
 
 def _score(
@@ -288,7 +316,7 @@ class _FilterShard:
     is_syn: np.ndarray  # (C,)
     status_ok: np.ndarray  # (C,) the caption row and its web row have status ok
     nonempty: np.ndarray  # (C,)
-    images: int  # web rows with an ok status (the progress total)
+    images: int  # distinct images among the web rows with an ok status (the progress total)
     plan: _ScorePlan
 
 
@@ -322,7 +350,7 @@ class _Judge:
         status_ok = web_ok[owner] & np.r_[np.ones(n_web, dtype=bool), syn_ok]
         texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
         plan = _score_plan(self.loaded.tokenizer, web, texts, owner, status_ok & nonempty, self.cfg)
-        shard = _FilterShard(Path(src), captions, name, web, syn, owner, is_syn, status_ok, nonempty, int(web_ok.sum()), plan)
+        shard = _FilterShard(Path(src), captions, name, web, syn, owner, is_syn, status_ok, nonempty, plan.distinct, plan)
         images = ShardImages(web.column("jpg").combine_chunks(), index_batches(plan.order, self.resolved.batch_size))
         return Planned(shard, images)
 
