@@ -215,7 +215,9 @@ def section_caption(device: torch.device, s: dict[str, Any], models: tuple) -> d
 
 
 def _pipeline_shard(folder: Path, n: int, width: int, height: int) -> Path:
-    """One `pairs` shard of `n` web rows: photo-like JPEGs (32 distinct, cycled) with random captions."""
+    """One `pairs` shard of `n` web rows: photo-like JPEGs (32 distinct, cycled, each row's bytes
+    made unique by a trailing counter after the JPEG's end, so the filter's content dedupe
+    does not merge them) with random captions."""
     from data.shards import shard_name, write_shard
     from data.synth_photo import photo_jpeg
 
@@ -223,7 +225,8 @@ def _pipeline_shard(folder: Path, n: int, width: int, height: int) -> Path:
     rng = np.random.default_rng(0)
     distinct = [photo_jpeg(i, width, height) for i in range(min(n, 32))]
     rows = [{"key": f"k{i:06d}", "image_id": f"k{i:06d}", "source": "web", "caption": " ".join(rng.choice(words, 10)),
-             "jpg": distinct[i % len(distinct)], "status": "ok", "width": width, "height": height} for i in range(n)]  # fmt: skip
+             "jpg": distinct[i % len(distinct)] + i.to_bytes(4, "little"), "status": "ok", "width": width, "height": height}
+            for i in range(n)]  # fmt: skip
     schema = pa.schema([("key", pa.string()), ("image_id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
                         ("jpg", pa.binary()), ("status", pa.string()), ("width", pa.int32()), ("height", pa.int32())])  # fmt: skip
     path = folder / shard_name(0)
