@@ -205,7 +205,8 @@ class _Captioner:
         web = read_pairs(src)
         todo = np.flatnonzero(ok_mask(web))
         batches = index_batches(todo, self.resolved.batch_size)
-        return Planned(_CaptionShard(Path(src), name, web, todo, batches), ShardImages(web.column("jpg").combine_chunks(), batches))
+        images = ShardImages(web.column("jpg").combine_chunks(), batches)
+        return Planned(_CaptionShard(Path(src), name, web, todo, batches), images)
 
     def generate(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
         """The stage's own work: sample captions for every decodable web image of the shard."""
@@ -243,9 +244,11 @@ class _Captioner:
     def run(self, stats: StageStats, plan: list[tuple[Path, str]]) -> StageStats:
         """Every shard of `plan` through the lifecycle, their images through one loader."""
         jobs: list[ShardJob] = []
-        with self.stream([partial(self.read, src, name) for src, name in plan], pending=lambda i: not jobs[i].complete()) as stream:
+        plans = [partial(self.read, src, name) for src, name in plan]
+        with self.stream(plans, pending=lambda i: not jobs[i].complete()) as stream:
             for i, (src, name) in enumerate(plan):
-                jobs.append(caption_job(src, stats.output, stats.settings_hash, name, partial(lambda i: self.generate(*stream.take(i)), i)))
+                work = partial(lambda i: self.generate(*stream.take(i)), i)
+                jobs.append(caption_job(src, stats.output, stats.settings_hash, name, work))
             stats.execution = self.resolved.why
             return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
