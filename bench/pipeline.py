@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/pipeline.py --part efficiency --presets tiny,base
     PYTHONPATH=. python bench/pipeline.py --part linear
+    PYTHONPATH=. python bench/pipeline.py --part loader --loader-shards 16 --loader-workers 2
 
 Table 1, efficiency: the caption / filter stage end to end (`run_caption` / `run_filter`:
 Parquet in, decode, model, decide, Parquet + records out) against the same model on the
@@ -23,6 +24,9 @@ CPU and wall ms per row, peak resident memory of the child (ru_maxrss), and the
 per-shard fixed costs: wall ms in the data writes + completion records, fsyncs, files.
 A batch never spans two shards (each shard's outputs are those of its own batches), so
 shards smaller than a batch pay in model efficiency, not in bookkeeping.
+
+Table 3, loader: one `ImageStream` over a run's shards against one per shard (as
+`filter_shard` gives each of the flow's per-shard tasks), tiny filter with workers.
 """
 
 from __future__ import annotations
@@ -243,9 +247,35 @@ def linear(args: argparse.Namespace, tmp: Path) -> None:
                   f"{r['files'] / r['shards']:.1f} |", flush=True)  # fmt: skip
 
 
+def loader(args: argparse.Namespace, tmp: Path) -> None:
+    """One loader per stage run (`run_filter`) vs a loader per shard (`filter_shard` per
+    shard, as the flow's per-shard tasks do), with decoding workers: wall seconds."""
+    from tasks.filter import filter_shard
+
+    loaded = make_model("tiny")
+    shards = make_shards(tmp / "web-loader", args.loader_shards * 32, 32, 640, 480)
+    execution = ExecutionConfig(batch_size=32, num_workers=args.loader_workers, progress=False)
+    cfg = FilterConfig(execution=execution)
+    start = time.perf_counter()
+    stats = run_filter(shards, tmp / "loader-one", loaded, cfg)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    for src in shards:
+        filter_shard(src, None, tmp / "loader-per" / stats.settings_hash, loaded, cfg, stats.settings_hash)
+    per = time.perf_counter() - start
+    print(f"\none loader vs a loader per shard (tiny filter, {len(shards)} shards x 32 rows of 640x480 JPEGs, "
+          f"{args.loader_workers} decoding workers, wall seconds)\n")  # fmt: skip
+    print("| loader | seconds | per shard | ratio |")
+    print("|---|---|---|---|")
+    print(f"| one per stage run | {one:.2f} | {one / len(shards):.3f} | 1.00x |")
+    print(f"| one per shard | {per:.2f} | {per / len(shards):.3f} | {per / one:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("efficiency", "linear", "all"), default="all")
+    parser.add_argument("--part", choices=("efficiency", "linear", "loader", "all"), default="all")
+    parser.add_argument("--loader-shards", type=int, default=16)
+    parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--presets", default="tiny,base")
     parser.add_argument("--tiny-images", type=int, default=512)
     parser.add_argument("--base-images", type=int, default=32)
@@ -269,6 +299,8 @@ def main() -> None:
             efficiency(args, tmp)
         if args.part in ("linear", "all"):
             linear(args, tmp)
+        if args.part in ("loader", "all"):
+            loader(args, tmp)
     print("\nThe machine is shared with other jobs: absolute rates move between runs; the ratios come from one run.")
 
 
