@@ -126,7 +126,8 @@ class RunConfig(_Model):
     run_dir: str = Field("runs/demo", description="the run folder: all outputs and resume state")
     rounds: int = Field(1, ge=1, le=10, description="bootstrap rounds (the final model seeds the next)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
-    loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding images for the model stages")
+    loader_workers: int = Field(-1, ge=-1, description="DataLoader processes decoding images for the model stages and "
+                                "training; -1 = auto from this process's cores and the device (tasks.execution.resolve_workers)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainStagesConfig = Field(default_factory=TrainStagesConfig)
@@ -244,7 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {
         "run_dir": "runs/gpu",
         "device": "cuda",
-        "loader_workers": 6,
+        "loader_workers": -1,  # auto: a decoding process per core but one
         "data": {"world": {"n_human": 20_000, "n_web": 200_000, "n_test": 2_000, "shard_rows": 10_000},
                  "ingest_processes": 8, "ingest_threads": 32},
         "model": {"preset": "base"},

@@ -53,7 +53,8 @@ def train_model(
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(arguments, nproc_per_node)
     cfg = TrainStageConfig(**stage)
-    overrides = {**cfg.overrides(), "device": device, "num_workers": loader_workers, "keep_last": 2}  # progress on
+    overrides = {**cfg.overrides(), "device": device, "num_workers": training_workers(loader_workers, device, nproc_per_node),
+                 "keep_last": 2}  # fmt: skip  (progress on: a bar on a terminal, plain lines in logs)
     result = train_stage(out, data, mode, init=init, preset=preset, augment=cfg.augment, vocab_size=vocab_size,
                          tokenizer_dir=tokenizer_dir, **overrides)  # fmt: skip
     return {"final": result.final_dir, "steps": result.steps, "finished_before": result.skipped,
@@ -80,3 +81,16 @@ def _launch_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:
 
 if __name__ == "__main__":  # one torchrun rank: `python -m flows.training ARGS.json`
     train_model(**json.loads(Path(sys.argv[1]).read_text()))
+
+
+def training_workers(loader_workers: int, device: str, nproc_per_node: int) -> int:
+    """A rank's DataLoader workers: `loader_workers`, or for -1 (auto) the stages' rule
+    (`tasks.execution.resolve_workers`) shared among the node's ranks. The stream a rank
+    sees does not depend on it (`data.dataset`)."""
+    import torch
+
+    from tasks.execution import resolve_workers
+
+    if loader_workers >= 0:
+        return loader_workers
+    return resolve_workers(-1, torch.device("cuda" if device.startswith("cuda") else "cpu")) // max(1, nproc_per_node)

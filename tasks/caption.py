@@ -12,13 +12,20 @@ completion record holds kept (captioned images) + rejected (0) + failed = input.
 Each image samples with its own generator seeded from (run seed, web key), and a shard
 is always generated whole in the same batches, so a rerun after a crash writes the same
 text byte for byte; a complete shard (same input bytes, same settings) is skipped.
+
+Repeated images (img2dataset-style rows, the same bytes once per human caption) get one
+sample per row, as before: each row's seed derives from its own key, so their synthetic
+captions differ, and the stage generates once per row. (The filter, whose score depends
+on the image only, encodes such an image once.) One image loader streams all shards of
+a run (`tasks.image_batches.ImageStream`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -33,12 +40,14 @@ from tasks.execution import (
     inference_context,
     load_stage_model,
     progress_bar,
+    Resolved,
     require,
     resolve_device,
+    resolve_execution,
     resolve_precision,
     semantic_settings,
 )
-from tasks.image_batches import DECODE_MODES, image_batches, index_batches
+from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
@@ -156,6 +165,17 @@ def _synthetic_rows(web: pa.Table, captioned: np.ndarray, texts: list[str], fing
 
 
 @dataclass
+class _CaptionShard:
+    """One shard's rows as the caption stage reads them, and its batches of ok-status rows."""
+
+    src: Location
+    name: str
+    web: pa.Table
+    todo: np.ndarray  # (R,) web rows with an ok status
+    batches: list[list[int]]
+
+
+@dataclass
 class _Captioner:
     """What every shard of one caption run shares: the model on its device and the settings."""
 
@@ -165,6 +185,7 @@ class _Captioner:
     precision: str
     transform: Any
     prompt_ids: torch.Tensor  # (P,)
+    resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
     def build(cls, model: Any, cfg: CaptionConfig) -> _Captioner:
@@ -172,22 +193,29 @@ class _Captioner:
 
         device = resolve_device(cfg.execution.device)
         loaded = _load(model, device)
+        sequences = cfg.num_captions * (cfg.num_beams if cfg.strategy == "beam" else 1)  # generated per image
+        resolved = resolve_execution(cfg.execution, device, loaded.model.config.vision, copies=sequences, stage="caption")
         return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device),
-                   ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device))  # fmt: skip
+                   ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device),
+                   resolved)  # fmt: skip
 
-    def caption(self, src: Location, name: str) -> ShardOutput:
-        """The stage's own work: sample captions for every decodable web image of `src`."""
-        cfg, device = self.cfg, self.device
+    def read(self, src: Location, name: str) -> Planned:
+        """Read one shard and batch its captionable rows; the images go to the stage's `ImageStream`."""
         web = read_pairs(src)
         todo = np.flatnonzero(ok_mask(web))
+        batches = index_batches(todo, self.resolved.batch_size)
+        images = ShardImages(web.column("jpg").combine_chunks(), batches)
+        return Planned(_CaptionShard(location(src), name, web, todo, batches), images)
+
+    def generate(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
+        """The stage's own work: sample captions for every decodable web image of the shard."""
+        cfg, device, web = self.cfg, self.device, shard.web
         keys = web.column("key").to_pylist()
         captioned: list[np.ndarray] = []
         texts: list[str] = []
         undecodable = 0
-        batches = index_batches(todo, cfg.execution.batch_size)
-        jpg = web.column("jpg").combine_chunks()
-        with progress_bar(len(todo), f"caption {name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
-            for rows, (pixels, errors) in zip(batches, image_batches(jpg, batches, self.transform, cfg.execution, device, cfg.decode)):
+        with progress_bar(len(shard.todo), f"caption {shard.name}", cfg.execution.progress) as bar, inference_context(device, self.precision):
+            for rows, (pixels, errors) in zip(shard.batches, images):
                 good = np.array([not e for e in errors])
                 undecodable += int((~good).sum())
                 rows = np.asarray(rows)[good]
@@ -200,15 +228,35 @@ class _Captioner:
         table = _synthetic_rows(web, done, texts, self.loaded.fingerprint, cfg.num_captions)
         counts = {"input": web.num_rows, "kept": len(done), "rejected": 0, "failed": web.num_rows - len(done),
                   "undecodable": undecodable, "captions": table.num_rows}  # fmt: skip
-        extra = {"source": str(src), "producer": self.loaded.fingerprint}
-        return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(todo))
+        extra = {"source": str(shard.src), "producer": self.loaded.fingerprint}
+        return ShardOutput(tables={"captions": table}, counts=counts, extra=extra, images=len(shard.todo))
+
+    def stream(self, plans: list[Callable[[], Planned]], pending: Callable[[int], bool] = lambda i: True) -> ImageStream:
+        """The one image loader of this caption run, over the shards `plans` read."""
+        return ImageStream(plans, self.transform, self.resolved.num_workers, self.device, self.cfg.decode, pending)
+
+    def caption(self, src: Location, name: str) -> ShardOutput:
+        """One shard through a loader of its own (`caption_shard`); `run` streams many."""
+        with self.stream([partial(self.read, src, name)]) as stream:
+            return self.generate(*stream.take(0))
+
+    def run(self, stats: StageStats, plan: list[tuple[Location, str]]) -> StageStats:
+        """Every shard of `plan` through the lifecycle, their images through one loader."""
+        jobs: list[ShardJob] = []
+        plans = [partial(self.read, src, name) for src, name in plan]
+        with self.stream(plans, pending=lambda i: not jobs[i].complete()) as stream:
+            for i, (src, name) in enumerate(plan):
+                work = partial(lambda i: self.generate(*stream.take(i)), i)
+                jobs.append(caption_job(src, stats.output, stats.settings_hash, name, work))
+            stats.execution = self.resolved.why
+            return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
-def caption_job(src: Location, dst_dir: Location, digest: str, name: str, caption: Callable[[Location, str], ShardOutput]) -> ShardJob:
+def caption_job(src: Location, dst_dir: Location, digest: str, name: str, work: Callable[[], ShardOutput]) -> ShardJob:
     """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
     src = location(src)
     return ShardJob(name=name, source=str(src), outputs={"captions": location(dst_dir) / name}, kind="pairs",
-                    fingerprint=input_fingerprint(src), digest=digest, work=lambda: caption(src, name))  # fmt: skip
+                    fingerprint=input_fingerprint(src), digest=digest, work=work)  # fmt: skip
 
 
 def caption_shard(
@@ -217,7 +265,7 @@ def caption_shard(
     """Caption one web shard into ``dst_dir/<name>``; skipped (the model not even loaded) when
     its completion record matches the input bytes and `digest`. `model`: a `LoadedModel` or a folder."""
     name = name or location(src).name
-    return run_shard(caption_job(src, dst_dir, digest, name, lambda s, n: _Captioner.build(model, cfg).caption(s, n)))
+    return run_shard(caption_job(src, dst_dir, digest, name, lambda: _Captioner.build(model, cfg).caption(location(src), name)))
 
 
 def plan_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Location, str]]]:
@@ -235,5 +283,4 @@ def run_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: Capt
     are skipped, so rerunning after a crash finishes the job."""
     captioner = _Captioner.build(model, cfg)
     stats, plan = plan_caption(inputs, out_dir, captioner.loaded, cfg)
-    jobs = [caption_job(src, stats.output, stats.settings_hash, name, captioner.caption) for src, name in plan]
-    return run_stage(stats, jobs)  # a bad input shard does not stop the others
+    return captioner.run(stats, plan)

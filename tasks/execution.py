@@ -7,6 +7,7 @@ precision, which a stage resolves and hashes itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,8 +19,14 @@ import torch
 
 from data.storage import RemotePath
 
-_MAX_AUTO_WORKERS = 8
-_CPU_CORES_PER_WORKER = 4
+log = logging.getLogger(__name__)
+
+_MAX_AUTO_WORKERS = 32  # decoding processes feeding one GPU (a core decodes ~100-300 web JPEGs/s)
+_CPU_CORES_PER_WORKER = 4  # on CPU a decoding worker competes with the model's threads
+_CPU_BATCH = 32  # images per model call on CPU: throughput is flat from ~16 up
+_GPU_BATCH_RANGE = (16, 1024)
+_GPU_MEMORY_SHARE = 0.5  # of the device's free memory, for one batch's activations
+_BYTES_PER_VALUE = 2  # bf16 activations
 
 
 @dataclass
@@ -32,14 +39,14 @@ class ExecutionConfig:
 
     __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
 
-    batch_size: int = 32  # images per model call
-    num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto (see `resolve_workers`)
+    batch_size: int = 0  # images per model call; 0 = auto: 32 on CPU, from free device memory on CUDA (see `resolve_batch_size`)
+    num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto from this process's cores (see `resolve_workers`)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16; enters the hash resolved
     progress: bool = True  # a bar with images/s on a terminal, plain lines every ~10 s or 5 % otherwise
 
     def __post_init__(self) -> None:
-        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.batch_size >= 0, f"batch_size must be 0 (auto) or more, got {self.batch_size}")
         require(self.num_workers >= -1, f"num_workers must be -1 (auto), 0 (in-process) or more, got {self.num_workers}")
 
 
@@ -64,15 +71,76 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_workers(requested: int, device: torch.device) -> int:
-    """-1 (auto): on CUDA, up to 8 decoding processes (one core left to the main process);
-    on CPU, a worker only where cores are to spare (it competes with the model's threads)."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as set by taskset, cgroups or a
+    scheduler), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(requested: int, device: torch.device, cores: int | None = None) -> int:
+    """-1 (auto): on CUDA, one decoding process per usable core but one (left to the model's
+    process), at most 32; on CPU, a worker per 4 cores above 4 (it competes with the model's
+    threads), none on a small machine."""
     if requested >= 0:
         return requested
-    cores = os.cpu_count() or 1
+    cores = usable_cores() if cores is None else cores
     if device.type == "cuda":
         return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
-    return 0 if cores <= _CPU_CORES_PER_WORKER else min(_MAX_AUTO_WORKERS // 2, cores // _CPU_CORES_PER_WORKER)
+    return 0 if cores <= _CPU_CORES_PER_WORKER else min(_MAX_AUTO_WORKERS // 8, cores // _CPU_CORES_PER_WORKER)
+
+
+def image_activation_bytes(vision: Any, copies: int) -> int:
+    """A rough peak of one image's inference activations, in bf16: the vision tower's widest
+    layer (attention scores H*T*T, MLP 4*T*D) plus `copies` of its T*D tokens with the text
+    layers' cross-attention keys and values (one per caption scored or sequence generated)."""
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    widest = vision.num_heads * tokens * tokens * 2 + tokens * (vision.intermediate_size + 4 * vision.hidden_size)
+    per_copy = tokens * vision.hidden_size * (1 + 2 * vision.num_layers)
+    return _BYTES_PER_VALUE * (widest + copies * per_copy)
+
+
+def resolve_batch_size(requested: int, device: torch.device, vision: Any, copies: int) -> tuple[int, str]:
+    """0 (auto): 32 on CPU; on CUDA the largest power of two whose activations
+    (`image_activation_bytes`) fit in half the free device memory, within [16, 1024].
+    Returns the size and why."""
+    if requested > 0:
+        return requested, "set"
+    if device.type != "cuda":
+        return _CPU_BATCH, "auto, CPU"
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = image_activation_bytes(vision, copies)
+    return batch_for_memory(free, per_image), f"auto, {free / 2**30:.1f} GiB free on {device}, ~{per_image / 2**20:.0f} MiB per image"
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int) -> int:
+    """The largest power of two of images whose activations fit in half of `free_bytes`, within [16, 1024]."""
+    fits = max(1, int(free_bytes * _GPU_MEMORY_SHARE // per_image_bytes))
+    return min(_GPU_BATCH_RANGE[1], max(_GPU_BATCH_RANGE[0], 1 << (fits.bit_length() - 1)))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a stage run uses: `ExecutionConfig`'s autos made concrete for this machine."""
+
+    batch_size: int
+    num_workers: int
+    why: str  # one line naming the choice and why, logged by the stage
+
+
+def resolve_execution(execution: ExecutionConfig, device: torch.device, vision: Any, copies: int, stage: str) -> Resolved:
+    """Batch size and decoding workers for `stage` on `device` (see `resolve_batch_size`,
+    `resolve_workers`), logged once in one line. `copies`: captions scored or sequences
+    generated per image, for the memory estimate."""
+    batch, batch_why = resolve_batch_size(execution.batch_size, device, vision, copies)
+    workers = resolve_workers(execution.num_workers, device)
+    workers_why = "set" if execution.num_workers >= 0 else f"auto, {usable_cores()} usable cores, {device.type}"
+    why = (f"{stage}: batch_size {batch} ({batch_why}), num_workers {workers} ({workers_why}); "
+           "set execution.batch_size / num_workers to change")  # fmt: skip
+    log.info(why)
+    return Resolved(batch, workers, why)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

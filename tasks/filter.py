@@ -17,15 +17,18 @@ The keep / reject rule is `tasks.decide.decide`; the assemble stage applies the 
 to the stored scores for another threshold or top-k (no rescoring).
 
 Speed: each image goes through the vision encoder once for all of its captions (the
-image tokens and their cross-attention keys/values are indexed per caption); images are
-decoded in DataLoader workers; images are ordered by the token length of their longest
+image tokens and their cross-attention keys/values are indexed per caption), also when
+img2dataset-style rows repeat its bytes once per caption (`same_image_rows`: equal
+content, one decode and one encode); one image loader streams all shards of a run
+(`tasks.image_batches.ImageStream`); images are ordered by the token length of their longest
 caption so a batch pads little; bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -42,13 +45,15 @@ from tasks.execution import (
     inference_context,
     load_stage_model,
     progress_bar,
+    Resolved,
     require,
     resolve_device,
+    resolve_execution,
     resolve_precision,
     semantic_settings,
 )
 from tasks.decide import DecisionRule, decide, nonempty_captions
-from tasks.image_batches import DECODE_MODES, image_batches, index_batches
+from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
 
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
@@ -142,67 +147,107 @@ def _image_order(owner: np.ndarray, lengths: np.ndarray, scoreable: np.ndarray, 
     return chosen[np.argsort(longest[chosen], kind="stable")]
 
 
+@dataclass
+class _ScorePlan:
+    """How one shard's captions meet their images in the model: tokenised captions, and
+    the images' batch order (each image once, whatever number of captions it has)."""
+
+    todo: np.ndarray  # (C',) scoreable captions
+    ids: torch.Tensor  # (C', T) token ids of the scoreable captions
+    mask: torch.Tensor  # (C', T)
+    lengths: np.ndarray  # (C,) tokens per caption (0 when not scored)
+    row_of: np.ndarray  # (C,) caption -> row in ids (-1 when not scored)
+    image_of: np.ndarray  # (C,) caption -> web row whose image it is scored with (the first with its bytes)
+    position: np.ndarray  # (W,) web row -> position in the image order (-1 when not encoded)
+    order: np.ndarray  # (I,) web rows encoded, in batch order
+    distinct: int  # distinct images among the ok web rows
+
+
+def _score_plan(tokenizer: Any, web: pa.Table, texts: list[str], owner: np.ndarray, scoreable: np.ndarray,
+                cfg: FilterConfig) -> _ScorePlan:  # fmt: skip
+    """Tokenise the scoreable captions and order their images by longest caption."""
+    n_captions = len(texts)
+    todo = np.flatnonzero(scoreable)
+    mode = "itm" if cfg.itm_first_token == "enc" else "text"  # text mode: the same ids, [CLS] first
+    if len(todo):
+        ids, mask = tokenizer.encode([texts[i] for i in todo], mode=mode, max_length=cfg.max_text_tokens)  # (C', T)
+    else:
+        ids = mask = torch.zeros(0, 1, dtype=torch.long)
+    lengths = np.zeros(n_captions, dtype=np.int64)
+    lengths[todo] = mask.sum(dim=1).numpy()
+    row_of = np.full(n_captions, -1, dtype=np.int64)
+    row_of[todo] = np.arange(len(todo))
+    canonical, images = same_image_rows(web)
+    image_of = canonical[owner]  # each caption is scored with the first row holding its image's bytes
+    order = _image_order(image_of, lengths, scoreable, images) if len(todo) else owner[:0]
+    position = np.full(web.num_rows, -1, dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return _ScorePlan(todo, ids, mask, lengths, row_of, image_of, position, order, len(images))
+
+
+def same_image_rows(web: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Repeated images by content: (canonical (W,), images (I,)). `canonical[r]` is the first
+    ok row whose image bytes equal row r's (r itself for a first occurrence or a row that is
+    not ok); `images` are the first occurrences, the rows the model encodes. img2dataset-
+    style sets (COCO, DataComp) store one row per pair, the same bytes once per caption:
+    those images are decoded and encoded once for all their captions. Bytes are compared
+    by pyarrow's hash table on their content (equal hash and equal bytes), never by name."""
+    ok = np.flatnonzero(ok_mask(web))
+    canonical = np.arange(web.num_rows, dtype=np.int64)
+    if len(ok) == 0:
+        return canonical, ok
+    jpg = web.column("jpg").take(pa.array(ok))
+    group = pc.index_in(jpg, value_set=pc.unique(jpg)).to_numpy(zero_copy_only=False).astype(np.int64)  # (R,)
+    _, first = np.unique(group, return_index=True)  # first ok position of each distinct image
+    first_row = np.empty(int(group.max()) + 1, dtype=np.int64)
+    first_row[group[first]] = ok[first]
+    canonical[ok] = first_row[group]
+    return canonical, np.sort(ok[first])
+
+
 def _score(
-    loaded: Any,
-    web: pa.Table,
-    texts: list[str],
-    owner: np.ndarray,
-    scoreable: np.ndarray,
+    model: Any,
+    plan: _ScorePlan,
+    batches: Iterator[tuple[torch.Tensor, list[str]]],
     cfg: FilterConfig,
     device: torch.device,
     precision: str,
     bar: Any,
 ) -> _Scores:
-    """ITM probability for every scoreable caption; each image is encoded once.
-
-    `owner[c]` is the web row of caption c's image. Returns NaN scores for captions not
-    scored and, per caption, the decode error of an image that could not be read.
-    """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    n_captions = len(texts)
+    """ITM probability for every scoreable caption, each image encoded once, from the
+    image batches of `plan.order`. Returns NaN scores for captions not scored and, per
+    caption, the decode error of an image that could not be read."""
+    n_captions = len(plan.lengths)
     scores = np.full(n_captions, np.nan, dtype=np.float32)
     errors: list[str | None] = [None] * n_captions
-    todo = np.flatnonzero(scoreable)
-    if len(todo) == 0:
+    if len(plan.todo) == 0:
         return _Scores(scores, errors)
-    mode = "itm" if cfg.itm_first_token == "enc" else "text"  # text mode: the same ids, [CLS] first
-    ids, mask = tokenizer.encode([texts[i] for i in todo], mode=mode, max_length=cfg.max_text_tokens)  # (C', T)
-    lengths = np.zeros(n_captions, dtype=np.int64)
-    lengths[todo] = mask.sum(dim=1).numpy()
-    row_of = np.full(n_captions, -1, dtype=np.int64)  # caption -> row in ids
-    row_of[todo] = np.arange(len(todo))
-
-    order = _image_order(owner, lengths, scoreable, np.flatnonzero(ok_mask(web)))
+    todo, image_of, position = plan.todo, plan.image_of, plan.position
     # captions grouped by image: sort scoreable captions by their image's batch position
-    position = np.full(web.num_rows, -1, dtype=np.int64)
-    position[order] = np.arange(len(order))
-    cap_pos = position[owner[todo]]  # (C',)
+    cap_pos = position[image_of[todo]]  # (C',)
     by_pos = np.argsort(cap_pos, kind="stable")
     sorted_pos = cap_pos[by_pos]
-    transform = _transform(model)
-    jpg = web.column("jpg").combine_chunks()
-    batches = index_batches(order, cfg.execution.batch_size)
     start, passed, judged = 0, 0, 0
     with inference_context(device, precision):
-        for pixels, image_errors in image_batches(jpg, batches, transform, cfg.execution, device, cfg.decode):
+        for pixels, image_errors in batches:
             stop = start + len(image_errors)
             lo, hi = np.searchsorted(sorted_pos, [start, stop])
             caps = todo[by_pos[lo:hi]]  # captions of this batch's images
             local = cap_pos[by_pos[lo:hi]] - start  # (c,) image row within the batch
             bad = np.array([bool(e) for e in image_errors])
             for c in caps[bad[local]]:
-                errors[c] = image_errors[position[owner[c]] - start]
+                errors[c] = image_errors[position[image_of[c]] - start]
             good = ~bad[local]
             if good.any():
-                rows = torch.from_numpy(row_of[caps[good]])
-                width = int(lengths[caps[good]].max())
+                rows = torch.from_numpy(plan.row_of[caps[good]])
+                width = int(plan.lengths[caps[good]].max())
                 readable = torch.from_numpy(~bad).to(device)
                 image_embeds = model.encode_image(pixels[readable])  # (B', 1+N, Dv), readable images only
                 image_index = (np.cumsum(~bad) - 1)[local[good]]  # caption -> row of image_embeds
                 logits = model.itm_logits(
                     image_embeds,
-                    ids[rows, :width].to(device),
-                    mask[rows, :width].to(device),
+                    plan.ids[rows, :width].to(device),
+                    plan.mask[rows, :width].to(device),
                     image_index=torch.from_numpy(image_index).to(device),
                 )  # (c, 2)
                 batch_scores = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
@@ -259,6 +304,23 @@ def output_paths(folder: Location, name: str) -> dict[str, Location]:
 
 
 @dataclass
+class _FilterShard:
+    """One shard's rows as the filter reads them (web rows first, then synthetic rows)."""
+
+    src: Location
+    captions: Location | None
+    name: str
+    web: pa.Table
+    syn: pa.Table
+    owner: np.ndarray  # (C,) caption -> web row of its image
+    is_syn: np.ndarray  # (C,)
+    status_ok: np.ndarray  # (C,) the caption row and its web row have status ok
+    nonempty: np.ndarray  # (C,)
+    images: int  # distinct images among the web rows with an ok status (the progress total)
+    plan: _ScorePlan
+
+
+@dataclass
 class _Judge:
     """What every shard of one filter run shares: the model on its device and the settings."""
 
@@ -266,15 +328,18 @@ class _Judge:
     cfg: FilterConfig
     device: torch.device
     precision: str
+    resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
     def build(cls, model: Any, cfg: FilterConfig) -> _Judge:
         device = resolve_device(cfg.execution.device)
-        return cls(_load(model, device), cfg, device, resolve_precision(cfg.execution.precision, device))
+        loaded = _load(model, device)
+        # memory estimate: a web caption and a synthetic one per image
+        resolved = resolve_execution(cfg.execution, device, loaded.model.config.vision, copies=2, stage="filter")
+        return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device), resolved)
 
-    def filter(self, src: Location, captions: Location | None, name: str) -> ShardOutput:
-        """The stage's own work: score every caption of `src`'s images and decide keep / reject."""
-        cfg = self.cfg
+    def read(self, src: Location, captions: Location | None, name: str) -> Planned:
+        """Read one shard and plan its scoring; the images go to the stage's `ImageStream`."""
         web = read_pairs(src)
         syn = read_pairs(captions, columns=_CAPTION_COLUMNS) if captions else web.slice(0, 0).select(_CAPTION_COLUMNS)
         n_web, n_syn = web.num_rows, syn.num_rows
@@ -284,30 +349,59 @@ class _Judge:
         syn_ok = np.asarray(pc.equal(syn.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
         status_ok = web_ok[owner] & np.r_[np.ones(n_web, dtype=bool), syn_ok]
         texts, nonempty = _caption_texts(pa.chunked_array(web.column("caption").chunks + syn.column("caption").chunks, pa.string()))
-        with progress_bar(int(web_ok.sum()), f"filter {name}", cfg.execution.progress) as bar:
-            scores = _score(self.loaded, web, texts, owner, status_ok & nonempty, cfg, self.device, self.precision, bar)
-            keep, failed, reasons = _decide(scores, is_syn, owner, status_ok, nonempty, cfg)
+        plan = _score_plan(self.loaded.tokenizer, web, texts, owner, status_ok & nonempty, self.cfg)
+        shard = _FilterShard(location(src), captions, name, web, syn, owner, is_syn, status_ok, nonempty, plan.distinct, plan)
+        images = ShardImages(web.column("jpg").combine_chunks(), index_batches(plan.order, self.resolved.batch_size))
+        return Planned(shard, images)
+
+    def judge(self, shard: _FilterShard, batches: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
+        """The stage's own work: score every caption of the shard's images and decide keep / reject."""
+        cfg, web, syn, owner, is_syn = self.cfg, shard.web, shard.syn, shard.owner, shard.is_syn
+        with progress_bar(shard.images, f"filter {shard.name}", cfg.execution.progress) as bar:
+            scores = _score(self.loaded.model, shard.plan, batches, cfg, self.device, self.precision, bar)
+            keep, failed, reasons = _decide(scores, is_syn, owner, shard.status_ok, shard.nonempty, cfg)
         # synthetic rows carry their image: take it from the web row (read once)
         syn_full = syn
         for column in ("jpg", "url", "width", "height", "sha256"):
-            syn_full = syn_full.append_column(column, web.column(column).take(pa.array(owner[n_web:])))
+            syn_full = syn_full.append_column(column, web.column(column).take(pa.array(owner[web.num_rows :])))
         rows = pa.concat_tables([web, syn_full.select(web.column_names)])
         table = _scored_table(rows, scores, keep, failed, reasons, cfg, self.loaded.fingerprint)
         selections = {"kept": keep & ~failed, "rejected": ~keep & ~failed, "failed": failed}
         tables = {outcome: table.filter(pa.array(mask)) for outcome, mask in selections.items()}
-        extra = {"source": str(src), "captions": str(captions) if captions else None, "judge": self.loaded.fingerprint}
-        return ShardOutput(tables=tables, counts=_counts(keep, failed, reasons, is_syn), extra=extra, images=int(web_ok.sum()))
+        extra = {"source": str(shard.src), "captions": str(shard.captions) if shard.captions else None,
+                 "judge": self.loaded.fingerprint}  # fmt: skip
+        return ShardOutput(tables=tables, counts=_counts(keep, failed, reasons, is_syn), extra=extra,
+                           images=shard.images)  # fmt: skip
+
+    def stream(self, plans: list[Callable[[], Planned]], pending: Callable[[int], bool] = lambda i: True) -> ImageStream:
+        """The one image loader of this filter run, over the shards `plans` read."""
+        return ImageStream(plans, _transform(self.loaded.model), self.resolved.num_workers, self.device, self.cfg.decode, pending)
+
+    def filter(self, src: Location, captions: Location | None, name: str) -> ShardOutput:
+        """One shard through a loader of its own (`filter_shard`); `run` streams many."""
+        with self.stream([partial(self.read, src, captions, name)]) as stream:
+            return self.judge(*stream.take(0))
+
+    def run(self, stats: StageStats, plan: list[tuple[Location, str, Location | None]]) -> StageStats:
+        """Every shard of `plan` through the lifecycle, their images through one loader."""
+        jobs: list[ShardJob] = []
+        plans = [partial(self.read, src, captions, name) for src, name, captions in plan]
+        with self.stream(plans, pending=lambda i: not jobs[i].complete()) as stream:
+            for i, (src, name, captions) in enumerate(plan):
+                work = partial(lambda i: self.judge(*stream.take(i)), i)
+                jobs.append(filter_job(src, captions, stats.output, stats.settings_hash, name, work))
+            stats.execution = self.resolved.why
+            return run_stage(stats, jobs)  # a bad input shard does not stop the others
 
 
 def filter_job(
-    src: Location, captions: Location | None, dst_dir: Location, digest: str, name: str,
-    judge: Callable[[Location, Location | None, str], ShardOutput],
-) -> ShardJob:  # fmt: skip
+    src: Location, captions: Location | None, dst_dir: Location, digest: str, name: str, work: Callable[[], ShardOutput]
+) -> ShardJob:
     """The lifecycle job for one web shard (and its caption shard): three outputs in `dst_dir`."""
     src = location(src)
     fingerprint = combine_fingerprints([input_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
     return ShardJob(name=name, source=str(src), outputs=output_paths(location(dst_dir), name), kind="scored",
-                    fingerprint=fingerprint, digest=digest, work=lambda: judge(src, captions, name))  # fmt: skip
+                    fingerprint=fingerprint, digest=digest, work=work)  # fmt: skip
 
 
 def filter_shard(
@@ -323,7 +417,7 @@ def filter_shard(
     folder); skipped (the model not even loaded) when its three outputs are complete for
     these inputs and `digest`. `model` is a `blip_core.LoadedModel` or a model folder."""
     name = name or location(src).name
-    work = lambda s, c, n: _Judge.build(model, cfg).filter(s, c, n)  # noqa: E731 - built only when needed
+    work = lambda: _Judge.build(model, cfg).filter(location(src), captions, name)  # noqa: E731 - built only when needed
     return run_shard(filter_job(src, captions, dst_dir, digest, name, work))
 
 
@@ -388,8 +482,7 @@ def run_filter(
     ``out_dir/<settings-hash>/{kept,rejected,failed}/``; complete shards are skipped."""
     judge = _Judge.build(model, cfg)
     stats, plan = plan_filter(inputs, out_dir, judge.loaded, cfg, caption_dir)
-    jobs = [filter_job(src, captions, stats.output, stats.settings_hash, name, judge.filter) for src, name, captions in plan]
-    return run_stage(stats, jobs)  # a bad input shard does not stop the others
+    return judge.run(stats, plan)
 
 
 def caption_hash(path: Location | None) -> str | None:

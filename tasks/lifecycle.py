@@ -51,6 +51,7 @@ class StageStats:
     output: Location  # a local path or a URL (`data.storage`)
     settings_hash: str
     shards: list[ShardStats] = field(default_factory=list)
+    execution: str = ""  # the batch size and workers the run chose, and why (`tasks.execution.resolve_execution`)
 
     @property
     def totals(self) -> dict[str, int]:

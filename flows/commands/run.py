@@ -16,6 +16,7 @@ _ENV_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks.execution",  # a stage's batch size / workers choice, in its task's log
 }
 
 

@@ -67,6 +67,8 @@ def _report(stats: StageStats) -> None:
         "skipped": len(stats.shards) - len(done),
         "totals": stats.totals,
     }
+    if stats.execution:
+        summary["execution"] = stats.execution
     if stats.images:
         summary["images_per_second"] = round(stats.images_per_second, 2)
     typer.echo(json.dumps(summary, indent=2))

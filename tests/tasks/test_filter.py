@@ -245,3 +245,54 @@ def test_a_real_schema_mismatch_names_file_column_expected_and_found(tmp_path: P
                                         pa.array(range(table.num_rows), pa.int64())), bad / src.name)  # fmt: skip
     with pytest.raises(Exception, match=r"part-00000\.parquet: column 'caption' has type int64, expected string"):
         run_filter(webs, tmp_path / "out", loaded, FilterConfig(execution=EXEC), caption_dir=bad)
+
+
+def _pairs_of_repeated_images(path: Path, distinct_bytes: bool) -> Path:
+    """img2dataset-style rows: 3 images x 3 captions, one row per pair, the image's bytes in
+    each row; with `distinct_bytes` each repeat gets a trailing byte (same pixels, other bytes)."""
+    rows = []
+    for image in range(3):
+        data = jpeg(500 + image)
+        for c in range(3):
+            blob = data + bytes(c) if distinct_bytes else data
+            rows.append({"key": f"i{image}-c{c}", "image_id": f"row{image}-{c}", "source": "web",
+                         "caption": caption(40 * image + c), "jpg": blob, "url": None, "width": 24, "height": 24,
+                         "sha256": hashlib.sha256(blob).hexdigest(), "status": "ok", "error": None})  # fmt: skip
+    return write_pairs(path, rows)
+
+
+def test_repeated_image_bytes_are_encoded_once_with_the_same_scores(tmp_path: Path, loaded) -> None:
+    (tmp_path / "same").mkdir()
+    (tmp_path / "distinct").mkdir()
+    same = _pairs_of_repeated_images(tmp_path / "same" / "part-00000.parquet", distinct_bytes=False)
+    distinct = _pairs_of_repeated_images(tmp_path / "distinct" / "part-00000.parquet", distinct_bytes=True)
+    runs = {}
+    for name, shard in (("same", same), ("distinct", distinct)):
+        seen: list[int] = []
+        handle = loaded.model.vision.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        try:
+            stats = run_filter([shard], tmp_path / f"out-{name}", loaded, FilterConfig(execution=EXEC))
+        finally:
+            handle.remove()
+        rows = _rows(stats.output, "kept") + _rows(stats.output, "rejected")
+        runs[name] = (sum(seen), {r["key"]: r for r in rows}, stats)
+    (enc_same, rows_same, stats_same), (enc_distinct, rows_distinct, stats_distinct) = runs["same"], runs["distinct"]
+    assert (enc_same, enc_distinct) == (3, 9)  # each distinct image once vs every row
+    assert stats_same.images == 3 and stats_distinct.images == 9
+    assert rows_same.keys() == rows_distinct.keys() and len(rows_same) == 9
+    for key, row in rows_same.items():
+        assert row["itm_score"] == pytest.approx(rows_distinct[key]["itm_score"], abs=1e-6)
+        assert row["keep"] == rows_distinct[key]["keep"] and row["jpg"] == rows_distinct[key]["jpg"][:len(row["jpg"])]
+        assert row["itm_score"] == pytest.approx(_reference(loaded, row["jpg"], row["caption"]), abs=1e-5)
+    assert stats_same.totals == stats_distinct.totals
+
+
+def test_same_image_rows_groups_ok_rows_by_content_only() -> None:
+    from tasks.filter import same_image_rows
+
+    a, b = jpeg(1), jpeg(2)
+    table = pa.table({"jpg": pa.array([a, b, a, a, None, b], pa.binary()),
+                      "status": pa.array(["ok", "ok", "failed", "ok", "ok", "ok"])})  # fmt: skip
+    canonical, images = same_image_rows(table)
+    assert canonical.tolist() == [0, 1, 2, 0, 4, 1]  # the failed and the null row stand alone
+    assert images.tolist() == [0, 1]
