@@ -1,11 +1,20 @@
 """Where shard tasks run, and how GPU stages share GPUs.
 
 The task runner is one setting (`RunnerConfig.kind`): threads in the flow process by
-default, or Dask through prefect-dask: a `LocalCluster` of worker processes, or the
-scheduler at `dask_address`. GPU work is bounded two ways: Dask resources (each GPU
-task claims `gpus_per_task` of the `GPU` resource the workers advertise) and, for any
-runner, a Prefect global concurrency limit named by `gpu_concurrency`, so two stages
-(or two runs) never fight over one GPU.
+default, or Dask through prefect-dask. A flow run uses ONE Dask cluster for all its
+shard stages (`ShardCluster`): the scheduler at `dask_address` (a `dask-scheduler`,
+dask-jobqueue or Kubernetes cluster the user runs, left running afterwards), or a
+`LocalCluster` of worker processes started on the first shard stage and closed when the
+flow ends, also on an error. Each stage's `DaskTaskRunner` connects to that address.
+
+Workers report their task runs to the flow's own Prefect API: the flow hands its API URL
+to the workers (their environment for a LocalCluster, the serialized settings of every
+task for any cluster), so no worker starts a temporary Prefect server of its own.
+
+GPU work is bounded two ways: Dask resources (each GPU task claims `gpus_per_task` of
+the `GPU` resource the workers advertise) and, for any runner, a Prefect global
+concurrency limit named by `gpu_concurrency`, so two stages (or two runs) never fight
+over one GPU.
 """
 
 from __future__ import annotations
@@ -14,20 +23,34 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from prefect.logging import get_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.config import RunConfig, RunnerConfig
 
+logger = get_logger("capfilt.runners")
 
-def build_task_runner(cfg: RunnerConfig) -> TaskRunner:
-    """A fresh task runner for `cfg` (a runner is entered once per flow run)."""
+
+def build_task_runner(cfg: RunnerConfig, address: str | None = None) -> TaskRunner:
+    """A fresh task runner for `cfg` (a runner is entered once per stage sub-flow run).
+
+    Dask: connects to `address` (the run's `ShardCluster`), else to `cfg.dask_address`;
+    with neither, prefect-dask starts a LocalCluster of its own for this one stage.
+    """
     if cfg.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
     from prefect_dask import DaskTaskRunner  # imported only when asked for
 
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    cluster_kwargs: dict[str, Any] = {
+    address = address or cfg.dask_address
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(cfg))
+
+
+def local_cluster_kwargs(cfg: RunnerConfig, api_url: str | None = None) -> dict[str, Any]:
+    """`distributed.LocalCluster` arguments for `cfg`: worker processes, no dashboard, and
+    `PREFECT_API_URL` in the workers' environment when the flow's API is known."""
+    kwargs: dict[str, Any] = {
         "n_workers": cfg.dask_workers,
         "threads_per_worker": cfg.dask_threads_per_worker,
         "processes": True,
@@ -35,8 +58,85 @@ def build_task_runner(cfg: RunnerConfig) -> TaskRunner:
     }
     if cfg.gpus_per_task:
         # Each worker advertises one GPU; a task annotated with GPU=1 takes it whole.
-        cluster_kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+        kwargs["resources"] = {"GPU": 1}
+    if api_url:
+        kwargs["env"] = {"PREFECT_API_URL": api_url}  # the Nanny starts its worker with it
+    return kwargs
+
+
+def flow_api_url() -> str | None:
+    """The Prefect API this flow run reports to (its temporary server's URL when no
+    `PREFECT_API_URL` is set); None outside a flow run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.client is None:
+        return None
+    return str(ctx.client.api_url).rstrip("/")
+
+
+class ShardCluster:
+    """The one Dask cluster of a flow run, shared by all its shard stages.
+
+    `address()` gives the scheduler address: `cfg.dask_address` as is, or a LocalCluster
+    started on the first call (a run that stops before its shard stages starts none).
+    `close()` closes only a cluster this object started; an external cluster is the
+    user's and stays up. `api_settings()` is the context every stage sub-flow runs in, so
+    the tasks it sends to workers carry the flow's API URL.
+    """
+
+    def __init__(self, cfg: RunnerConfig, api_url: str | None) -> None:
+        self.cfg = cfg
+        self.api_url = api_url
+        self.cluster: Any = None  # a distributed.LocalCluster once started
+        self.started = 0  # clusters this object started (0 or 1): what the tests count
+
+    def address(self) -> str:
+        if self.cfg.dask_address:
+            return self.cfg.dask_address
+        if self.cluster is None:
+            import distributed
+
+            self.cluster = distributed.LocalCluster(**local_cluster_kwargs(self.cfg, self.api_url))
+            self.started += 1
+            logger.info("Dask LocalCluster for this run: scheduler %s, %d workers", self.cluster.scheduler_address,
+                        self.cfg.dask_workers)  # fmt: skip
+        return str(self.cluster.scheduler_address)
+
+    @contextlib.contextmanager
+    def api_settings(self) -> Iterator[None]:
+        """Within the block, Prefect settings name the flow's API explicitly: the context
+        prefect-dask serializes with each task then points its worker at this API."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        if self.api_url and not PREFECT_API_URL.value():
+            with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+                yield
+        else:
+            yield
+
+    def close(self) -> None:
+        """Close the LocalCluster this run started (workers first, then the scheduler)."""
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+CLOSE_TIMEOUT_S = 60  # a busy machine can take seconds to stop worker processes
+
+
+@contextlib.contextmanager
+def shard_cluster(cfg: RunnerConfig) -> Iterator[ShardCluster | None]:
+    """Around a flow run: its `ShardCluster` (None on threads), closed when the block
+    ends, by return, error or KeyboardInterrupt alike."""
+    if cfg.kind != "dask":
+        yield None
+        return
+    cluster = ShardCluster(cfg, flow_api_url())
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def uses_gpu(config: RunConfig) -> bool:

@@ -90,6 +90,18 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
 
+def _dask_worker() -> str | None:
+    """The address of the Dask worker running this task; None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return None
+    try:
+        return str(get_worker().address)
+    except ValueError:  # not on a worker (threads, or the flow process)
+        return None
+
+
 @task(name="caption-shard", retries=0, **_TASK_OPTIONS)
 def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Caption one web shard into ``caption/<hash>/part-N.parquet`` (skips a complete one)."""
@@ -100,7 +112,7 @@ def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     with gpu_slot(config):
         stats = caption_shard(Path(p["src"]), Path(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
     record_outputs(job, [str(Path(p["folder"]) / p["name"])])
-    return _stats_dict(stats)
+    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
 
 
 @task(name="filter-shard", retries=0, **_TASK_OPTIONS)
@@ -116,7 +128,7 @@ def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
             Path(p["src"]), captions, Path(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
         )
     record_outputs(job, [str(path) for path in output_paths(Path(p["folder"]), p["name"]).values()])
-    return _stats_dict(stats)
+    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
 
 
 # ----------------------------------------------------------------------------- whole-stage steps
