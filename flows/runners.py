@@ -19,6 +19,7 @@ over one GPU.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -116,13 +117,23 @@ class ShardCluster:
             yield
 
     def close(self) -> None:
-        """Close the LocalCluster this run started (workers first, then the scheduler)."""
+        """Close the LocalCluster this run started: each worker process is asked to stop
+        and given `WORKER_EXIT_S` to exit (a worker that imported torch takes seconds to
+        shut its interpreter down on a busy machine; the Nanny's own 4 s wait would kill it
+        and log a warning), then the scheduler closes. An external cluster is untouched."""
         cluster, self.cluster = self.cluster, None
-        if cluster is not None:
-            cluster.close(timeout=CLOSE_TIMEOUT_S)
+        if cluster is None:
+            return
+        nannies = list(cluster.workers.values())
+
+        async def stop_workers() -> None:
+            await asyncio.gather(*(nanny.close(timeout=WORKER_EXIT_S) for nanny in nannies))
+
+        cluster.sync(stop_workers)
+        cluster.close(timeout=WORKER_EXIT_S)
 
 
-CLOSE_TIMEOUT_S = 60  # a busy machine can take seconds to stop worker processes
+WORKER_EXIT_S = 60
 
 
 @contextlib.contextmanager

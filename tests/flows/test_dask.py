@@ -1,32 +1,123 @@
-"""The task runner is one setting: a shard stage on a 2-worker Dask LocalCluster writes
-exactly what it writes on threads."""
+"""The task runner is one setting: shard stages on Dask write exactly what they write on
+threads, on ONE cluster per flow run (a LocalCluster the flow starts and closes, or an
+existing scheduler the config names, left running), and the workers report their task
+runs to the flow's own Prefect API instead of starting temporary servers of their own."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.flows._dask_run import shard_task_runs
 from tests.flows.conftest import small_world_config
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
+STOP = {"stop_after": "filter"}
+
 
 def _tables(folder: Path) -> dict[str, list[dict]]:
-    return {p.name: pq.read_table(p).to_pylist() for p in sorted(folder.glob("part-*.parquet"))}
+    return {str(p.relative_to(folder)): pq.read_table(p).to_pylist() for p in sorted(folder.rglob("part-*.parquet"))}
+
+
+def _assert_same_rows(got: Path, want: Path) -> None:
+    """Same shards, same rows, same decisions; ITM scores equal up to float rounding (a Dask
+    worker runs torch on `threads_per_worker` threads, the flow process on all cores)."""
+    a, b = _tables(got), _tables(want)
+    assert len(a) >= 5 and a.keys() == b.keys()
+    for name in a:
+        assert len(a[name]) == len(b[name]), name
+        for x, y in zip(a[name], b[name]):
+            sx, sy = x.pop("itm_score", None), y.pop("itm_score", None)
+            assert x == y, name
+            assert (sx is None) == (sy is None) and (sx is None or abs(sx - sy) < 1e-5), (name, x["key"], sx, sy)
+
+
+def _rows(summary: dict) -> dict[str, dict]:
+    return {r["stage"]: r for r in summary["stages"]}
+
+
+def _assert_reported(task_runs: dict[str, list[dict]], shards: int) -> None:
+    """Every shard task of both stages is in the flow's API, completed."""
+    for stage in ("caption", "filter"):
+        runs = task_runs[stage]
+        assert [r["name"] for r in runs] == [f"{stage}-{i:05d}" for i in range(shards)], runs
+        assert {r["state"] for r in runs} == {"COMPLETED"}
 
 
 def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
+    """One LocalCluster serves caption and filter (the same scheduler, the same workers);
+    outputs equal the threads run's; the task runs the workers ran are in the flow's API."""
+    from distributed import Client
+
     from flows.bootstrap import bootstrap
 
-    stop = {"stop_after": "caption"}
-    threads = bootstrap(config=small_world_config(tmp_path / "threads", random_tiny_model, stages=stop))
-    dask = bootstrap(config=small_world_config(tmp_path / "dask", random_tiny_model, stages=stop,
-                                               runner={"kind": "dask", "dask_workers": 2}))  # fmt: skip
-    got, want = Path(dask["caption_dir"]), Path(threads["caption_dir"])
-    assert got.name == want.name
-    tables = _tables(got)
-    assert len(tables) == 5 and tables == _tables(want)
-    row = {r["stage"]: r for r in dask["stages"]}["caption"]
-    assert row["runner"] == "dask" and row["shards"] == 5 and row["input"] == 150
+    threads = bootstrap(config=small_world_config(tmp_path / "threads", random_tiny_model, stages=STOP))
+    state = bootstrap(config=small_world_config(tmp_path / "dask", random_tiny_model, stages=STOP,
+                                                runner={"kind": "dask", "dask_workers": 2}), return_state=True)  # fmt: skip
+    dask = state.result()
+    for stage in ("caption_dir", "filter_dir"):
+        got, want = Path(dask[stage]), Path(threads[stage])
+        assert got.name == want.name
+        _assert_same_rows(got, want)
+    rows = _rows(dask)
+    caption, filtered = rows["caption"], rows["filter"]
+    assert caption["runner"] == filtered["runner"] == "dask" and caption["shards"] == 5 and caption["input"] == 150
+    assert caption["dask_scheduler"] == filtered["dask_scheduler"]  # one cluster for the whole run
+    assert caption["dask_workers"] and set(filtered["dask_workers"]) <= set(caption["dask_workers"])
+    _assert_reported(shard_task_runs(state.state_details.flow_run_id), shards=5)
+    with pytest.raises(OSError):  # the run's own cluster is closed when the flow ends
+        Client(caption["dask_scheduler"], timeout=2)
+
+
+def test_existing_cluster_by_address(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
+    """`runner.dask_address`: the run's tasks run on the given cluster's workers, and the
+    cluster is left running (with all its workers) for the next run."""
+    from distributed import Client, LocalCluster
+
+    from flows.bootstrap import bootstrap
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        with Client(address) as client:
+            workers = set(client.scheduler_info()["workers"])
+            config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP,
+                                        runner={"kind": "dask", "dask_address": address})  # fmt: skip
+            state = bootstrap(config=config, return_state=True)
+            rows = _rows(state.result())
+            for stage in ("caption", "filter"):
+                assert rows[stage]["dask_scheduler"] == address
+                assert rows[stage]["dask_workers"] and set(rows[stage]["dask_workers"]) <= workers
+            _assert_reported(shard_task_runs(state.state_details.flow_run_id), shards=5)
+            assert set(client.scheduler_info()["workers"]) == workers  # still up, the same workers
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_dask_run_on_its_own_temporary_server(tmp_path: Path, random_tiny_model) -> None:
+    """As a new user runs it (no PREFECT_API_URL): one temporary Prefect server for the
+    whole run (the flow's; none per worker), every shard task run reported to it, and a
+    clean log: no traceback, no CommClosedError, no closed stream."""
+    config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP, runner={"kind": "dask", "dask_workers": 2})
+    config_path, out_path = tmp_path / "config.json", tmp_path / "out.json"
+    config_path.write_text(config.model_dump_json())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", NO_ALBUMENTATIONS_UPDATE="1")  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "tests/flows/_dask_run.py"), str(config_path), str(out_path)],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert log.count("Starting temporary server") == 1, log[-4000:]
+    for bad in ("Traceback", "CommClosedError", "Stream is closed"):
+        assert bad not in log, log[-4000:]
+    result = json.loads(out_path.read_text())
+    _assert_reported(result["task_runs"], shards=5)
+    rows = _rows(result["summary"])
+    assert rows["caption"]["dask_scheduler"] == rows["filter"]["dask_scheduler"]
