@@ -343,7 +343,7 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     """
     from data.run_lock import run_lock
 
-    with run_lock(config.run_dir), shard_cluster(config.runner) as cluster:
+    with run_lock(config.run_dir), shard_cluster(config.runner, start_now=config.runs_stage("caption")) as cluster:
         return _bootstrap(_Run(config, cluster))
 
 

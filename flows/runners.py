@@ -20,6 +20,7 @@ over one GPU.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -79,29 +80,46 @@ def flow_api_url() -> str | None:
 class ShardCluster:
     """The one Dask cluster of a flow run, shared by all its shard stages.
 
-    `address()` gives the scheduler address: `cfg.dask_address` as is, or a LocalCluster
-    started on the first call (a run that stops before its shard stages starts none).
-    `close()` closes only a cluster this object started; an external cluster is the
-    user's and stays up. `api_settings()` is the context every stage sub-flow runs in, so
-    the tasks it sends to workers carry the flow's API URL.
+    `address()` gives the scheduler address: `cfg.dask_address` as is, or the run's
+    LocalCluster. `start()` begins starting that LocalCluster in a background thread, so
+    its worker processes start and import the stage modules (torch, transformers:
+    seconds each) while the flow's earlier stages run; `address()` waits for it (or
+    starts it, when nobody called `start()`). `close()` closes only a cluster this object
+    started; an external cluster is the user's and stays up. `api_settings()` is the
+    context every stage sub-flow runs in, so the tasks it sends to workers carry the
+    flow's API URL.
     """
 
     def __init__(self, cfg: RunnerConfig, api_url: str | None) -> None:
         self.cfg = cfg
         self.api_url = api_url
         self.cluster: Any = None  # a distributed.LocalCluster once started
-        self.started = 0  # clusters this object started (0 or 1): what the tests count
+        self._starting: concurrent.futures.Future[Any] | None = None
+
+    def start(self) -> None:
+        """Start the run's LocalCluster in the background (nothing for `dask_address`)."""
+        if self.cfg.dask_address or self._starting is not None:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capfilt-dask-start")
+        self._starting = pool.submit(self._start_local)
+        pool.shutdown(wait=False)
+
+    def _start_local(self) -> Any:
+        import distributed
+
+        kwargs = {**local_cluster_kwargs(self.cfg, self.api_url), "preload": [WORKER_PRELOAD]}
+        cluster = distributed.LocalCluster(**kwargs)
+        logger.info("Dask LocalCluster for this run: scheduler %s, %d workers", cluster.scheduler_address,
+                    self.cfg.dask_workers)  # fmt: skip
+        return cluster
 
     def address(self) -> str:
         if self.cfg.dask_address:
             return self.cfg.dask_address
         if self.cluster is None:
-            import distributed
-
-            self.cluster = distributed.LocalCluster(**local_cluster_kwargs(self.cfg, self.api_url))
-            self.started += 1
-            logger.info("Dask LocalCluster for this run: scheduler %s, %d workers", self.cluster.scheduler_address,
-                        self.cfg.dask_workers)  # fmt: skip
+            self.start()
+            assert self._starting is not None
+            self.cluster = self._starting.result()  # re-raises a failed start
         return str(self.cluster.scheduler_address)
 
     @contextlib.contextmanager
@@ -122,6 +140,9 @@ class ShardCluster:
         shut its interpreter down on a busy machine; the Nanny's own 4 s wait would kill it
         and log a warning), then the scheduler closes. An external cluster is untouched."""
         cluster, self.cluster = self.cluster, None
+        if cluster is None and self._starting is not None and self._starting.exception() is None:
+            cluster = self._starting.result()  # started in the background, never used
+        self._starting = None
         if cluster is None:
             return
         nannies = list(cluster.workers.values())
@@ -134,17 +155,21 @@ class ShardCluster:
 
 
 WORKER_EXIT_S = 60
+WORKER_PRELOAD = "flows.worker_preload"  # imported by each LocalCluster worker as it starts
 
 
 @contextlib.contextmanager
-def shard_cluster(cfg: RunnerConfig) -> Iterator[ShardCluster | None]:
-    """Around a flow run: its `ShardCluster` (None on threads), closed when the block
-    ends, by return, error or KeyboardInterrupt alike."""
+def shard_cluster(cfg: RunnerConfig, start_now: bool = False) -> Iterator[ShardCluster | None]:
+    """Around a flow run: its `ShardCluster` (None on threads), started in the background
+    at once with `start_now` (the run reaches a shard stage), closed when the block ends,
+    by return, error or KeyboardInterrupt alike."""
     if cfg.kind != "dask":
         yield None
         return
     cluster = ShardCluster(cfg, flow_api_url())
     try:
+        if start_now:
+            cluster.start()
         yield cluster
     finally:
         cluster.close()
