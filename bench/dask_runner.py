@@ -5,7 +5,8 @@ random-weight tiny MED as filter and captioner (no training), stopping after the
 world + ingest, then caption and filter, one task per web shard. Each runner runs in a
 fresh process on its own temporary Prefect server, as `capfilt run` does for a new user
 (no `PREFECT_API_URL`; the server is started before the timing). The table shows per runner the flow's wall time, each shard
-stage's time (as the flow records it in `stages.jsonl`), the temporary Prefect servers
+stage's time (as the flow records it in `stages.jsonl`; on Dask it includes waiting for
+the run's cluster to be ready, shown apart where the flow records it), the temporary Prefect servers
 started (log lines) and tracebacks in the log, then dask / threads as ratios and
 
     overhead per stage = dask stage s - threads stage s
@@ -70,7 +71,8 @@ def _child(runner: str, root: Path, model: Path, web: int, shard_rows: int, work
     flow_s = time.perf_counter() - start
     rows = {r["stage"]: r for r in summary["stages"]}
     return {"runner": runner, "flow_s": flow_s, **{f"{s}_s": rows[s]["seconds"] for s in STAGES},
-            "shards": rows["caption"]["shards"]}  # fmt: skip
+            "shards": rows["caption"]["shards"],
+            "wait_s": sum(rows[s].get("dask_wait_s", 0.0) for s in STAGES)}  # fmt: skip
 
 
 def _run(runner: str, root: Path, model: Path, args: argparse.Namespace) -> dict:
@@ -82,6 +84,7 @@ def _run(runner: str, root: Path, model: Path, args: argparse.Namespace) -> dict
            "--web", str(args.web), "--shard-rows", str(args.shard_rows), "--workers", str(args.workers)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = done.stdout + done.stderr
+    (root / f"{runner}.log").write_text(log)  # kept for a look at what the counts count
     if done.returncode != 0:
         raise SystemExit(f"{runner} run failed:\n{log[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -106,16 +109,19 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="capfilt-dask-bench-"))
     model = _tiny_model(root / "model")
     threads, dask = (_run(runner, root, model, args) for runner in ("threads", "dask"))
-    print("| runner | flow s | caption s | filter s | temporary Prefect servers | tracebacks in log |")
-    print("|---|---|---|---|---|---|")
+    print("| runner | flow s | caption s | filter s | of which waiting for the cluster s | temporary Prefect servers | "
+          "tracebacks in log |")
+    print("|---|---|---|---|---|---|---|")
     for r in (threads, dask):
-        print(f"| {r['runner']} | {r['flow_s']:.1f} | {r['caption_s']:.1f} | {r['filter_s']:.1f} | {r['servers']} | {r['tracebacks']} |")
+        print(f"| {r['runner']} | {r['flow_s']:.1f} | {r['caption_s']:.1f} | {r['filter_s']:.1f} | {r['wait_s']:.1f} | "
+              f"{r['servers']} | {r['tracebacks']} |")  # fmt: skip
     ratio = {k: dask[k] / threads[k] for k in ("flow_s", "caption_s", "filter_s")}
-    print(f"| dask / threads | {ratio['flow_s']:.2f} | {ratio['caption_s']:.2f} | {ratio['filter_s']:.2f} | | |")
+    print(f"| dask / threads | {ratio['flow_s']:.2f} | {ratio['caption_s']:.2f} | {ratio['filter_s']:.2f} | | | |")
     shards = dask["shards"]
     for stage in STAGES:
         extra = dask[f"{stage}_s"] - threads[f"{stage}_s"]
         print(f"{stage}: dask overhead {extra:+.1f} s per stage, {1000 * extra / shards:+.0f} ms per shard task ({shards} shards)")
+    print(f"logs: {root}/threads.log, {root}/dask.log")
 
 
 if __name__ == "__main__":
