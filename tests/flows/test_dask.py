@@ -77,6 +77,33 @@ def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, ran
         Client(caption["dask_scheduler"], timeout=2)
 
 
+def _worker_processes() -> list:
+    """Dask worker processes (multiprocessing spawn children) still under this process."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    return [p for p in procs if p.is_running() and any("spawn_main" in part for part in p.cmdline())]
+
+
+def test_run_cluster_closed_when_a_stage_fails(tmp_path: Path, prefect_harness, random_tiny_model, monkeypatch) -> None:
+    """A shard that fails ends the flow in error; the run's LocalCluster is closed all the
+    same: its scheduler refuses connections and no worker process is left."""
+    from distributed import Client
+
+    from flows.bootstrap import bootstrap
+    from flows.faults import InjectedFault
+
+    monkeypatch.setenv("CAPFILT_FAULT", "filter:1")  # the workers start with this environment
+    config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP, runner={"kind": "dask", "dask_workers": 2})
+    with pytest.raises(InjectedFault):
+        bootstrap(config=config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stages.jsonl").read_text().splitlines()]
+    scheduler = {r["stage"]: r for r in rows}["caption"]["dask_scheduler"]
+    with pytest.raises(OSError):
+        Client(scheduler, timeout=2)
+    assert _worker_processes() == []
+
+
 def test_existing_cluster_by_address(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
     """`runner.dask_address`: the run's tasks run on the given cluster's workers, and the
     cluster is left running (with all its workers) for the next run."""

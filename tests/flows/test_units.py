@@ -23,6 +23,19 @@ def test_runner_is_one_setting() -> None:
     assert isinstance(dask, DaskTaskRunner)
     remote = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask", "dask_address": "tcp://h:8786"}}).runner)
     assert isinstance(remote, DaskTaskRunner)
+    assert remote.address == "tcp://h:8786"
+    shared = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask"}}).runner, "tcp://run:1234")
+    assert shared.address == "tcp://run:1234" and shared.cluster_kwargs == {}  # the run's cluster, not a new one
+
+
+def test_local_cluster_workers_get_the_flows_api() -> None:
+    from flows.runners import local_cluster_kwargs
+
+    cfg = load_config({"preset": "gpu"}).runner
+    kwargs = local_cluster_kwargs(cfg, "http://127.0.0.1:8123/api")
+    assert kwargs["env"] == {"PREFECT_API_URL": "http://127.0.0.1:8123/api"}
+    assert kwargs["n_workers"] == cfg.dask_workers and kwargs["resources"] == {"GPU": 1}
+    assert "env" not in local_cluster_kwargs(cfg, None)
 
 
 def test_gpu_annotation_claims_dask_resources() -> None:
