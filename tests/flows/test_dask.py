@@ -5,6 +5,7 @@ runs to the flow's own Prefect API instead of starting temporary servers of thei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -148,3 +149,40 @@ def test_dask_run_on_its_own_temporary_server(tmp_path: Path, random_tiny_model)
     _assert_reported(result["task_runs"], shards=5)
     rows = _rows(result["summary"])
     assert rows["caption"]["dask_scheduler"] == rows["filter"]["dask_scheduler"]
+
+
+def test_ctrl_c_leaves_no_cluster_behind(tmp_path: Path, random_tiny_model) -> None:
+    """Ctrl-C in `capfilt run` (SIGINT to the terminal's process group) during the caption
+    stage on Dask: exit 130 with the resume hint, and no worker, nanny or server process
+    of the run is left running."""
+    import signal
+    import time
+
+    import psutil
+    import yaml
+
+    config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP, runner={"kind": "dask", "dask_workers": 2},
+                                data={"world": {"n_human": 60, "n_web": 900, "n_test": 20, "shard_rows": 30}, "serve_local": False})  # fmt: skip
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(config_path)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "Task run 'caption-" not in log_path.read_text():  # a shard finished: the stage is under way
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len([c for c in children if "spawn_main" in " ".join(c.cmdline())]) >= 2  # the workers
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert proc.wait(timeout=60) == 130
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
+        assert "interrupted" in log_path.read_text()
+    finally:  # whatever happened, nothing this test started stays (the group outlives its leader)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
