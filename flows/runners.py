@@ -50,13 +50,15 @@ def build_task_runner(cfg: RunnerConfig, address: str | None = None) -> TaskRunn
 
 
 def local_cluster_kwargs(cfg: RunnerConfig, api_url: str | None = None) -> dict[str, Any]:
-    """`distributed.LocalCluster` arguments for `cfg`: worker processes, no dashboard, and
+    """`distributed.LocalCluster` arguments for `cfg`: worker processes, the dashboard on a free port, and
     `PREFECT_API_URL` in the workers' environment when the flow's API is known."""
     kwargs: dict[str, Any] = {
         "n_workers": cfg.dask_workers,
         "threads_per_worker": cfg.dask_threads_per_worker,
         "processes": True,
-        "dashboard_address": None,  # no web server on a shared machine
+        # a free port: `None` still serves the scheduler's HTTP routes on 8787, which two runs on one
+        # machine would both want
+        "dashboard_address": ":0",
     }
     if cfg.gpus_per_task:
         # Each worker advertises one GPU; a task annotated with GPU=1 takes it whole.
