@@ -4,8 +4,9 @@ The task runner is one setting (`RunnerConfig.kind`): threads in the flow proces
 default, or Dask through prefect-dask. A flow run uses ONE Dask cluster for all its
 shard stages (`ShardCluster`): the scheduler at `dask_address` (a `dask-scheduler`,
 dask-jobqueue or Kubernetes cluster the user runs, left running afterwards), or a
-`LocalCluster` of worker processes started on the first shard stage and closed when the
-flow ends, also on an error. Each stage's `DaskTaskRunner` connects to that address.
+`LocalCluster` of worker processes started in the background when the flow begins and
+closed when it ends, also on an error. Each stage's `DaskTaskRunner` connects to that
+address.
 
 Workers report their task runs to the flow's own Prefect API: the flow hands its API URL
 to the workers (their environment for a LocalCluster, the serialized settings of every
@@ -137,8 +138,9 @@ class ShardCluster:
             yield
 
     def close(self) -> None:
-        """Close the LocalCluster this run started: each worker process is asked to stop
-        and given `WORKER_EXIT_S` to exit (a worker that imported torch takes seconds to
+        """Close the LocalCluster this run started: every worker's heartbeat is stopped
+        first (closing a worker mid-heartbeat logs a CommClosedError traceback), then each
+        worker process is asked to stop and given `WORKER_EXIT_S` to exit (a worker that imported torch takes seconds to
         shut its interpreter down on a busy machine; the Nanny's own 4 s wait would kill it
         and log a warning), then the scheduler closes. An external cluster is untouched."""
         cluster, self.cluster = self.cluster, None
@@ -148,6 +150,7 @@ class ShardCluster:
         if cluster is None:
             return
         nannies = list(cluster.workers.values())
+        _stop_heartbeats(cluster.scheduler_address)
 
         async def stop_workers() -> None:
             await asyncio.gather(*(nanny.close(timeout=WORKER_EXIT_S) for nanny in nannies))
@@ -156,8 +159,31 @@ class ShardCluster:
         cluster.close(timeout=WORKER_EXIT_S)
 
 
+async def _quiet_worker(dask_worker: Any) -> None:
+    """On a worker: stop its heartbeat and let one in flight finish (closing a worker
+    mid-heartbeat logs a CommClosedError traceback, a race inside distributed)."""
+    dask_worker.periodic_callbacks["heartbeat"].stop()
+    await asyncio.sleep(HEARTBEAT_SETTLE_S)
+
+
+def _stop_heartbeats(address: str) -> None:
+    """Quiet every worker of the cluster at `address` before it is closed."""
+    import distributed
+
+    with distributed.Client(address, set_as_default=False, timeout=WORKER_EXIT_S) as client:
+        client.run(_quiet_worker)
+
+
 WORKER_EXIT_S = 60
+HEARTBEAT_SETTLE_S = 0.5  # a heartbeat is one small round trip to the scheduler
 WORKER_PRELOAD = "flows.worker_preload"  # imported by each LocalCluster worker as it starts
+
+
+def _is_loopback(url: str) -> bool:
+    """True when `url` (http://... or tcp://...) names this machine's loopback."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
 
 
 @contextlib.contextmanager
@@ -169,6 +195,10 @@ def shard_cluster(cfg: RunnerConfig, start_now: bool = False) -> Iterator[ShardC
         yield None
         return
     cluster = ShardCluster(cfg, flow_api_url())
+    if cfg.dask_address and cluster.api_url and _is_loopback(cluster.api_url) and not _is_loopback(cfg.dask_address):
+        logger.warning("Prefect API %s is on this machine only; workers of %s on other machines cannot report their "
+                       "task runs: start `prefect server start --host 0.0.0.0` and set PREFECT_API_URL to its "
+                       "address", cluster.api_url, cfg.dask_address)  # fmt: skip
     try:
         if start_now:
             cluster.start()

@@ -77,3 +77,11 @@ def test_report_step_writes_the_report_outside_a_run(tmp_path: Path) -> None:
 
     path = Path(report_task.fn(str(tmp_path)))  # no flow run: the artifact is skipped
     assert path == tmp_path / "report.md" and path.is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_loopback_api_is_told_apart_from_a_remote_scheduler() -> None:
+    """The flow warns when a remote cluster's workers could not reach a 127.0.0.1 API."""
+    from flows.runners import _is_loopback
+
+    assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("tcp://localhost:8786")
+    assert not _is_loopback("tcp://10.0.0.2:8786") and not _is_loopback("tls://scheduler:8786")
