@@ -14,6 +14,7 @@ skips complete shards itself; training continues from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -29,7 +30,7 @@ from data.storage import location
 from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
-from flows.runners import build_task_runner, gpu_annotation
+from flows.runners import ShardCluster, build_task_runner, gpu_annotation, shard_cluster
 from tasks.assemble import assemble_settings
 from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
@@ -40,8 +41,9 @@ from tasks.video_eval import semantic_settings as video_settings
 class _Run:
     """Per-run state: the config, absolute paths, tasks bound to this run's result storage."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, cluster: ShardCluster | None = None) -> None:
         self.config = config
+        self.cluster = cluster  # the run's one Dask cluster (None on threads)
         self.root = Path(config.run_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.layout = RunLayout(self.root)
@@ -219,11 +221,25 @@ def shard_stage(stage: str, jobs: list[StepJob], config: RunConfig) -> list[dict
 
 
 def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, Any]]:
+    """Run a shard stage's sub-flow on the run's task runner (on Dask: the run's one
+    cluster); its row records the runner and, on Dask, the scheduler and workers used and
+    the seconds the stage waited for the cluster to be ready (part of the stage's time)."""
     start = time.perf_counter()
-    sub = shard_stage.with_options(task_runner=build_task_runner(run.config.runner), flow_run_name=f"{stage}")
-    results = sub(stage=stage, jobs=jobs, config=run.config)
+    row_extra: dict[str, Any] = {"runner": run.config.runner.kind}
+    in_api: Any = contextlib.nullcontext()
+    address = None
+    if run.cluster is not None:
+        waited = time.perf_counter()
+        address = run.cluster.address()  # waits for the run's LocalCluster on its first stage
+        in_api = run.cluster.api_settings()
+        row_extra.update(dask_scheduler=address, dask_wait_s=round(time.perf_counter() - waited, 2))
+    sub = shard_stage.with_options(task_runner=build_task_runner(run.config.runner, address), flow_run_name=f"{stage}")
+    with in_api:
+        results = sub(stage=stage, jobs=jobs, config=run.config)
     did_work = any(not (r["cached"] or r.get("skipped")) for r in results)
-    row = {**artifacts.stage_row(stage, results, time.perf_counter() - start), "runner": run.config.runner.kind}
+    if run.cluster is not None:  # the workers that ran a task now (a cached result names an old one)
+        row_extra["dask_workers"] = sorted({r["dask_worker"] for r in results if not r["cached"] and r.get("dask_worker")})
+    row = {**artifacts.stage_row(stage, results, time.perf_counter() - start), **row_extra}
     run.record(row, did_work=did_work)
     return results
 
@@ -325,7 +341,8 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) the CapFilt bootstrap described by `config` in `config.run_dir`.
 
     Returns a summary: model folders, stage output folders, the report path and one
-    row per stage. Holds the run folder's lock, so two runs never write one folder.
+    row per stage. Holds the run folder's lock, so two runs never write one folder, and,
+    with `runner.kind: dask`, the run's one Dask cluster (closed when the flow ends).
     """
     from data.run_lock import run_lock
     from flows.run_record import forget_record, write_record
@@ -339,9 +356,9 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
             "`capfilt caption|filter|assemble --output s3://...`"
         )
     config.apply_storage()
-    with run_lock(config.run_dir):
+    with run_lock(config.run_dir), shard_cluster(config.runner, start_now=config.runs_stage("caption")) as cluster:
         forget_record(config)
-        summary = _bootstrap(_Run(config))
+        summary = _bootstrap(_Run(config, cluster))
         write_record(config, summary)
         return summary
 

@@ -106,11 +106,15 @@ class StagesConfig(_Model):
 
 
 class RunnerConfig(_Model):
-    """Where shard tasks run: threads (default) or Dask; how GPU stages share a GPU."""
+    """Where shard tasks run: threads (default) or Dask (one cluster for all the run's
+    shard stages, see `flows.runners`); how GPU stages share a GPU."""
 
     kind: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1, description="threads: concurrent shard tasks")
-    dask_address: str | None = Field(None, description="dask: scheduler address; None starts a LocalCluster")
+    dask_address: str | None = Field(
+        None, description="dask: scheduler address of a cluster you run (left running); None: the flow starts one "
+        "LocalCluster for the whole run and closes it at the end"
+    )
     dask_workers: int = Field(2, ge=1, description="dask LocalCluster: worker processes")
     dask_threads_per_worker: int = Field(1, ge=1)
     gpus_per_task: int = Field(0, ge=0, description="dask: GPU resources each GPU task claims")

@@ -96,6 +96,18 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, (Path, RemotePath)) else v) for k, v in out.items()}
 
 
+def _dask_worker() -> str | None:
+    """The address of the Dask worker running this task; None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return None
+    try:
+        return str(get_worker().address)
+    except ValueError:  # not on a worker (threads, or the flow process)
+        return None
+
+
 @task(name="caption-shard", retries=0, **_TASK_OPTIONS)
 def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Caption one web shard into ``caption/<hash>/part-N.parquet`` (skips a complete one)."""
@@ -106,7 +118,7 @@ def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     with gpu_slot(config):
         stats = caption_shard(location(p["src"]), location(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
     record_outputs(job, [str(location(p["folder"]) / p["name"])])
-    return _stats_dict(stats)
+    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
 
 
 @task(name="filter-shard", retries=0, **_TASK_OPTIONS)
@@ -122,7 +134,7 @@ def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
             location(p["src"]), captions, location(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
         )
     record_outputs(job, [str(path) for path in output_paths(location(p["folder"]), p["name"]).values()])
-    return _stats_dict(stats)
+    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
 
 
 # ----------------------------------------------------------------------------- whole-stage steps

@@ -23,6 +23,19 @@ def test_runner_is_one_setting() -> None:
     assert isinstance(dask, DaskTaskRunner)
     remote = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask", "dask_address": "tcp://h:8786"}}).runner)
     assert isinstance(remote, DaskTaskRunner)
+    assert remote.address == "tcp://h:8786"
+    shared = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask"}}).runner, "tcp://run:1234")
+    assert shared.address == "tcp://run:1234" and shared.cluster_kwargs == {}  # the run's cluster, not a new one
+
+
+def test_local_cluster_workers_get_the_flows_api() -> None:
+    from flows.runners import local_cluster_kwargs
+
+    cfg = load_config({"preset": "gpu"}).runner
+    kwargs = local_cluster_kwargs(cfg, "http://127.0.0.1:8123/api")
+    assert kwargs["env"] == {"PREFECT_API_URL": "http://127.0.0.1:8123/api"}
+    assert kwargs["n_workers"] == cfg.dask_workers and kwargs["resources"] == {"GPU": 1}
+    assert "env" not in local_cluster_kwargs(cfg, None)
 
 
 def test_gpu_annotation_claims_dask_resources() -> None:
@@ -64,3 +77,11 @@ def test_report_step_writes_the_report_outside_a_run(tmp_path: Path) -> None:
 
     path = Path(report_task.fn(str(tmp_path)))  # no flow run: the artifact is skipped
     assert path == tmp_path / "report.md" and path.is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_loopback_api_is_told_apart_from_a_remote_scheduler() -> None:
+    """The flow warns when a remote cluster's workers could not reach a 127.0.0.1 API."""
+    from flows.runners import _is_loopback
+
+    assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("tcp://localhost:8786")
+    assert not _is_loopback("tcp://10.0.0.2:8786") and not _is_loopback("tls://scheduler:8786")
