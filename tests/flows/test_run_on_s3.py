@@ -1,0 +1,106 @@
+"""`capfilt run` with its run folder on S3 (a real moto server on 127.0.0.1): the whole
+bootstrap, training included, from pair shards on S3; the same run on local disk answers
+the same queries; a rerun from a fresh local working folder (another machine) retrains
+and recomputes nothing; no secret in any object of the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_SQL = ("SELECT (SELECT count(*) FROM dataset) AS d, (SELECT count(*) FROM scored) AS s, "
+        "(SELECT count(*) FROM synthetic) AS c, "
+        "(SELECT sum(counts['input']) FROM stage_stats WHERE stage = 'filter') AS i")  # fmt: skip
+_REWRITTEN = ("current.json", "stages.jsonl", "report.md", "report.html")  # every run writes these again
+
+
+def _upload(local: Path, target) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(local).as_posix()).upload(path)
+
+
+def _config(run_dir: str, data: str):
+    from flows.config import load_config
+
+    stage = {"steps": 3, "batch_size": 8, "checkpoint_every": 2, "queue_size": 16}
+    return load_config({
+        "run_dir": run_dir, "device": "cpu", "loader_workers": 0,
+        "data": {"human": [f"{data}/human"], "web": [f"{data}/web"], "test": [f"{data}/test"]},
+        "model": {"preset": "tiny", "vocab_size": 128},
+        "train": {"pretrain": stage, "finetune_filter": stage, "finetune_captioner": stage, "final": stage},
+        "evaluate": {"max_images": 8}, "runner": {"max_workers": 2},
+    })  # fmt: skip
+
+
+def _objects(run) -> dict[str, tuple[str, str]]:
+    """Every object below the run URL: relative key -> (ETag, LastModified)."""
+    found = run.fs.find(run.path, detail=True)
+    base = run.path.rstrip("/") + "/"
+    return {name[len(base):]: (str(info.get("ETag")), str(info.get("LastModified"))) for name, info in found.items()}
+
+
+def _query(run: str, sql: str = _SQL) -> list[dict]:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["query", run, sql, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines() if line.strip()]
+
+
+def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, prefect_harness, monkeypatch) -> None:
+    from data.storage import location
+    from data.synth import SynthConfig, generate_world
+    from flows.bootstrap import WORK_DIR_ENV, bootstrap
+
+    monkeypatch.setenv("CAPFILT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(WORK_DIR_ENV, str(tmp_path / "work-1"))
+    world = tmp_path / "world"
+    generate_world(world, SynthConfig(human_images=24, web_images=40, test_images=8, rows_per_shard=20))
+    bucket = location(s3)
+    for split in ("human", "web", "test"):
+        _upload(world / split, bucket / "inputs" / split)
+
+    summary = bootstrap(config=_config(f"{s3}/run", f"{s3}/inputs"))
+    run = bucket / "run"
+    assert summary["final_model"].startswith(f"{s3}/run/models/final/") and summary["report"] == f"{s3}/run/report.md"
+    objects = _objects(run)
+    for role in ("pretrain", "filter", "captioner", "final"):
+        published = [k for k in objects if k.startswith(f"models/{role}/") and k.endswith("/final/config.json")]
+        assert len(published) == 1, (role, sorted(objects))
+        assert any(k.startswith(f"models/{role}/") and k.endswith("model.safetensors") for k in objects)
+    for stage in ("caption", "filter", "assemble"):
+        shards = [k for k in objects if k.startswith(f"{stage}/") and k.endswith(".parquet")]
+        assert shards and all(s.removesuffix(".parquet") + ".done.json" in objects for s in shards), stage
+    for name in ("current.json", "stages.jsonl", "eval/metrics.json", "report.md", "report.html"):
+        assert name in objects, name
+    current = json.loads((run / "current.json").read_text())["current"]
+    assert current["model/final"].startswith("models/final/") and current["caption"].startswith("caption/")
+    assert "Evaluation" in (run / "report.md").read_text() or "R@1" in (run / "report.md").read_text()
+    assert not (run / "run.json").exists()  # no fast-path record for a URL run folder
+    for key in objects:  # the fixture's secret key never lands in the run
+        assert s3_secret.encode() not in (run / key).read_bytes(), key
+
+    # the same run on local disk from the same shards: the same models, the same answers
+    local = bootstrap(config=_config(str(tmp_path / "local"), str(world)))
+    assert Path(local["final_model"]).parent.name == location(summary["final_model"]).parent.name
+    [remote_answer], [local_answer] = _query(f"{s3}/run"), _query(str(tmp_path / "local"))
+    assert remote_answer == local_answer and remote_answer["d"] == 24 and int(remote_answer["i"]) == 80  # web + synthetic
+    rows = "SELECT image_id, caption FROM dataset ORDER BY image_id, caption"
+    assert _query(f"{s3}/run", rows) == _query(str(tmp_path / "local"), rows) != []
+
+    # a rerun from a fresh working folder (another machine): nothing trained or recomputed
+    monkeypatch.setenv(WORK_DIR_ENV, str(tmp_path / "work-2"))
+    again = bootstrap(config=_config(f"{s3}/run", f"{s3}/inputs"))
+    assert again["final_model"] == summary["final_model"]
+    trained = [r for r in again["stages"] if r["stage"].startswith("train")]
+    assert len(trained) == 4 and not (tmp_path / "work-2" / "models").exists()
+    after = _objects(run)
+    kept = {k: v for k, v in objects.items() if not k.startswith(_REWRITTEN) and not k.startswith(("report-", "gallery-", ".lock"))}
+    assert {k: after.get(k) for k in kept} == kept
