@@ -79,7 +79,7 @@ def evaluate_run_folder(
     are measured, are those the latest run used (``current.json``, see `data.layout`);
     `truth_dir` defaults to the run's truth folder when it has one.
     """
-    layout = RunLayout(Path(run_dir))
+    layout = RunLayout(location(run_dir))  # a local folder or a URL
     test_shards = list_shards(layout.ingest("test"))
     if not test_shards:
         raise FileNotFoundError(f"{layout.ingest('test')}: no test shards; ingest a test set first")

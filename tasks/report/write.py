@@ -3,7 +3,6 @@ Markdown a Prefect artifact shows."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from data.layout import RunLayout
 from data.shards import write_atomic

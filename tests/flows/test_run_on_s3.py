@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 _SQL = ("SELECT (SELECT count(*) FROM dataset) AS d, (SELECT count(*) FROM scored) AS s, "
         "(SELECT count(*) FROM synthetic) AS c, "
         "(SELECT sum(counts['input']) FROM stage_stats WHERE stage = 'filter') AS i")  # fmt: skip
@@ -33,6 +31,7 @@ def _config(run_dir: str, data: str):
         "data": {"human": [f"{data}/human"], "web": [f"{data}/web"], "test": [f"{data}/test"]},
         "model": {"preset": "tiny", "vocab_size": 128},
         "train": {"pretrain": stage, "finetune_filter": stage, "finetune_captioner": stage, "final": stage},
+        "filter": {"threshold": 0.0},  # every web and synthetic caption kept: D' has all three sources
         "evaluate": {"max_images": 8}, "runner": {"max_workers": 2},
     })  # fmt: skip
 
@@ -54,6 +53,24 @@ def _query(run: str, sql: str = _SQL) -> list[dict]:
     return [json.loads(line) for line in result.output.splitlines() if line.strip()]
 
 
+def test_a_url_run_folder_refuses_the_demo_world_and_keeps_no_run_record(tmp_path: Path) -> None:
+    """The demo world and img2dataset fetches are made on a local disk: a URL run folder
+    names what to do instead, before anything is written; run.json is never read there."""
+    from flows.bootstrap import bootstrap
+    from flows.config import load_config
+    from flows.run_record import finished_summary, forget_record, write_record
+
+    for data, named in (({"world": {"n_human": 10, "n_web": 10, "n_test": 4}}, "data.world"),
+                        ({"web_urls": str(tmp_path / "urls.parquet"), "human": [str(tmp_path)], "test": [str(tmp_path)]}, "data.web_urls")):  # fmt: skip
+        cfg = load_config({"run_dir": "s3://no-such-bucket/run", "data": data})
+        with pytest.raises(ValueError, match=rf"{named}.*data.human / data.web / data.test"):
+            bootstrap.fn(config=cfg)  # the check comes before the lock: no server is asked
+    cfg = _config("s3://no-such-bucket/run", str(tmp_path))
+    assert finished_summary(cfg) is None
+    forget_record(cfg), write_record(cfg, {"run_dir": cfg.run_dir})  # no request made: the bucket does not exist
+
+
+@pytest.mark.slow
 def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, prefect_harness, monkeypatch) -> None:
     from data.storage import location
     from data.synth import SynthConfig, generate_world
@@ -91,7 +108,7 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
     local = bootstrap(config=_config(str(tmp_path / "local"), str(world)))
     assert Path(local["final_model"]).parent.name == location(summary["final_model"]).parent.name
     [remote_answer], [local_answer] = _query(f"{s3}/run"), _query(str(tmp_path / "local"))
-    assert remote_answer == local_answer and remote_answer["d"] == 24 and int(remote_answer["i"]) == 80  # web + synthetic
+    assert remote_answer == local_answer and remote_answer["d"] == 24 + 80 and int(remote_answer["i"]) == 80  # web + synthetic
     rows = "SELECT image_id, caption FROM dataset ORDER BY image_id, caption"
     assert _query(f"{s3}/run", rows) == _query(str(tmp_path / "local"), rows) != []
 
