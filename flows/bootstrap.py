@@ -238,7 +238,7 @@ def _record_training(run: _Run, job: StepJob, result: dict[str, Any]) -> str:
 def shard_stage(stage: str, jobs: list[StepJob], config: RunConfig) -> list[dict[str, Any]]:
     """Run one task per shard on this sub-flow's task runner; every shard is attempted,
     then the first failure (if any) is raised so the parent flow fails and can resume."""
-    store = result_storage(config.run_dir)
+    store = result_storage(work_dir(config.run_dir))  # Prefect's results: always on a local disk
     task = {"caption": steps.caption_shard_task, "filter": steps.filter_shard_task}[stage]
     task = task.with_options(result_storage=store)
     progress = artifacts.Progress(stage, len(jobs))

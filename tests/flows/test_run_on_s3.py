@@ -78,6 +78,7 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
 
     monkeypatch.setenv("CAPFILT_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(WORK_DIR_ENV, str(tmp_path / "work-1"))
+    monkeypatch.chdir(tmp_path)  # a URL taken for a relative path would show up here as ./s3:
     world = tmp_path / "world"
     generate_world(world, SynthConfig(human_images=24, web_images=40, test_images=8, rows_per_shard=20))
     bucket = location(s3)
@@ -121,3 +122,4 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
     after = _objects(run)
     kept = {k: v for k, v in objects.items() if not k.startswith(_REWRITTEN) and not k.startswith(("report-", "gallery-", ".lock"))}
     assert {k: after.get(k) for k in kept} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work-1", "work-2", "world"]
