@@ -22,7 +22,7 @@ def _upload(local: Path, target) -> None:
             (target / path.relative_to(local).as_posix()).upload(path)
 
 
-def _config(run_dir: str, data: str):
+def _config(run_dir: str, data: str, **extra):
     from flows.config import load_config
 
     stage = {"steps": 3, "batch_size": 8, "checkpoint_every": 2, "queue_size": 16}
@@ -32,7 +32,7 @@ def _config(run_dir: str, data: str):
         "model": {"preset": "tiny", "vocab_size": 128},
         "train": {"pretrain": stage, "finetune_filter": stage, "finetune_captioner": stage, "final": stage},
         "filter": {"threshold": 0.0},  # every web and synthetic caption kept: D' has all three sources
-        "evaluate": {"max_images": 8}, "runner": {"max_workers": 2},
+        "evaluate": {"max_images": 8}, "runner": {"max_workers": 2}, **extra,
     })  # fmt: skip
 
 
@@ -41,6 +41,14 @@ def _objects(run) -> dict[str, tuple[str, str]]:
     found = run.fs.find(run.path, detail=True)
     base = run.path.rstrip("/") + "/"
     return {name[len(base):]: (str(info.get("ETag")), str(info.get("LastModified"))) for name, info in found.items()}
+
+
+def _tables(folder) -> dict[str, dict[str, list]]:
+    """Each shard below `folder` (by its path inside it) as columns of Python values."""
+    import pyarrow.parquet as pq
+
+    return {p.relative_to(folder).as_posix(): pq.read_table(p.open("rb")).to_pydict()
+            for p in sorted(folder.rglob("part-*.parquet"))}  # fmt: skip
 
 
 def _query(run: str, sql: str = _SQL) -> list[dict]:
@@ -122,4 +130,18 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
     after = _objects(run)
     kept = {k: v for k, v in objects.items() if not k.startswith(_REWRITTEN) and not k.startswith(("report-", "gallery-", ".lock"))}
     assert {k: after.get(k) for k in kept} == kept
+
+    # caption + filter on Dask worker processes, which load the published models from the URL
+    dask = bootstrap(config=_config(f"{s3}/run-dask", f"{s3}/inputs", runner={"kind": "dask", "dask_workers": 2},
+                                    stages={"stop_after": "filter"}))  # fmt: skip
+    assert {r["stage"]: r for r in dask["stages"]}["filter"]["runner"] == "dask"
+    for key in ("caption_dir", "filter_dir"):
+        ours, ref = location(dask[key]), location(summary[key])
+        assert ours.name == ref.name
+        got, want = _tables(ours), _tables(ref)
+        assert got.keys() == want.keys() and got != {}
+        for name, table in got.items():  # ITM scores: fp32 noise between worker processes and threads (~1e-7)
+            scores = table.pop("itm_score", None)
+            assert scores == pytest.approx(want[name].pop("itm_score", None), abs=1e-5), name
+            assert table == want[name], name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work-1", "work-2", "world"]
