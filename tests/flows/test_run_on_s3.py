@@ -6,6 +6,7 @@ and recomputes nothing; no secret in any object of the run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,12 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
         assert name in objects, name
     current = json.loads((run / "current.json").read_text())["current"]
     assert current["model/final"].startswith("models/final/") and current["caption"].startswith("caption/")
-    assert "Evaluation" in (run / "report.md").read_text() or "R@1" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    for heading in ("## Training", "## Filter", "## Evaluation", "## Galleries"):  # read and written on S3
+        assert heading in report, heading
+    linked = re.findall(r"\]\(((?:report|gallery)-[^)]+\.(?:png|html))\)", report)
+    assert any(n.endswith(".png") for n in linked) and any(n.endswith(".html") for n in linked)
+    assert all(name in objects for name in linked), linked
     assert not (run / "run.json").exists()  # no fast-path record for a URL run folder
     for key in objects:  # the fixture's secret key never lands in the run
         assert s3_secret.encode() not in (run / key).read_bytes(), key
@@ -144,4 +150,10 @@ def test_bootstrap_on_an_s3_run_folder(s3: str, s3_secret: str, tmp_path: Path, 
             scores = table.pop("itm_score", None)
             assert scores == pytest.approx(want[name].pop("itm_score", None), abs=1e-5), name
             assert table == want[name], name
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["report", f"{s3}/run"])
+    assert result.exit_code == 0 and f"{s3}/run/report.md" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "work-1", "work-2", "world"]
