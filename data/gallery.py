@@ -33,6 +33,7 @@ from data.catalog import open_catalog, run_query, view_names
 from data.images import decode_image
 from data.layout import RunLayout
 from data.shards import write_atomic
+from data.storage import location
 
 DEFAULT_LIMIT = 200
 THUMB_PX = 128
@@ -410,7 +411,7 @@ def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: st
     """
     if limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)  # a local folder or a URL
     con = open_catalog(run_dir)
     try:
         table, total = _rows(con, sql, limit)
@@ -427,8 +428,9 @@ def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: st
 def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT, title: str | None = None) -> Gallery:
     """`build_gallery` written to `out` atomically (a rerun replaces the page whole)."""
     gallery = build_gallery(run_dir, sql, limit, title)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(out), gallery.html)
+    out = location(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, gallery.html)
     return gallery
 
 

@@ -10,13 +10,23 @@ runs on the configured task runner) calling the `tasks/` functions. Rerunning th
 on the same run folder resumes: finished steps come back from Prefect's cache, which
 `flows.caching` keeps in agreement with the completion records, and everything else
 skips complete shards itself; training continues from its newest checkpoint.
+
+The run folder may be a URL (``s3://bucket/run``): shard stages, completion records,
+``current.json``, ``stages.jsonl``, the evaluation and the report are written there
+(`data.storage`); what needs a local disk (Prefect's ``.prefect`` results, training
+checkpoints, the shared tokenizer, local copies of training shards) lives in the run's
+local working folder, `work_dir`, and each finished model is published to the URL
+(`flows.training.train_published`), where Dask workers on other machines load it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +35,8 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, as_completed
 
 from data.layout import MODEL_ENTRY, RunLayout, model_name
-from data.shards import settings_hash
-from data.storage import location
+from data.shards import list_shards, settings_hash, write_atomic
+from data.storage import RemotePath, is_remote, location
 from flows import artifacts, steps
 from flows.caching import StepJob, result_storage
 from flows.config import RunConfig
@@ -38,18 +48,36 @@ from tasks.filter import filter_config_settings
 from tasks.video_eval import semantic_settings as video_settings
 
 
+WORK_DIR_ENV = "CAPFILT_WORK_DIR"
+
+
+def work_dir(run_dir: str) -> Path:
+    """The local working folder of a run: the run folder itself when it is local; for a URL,
+    ``<$CAPFILT_WORK_DIR or <tmp>/capfilt-work>/<sha of the URL>`` (Prefect's results,
+    training checkpoints; losing it costs time, not results: models are published)."""
+    if not is_remote(run_dir):
+        return Path(run_dir).resolve()
+    base = Path(os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir()) / "capfilt-work")
+    return base / hashlib.sha256(str(location(run_dir)).rstrip("/").encode()).hexdigest()[:16]
+
+
 class _Run:
-    """Per-run state: the config, absolute paths, tasks bound to this run's result storage."""
+    """Per-run state: the config, the run folder (local or a URL) and its local working
+    folder, tasks bound to this run's result storage."""
 
     def __init__(self, config: RunConfig, cluster: ShardCluster | None = None) -> None:
         self.config = config
         self.cluster = cluster  # the run's one Dask cluster (None on threads)
-        self.root = Path(config.run_dir).resolve()
+        self.remote = is_remote(config.run_dir)
+        self.root = location(config.run_dir) if self.remote else Path(config.run_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.work = work_dir(config.run_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.layout = RunLayout(self.root)
+        self.work_layout = RunLayout(self.work)  # the same as `layout` for a local run
         self.current: dict[str, str] = {}  # what this run used: written to current.json as it goes
         self.layout.write_current(self.current)
-        store = result_storage(self.root)
+        store = result_storage(self.work)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",
                  "filter_shard_task", "assemble_task", "evaluate_task", "video_eval_task")  # fmt: skip
         self.tasks = {name: getattr(steps, name).with_options(result_storage=store) for name in names}
@@ -57,7 +85,8 @@ class _Run:
         self.tokenizer_shards: list[str] = []  # captions a scratch model's vocabulary is built from
 
     def job(self, step: str, **kwargs: Any) -> StepJob:
-        return StepJob(step=step, run_dir=str(self.root), **kwargs)
+        # the job's run_dir is where its Prefect output records go: the local working folder
+        return StepJob(step=step, run_dir=str(self.work), **kwargs)
 
     def record(self, row: dict[str, Any], did_work: bool = True) -> None:
         """Keep a stage's row for the summary and publish its table; when the stage did
@@ -66,8 +95,13 @@ class _Run:
         self.rows.append(row)
         artifacts.publish_stage_table(self.root.name, row)
         if did_work:
-            with open(self.layout.stages_log, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            log = self.layout.stages_log
+            if isinstance(log, RemotePath):  # no append on object storage: rewrite the object whole
+                before = log.read_text() if log.is_file() else ""
+                write_atomic(log, before + json.dumps(row) + "\n")
+            else:
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
 
     def use(self, name: str, path: str) -> str:
         """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...)."""
@@ -146,22 +180,30 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
                round_index: int = 1) -> StepJob:  # fmt: skip
     stage_cfg = {"pretrain": run.config.train.pretrain, "finetune-filter": run.config.train.finetune_filter,
                  "finetune-captioner": run.config.train.finetune_captioner, "final": run.config.train.final}[step]  # fmt: skip
+    from tasks.model_store import local_model
+    from tasks.shard_cache import local_shards
     from tasks.train import training_identity
 
+    # the trainer reads local files: shards and init weights on object storage are copied once
+    local_data = local_shards(data)
+    local_init = str(local_model(init)) if init else None
     stage = dataclasses.asdict(stage_cfg)
     settings = {"mode": mode, "preset": run.config.model.preset, "vocab_size": run.config.model.vocab_size,
                 **stage}  # fmt: skip
-    identity = {k: v for k, v in settings.items() if k != "checkpoint_every"} | training_identity(data, init)
+    identity = {k: v for k, v in settings.items() if k != "checkpoint_every"} | training_identity(local_data, local_init)
     # one folder per (settings, data, init weights): other settings never overwrite a finished model
-    out = str(run.layout.model_dir(role, round_index) / settings_hash(identity))
-    kwargs = {"mode": mode, "data": data, "out": out, "init": init, "preset": run.config.model.preset,
+    model_id = settings_hash(identity)
+    out = str(run.work_layout.model_dir(role, round_index) / model_id)
+    publish = str(run.layout.model_dir(role, round_index) / model_id / "final") if run.remote else None
+    tokenizer_shards = local_shards(run.tokenizer_shards) if init is None else []
+    kwargs = {"mode": mode, "data": local_data, "out": out, "init": local_init, "preset": run.config.model.preset,
               "stage": stage, "device": run.config.device, "loader_workers": run.config.loader_workers,
               "vocab_size": run.config.model.vocab_size,
-              "tokenizer_dir": str(run.layout.tokenizer), "tokenizer_shards": run.tokenizer_shards,
+              "tokenizer_dir": str(run.work_layout.tokenizer), "tokenizer_shards": tokenizer_shards,
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
     inputs = data + ([init] if init else [])
     index = round_index if round_index > 1 else None
-    params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index)}
+    params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index), "publish": publish}
     return run.job(step, index=index, inputs=inputs, settings=settings, params=params)
 
 
@@ -198,7 +240,7 @@ def _record_training(run: _Run, job: StepJob, result: dict[str, Any]) -> str:
 def shard_stage(stage: str, jobs: list[StepJob], config: RunConfig) -> list[dict[str, Any]]:
     """Run one task per shard on this sub-flow's task runner; every shard is attempted,
     then the first failure (if any) is raised so the parent flow fails and can resume."""
-    store = result_storage(config.run_dir)
+    store = result_storage(work_dir(config.run_dir))  # Prefect's results: always on a local disk
     task = {"caption": steps.caption_shard_task, "filter": steps.filter_shard_task}[stage]
     task = task.with_options(result_storage=store)
     progress = artifacts.Progress(stage, len(jobs))
@@ -285,7 +327,7 @@ def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
     anew from its stored score: the filter folder is read, never rerun (no model runs)."""
     start = time.perf_counter()
     parts = ("kept", "rejected") if run.config.assemble.redecides else ("kept",)
-    scored = [str(p) for part in parts for p in sorted((Path(filter_dir) / part).glob("part-*.parquet"))]
+    scored = [str(p) for part in parts for p in list_shards(location(filter_dir) / part)]
     job = run.job("assemble", inputs=human + scored, settings=assemble_settings(run.config.assemble),
                   params={"human": human, "scored": scored, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
@@ -347,20 +389,27 @@ def bootstrap(config: RunConfig) -> dict[str, Any]:
     from data.run_lock import run_lock
     from flows.run_record import forget_record, write_record
 
-    from data.storage import is_remote
-
-    if is_remote(config.run_dir):
-        raise ValueError(
-            f"run_dir {config.run_dir}: the bootstrap flow keeps its run folder on a local disk (training, "
-            "Prefect results); put inputs (data.web) on object storage, or run the shard stages there with "
-            "`capfilt caption|filter|assemble --output s3://...`"
-        )
+    _check_remote_run(config)
     config.apply_storage()
     with run_lock(config.run_dir), shard_cluster(config.runner, start_now=config.runs_stage("caption")) as cluster:
         forget_record(config)
         summary = _bootstrap(_Run(config, cluster))
         write_record(config, summary)
         return summary
+
+
+def _check_remote_run(config: RunConfig) -> None:
+    """A run folder on object storage takes its inputs as shards (`data.human|web|test`,
+    local or URLs): the demo world and img2dataset fetches are made on a local disk."""
+    if not is_remote(config.run_dir):
+        return
+    if config.data.world is not None or config.data.web_urls:
+        what = "data.world (the generated demo world)" if config.data.world is not None else "data.web_urls (an img2dataset fetch)"
+        raise ValueError(
+            f"run_dir {config.run_dir}: {what} is made on a local disk, not in a run folder on object storage; "
+            "generate or fetch it locally (`capfilt synth`, img2dataset), upload the shards, and give them as "
+            "data.human / data.web / data.test (local paths or URLs), or use a local run_dir"
+        )
 
 
 def _bootstrap(run: _Run) -> dict[str, Any]:
@@ -408,7 +457,7 @@ def _capfilt_round(run: _Run, round_index: int, pretrained: str, splits: dict[st
     if not cfg.runs_stage("assemble"):
         return False
     dataset = assemble_stage(run, human, summary["filter_dir"])
-    summary["dataset_dir"] = str(Path(dataset[0]).parent) if dataset else None
+    summary["dataset_dir"] = str(location(dataset[0]).parent) if dataset else None
     if not cfg.runs_stage("final"):
         return False
     job = _train_job(run, "final", "pretrain", "final", dataset, None, round_index)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from data.inputs import input_fingerprint
 from data.layout import RunLayout
 from data.shards import file_fingerprint, read_completion, settings_hash, write_atomic
-from data.storage import location
+from data.storage import is_remote, location
 
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
@@ -54,7 +54,10 @@ class StepJob(BaseModel):
 
 
 def results_dir(run_dir: str | Path) -> Path:
-    """Where Prefect's persisted results for this run live."""
+    """Where Prefect's persisted results for this run live (`run_dir`: the run's local
+    working folder, `flows.bootstrap.work_dir`; never a URL)."""
+    if is_remote(run_dir):
+        raise ValueError(f"{run_dir}: Prefect's results live on a local disk; pass the run's local working folder")
     return RunLayout(Path(run_dir)).prefect / "results"
 
 

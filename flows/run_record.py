@@ -15,7 +15,10 @@ writes this record last, under the run folder's lock, after a run that ended nor
 `finished_summary` returns that summary only when all of it still holds; anything else
 (a changed setting, a shard deleted or rewritten, an input touched, an input on object
 storage, whose stamps would cost a listing) runs the flow as usual, and the flow removes
-the record before it writes anything. Nothing here imports Prefect.
+the record before it writes anything. A run folder on object storage gets no record
+(its stamps would cost a listing of the whole run, and the fast path exists to skip
+work that costs less than that): every rerun goes through the flow, which skips
+finished steps itself. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from data.layout import RunLayout
 from data.shards import write_atomic
+from data.storage import is_remote
 from flows.config import RunConfig
 
 RECORD_VERSION = 1
@@ -39,6 +43,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     """The summary of the finished run `config` describes, if nothing has changed since; else None."""
+    if is_remote(config.run_dir):
+        return None
     path = RunLayout(Path(config.run_dir)).run_record
     try:
         record = json.loads(path.read_text())
@@ -53,7 +59,10 @@ def finished_summary(config: RunConfig) -> dict[str, Any] | None:
 
 
 def write_record(config: RunConfig, summary: dict[str, Any]) -> None:
-    """Record a run that ended normally (the flow calls this last, holding the lock)."""
+    """Record a run that ended normally (the flow calls this last, holding the lock);
+    nothing for a run folder on object storage."""
+    if is_remote(config.run_dir):
+        return
     files = stamps(config)
     if files is None:
         return  # inputs on object storage: every rerun goes through the flow
@@ -64,6 +73,8 @@ def write_record(config: RunConfig, summary: dict[str, Any]) -> None:
 
 def forget_record(config: RunConfig) -> None:
     """Drop the record before a run writes anything (so a run that stops midway leaves none)."""
+    if is_remote(config.run_dir):
+        return  # never written there
     RunLayout(Path(config.run_dir)).run_record.unlink(missing_ok=True)
 
 

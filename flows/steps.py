@@ -218,15 +218,17 @@ def ingest_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
 @task(name="train", **_TASK_OPTIONS)
 def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Train one model (pretrain / finetune-filter / finetune-captioner / final) into
-    ``models/<name>/final``; the trainer resumes from its newest checkpoint on a rerun."""
-    from flows.training import train_model
+    ``models/<name>/final``; the trainer resumes from its newest checkpoint on a rerun.
+    With ``params.publish`` (a run folder on object storage) the model trained in the local
+    working folder is uploaded there, and one already published is used as is."""
+    from flows.training import train_published
 
     maybe_fault(job.step, job.index)
     p = job.params
     start = time.perf_counter()
     metrics = Path(p["kwargs"]["out"]) / "metrics.jsonl"
     with gpu_slot(config), TrainingProgress(job.label, metrics, int(p["kwargs"]["stage"]["steps"])):
-        result = train_model(**p["kwargs"])
+        result = train_published(p.get("publish"), **p["kwargs"])
     seconds = time.perf_counter() - start
     _log().info("%s: model %s (%s steps) in %.1f s", job.label, result["final"], result["steps"], seconds)
     record_outputs(job, [result["final"]])
@@ -286,8 +288,9 @@ def report_task(run_dir: str) -> str:
     whole run folder and is cheap, so every run rewrites it (atomically)."""
     from tasks.report import artifact_markdown, write_report
 
-    path = write_report(Path(run_dir))
-    publish_report(Path(run_dir).name, artifact_markdown(Path(run_dir)), run_dir)
+    root = location(run_dir)  # a local folder or a URL
+    path = write_report(root)
+    publish_report(root.name, artifact_markdown(root), run_dir)
     return str(path)
 
 

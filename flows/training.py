@@ -9,6 +9,13 @@ when ``out/final`` was trained with the same semantic settings. With
 
 Models trained from scratch share one tokenizer per run (``models/tokenizer``), built
 from the human and web captions, so the first and the final model read captions alike.
+
+With a run folder on object storage the trainer still writes on a local disk (the run's
+local working folder: checkpoints, metrics), and `train_published` uploads the finished
+model to the run URL (``RUN/models/<role>/<id>/final``, `tasks.model_store.publish_model`,
+config.json last), where shard stages on other machines load it. The id is content-named
+(settings, data, init weights), so a published ``final/config.json`` is a finished model:
+a rerun, on this machine or another, takes it and does not train.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from data.shards import write_atomic
 
 FINAL = "final"
 
@@ -59,6 +68,29 @@ def train_model(
                          tokenizer_dir=tokenizer_dir, **overrides)  # fmt: skip
     return {"final": result.final_dir, "steps": result.steps, "finished_before": result.skipped,
             "last_metrics": {k: float(v) for k, v in result.last_metrics.items()}}  # fmt: skip
+
+
+def train_published(publish: str | None, **kwargs: Any) -> dict[str, Any]:
+    """`train_model(**kwargs)`, then upload its final model to the URL `publish` (with the
+    run's ``metrics.jsonl`` beside it, for the report); returns `train_model`'s dict with
+    ``final`` the URL. A model already published there is returned untrained
+    (``finished_before``). Without `publish` (a local run folder) it is `train_model`."""
+    from data.storage import location
+    from tasks.model_store import publish_model
+
+    if publish is None:
+        return train_model(**kwargs)
+    target = location(publish)
+    record = target / "training.json"
+    if (target / "config.json").is_file() and record.is_file():  # config.json is uploaded last
+        steps = json.loads(record.read_text()).get("steps")
+        return {"final": str(target), "steps": steps, "finished_before": True, "last_metrics": {}}
+    result = train_model(**kwargs)
+    metrics = Path(kwargs["out"]) / "metrics.jsonl"
+    if metrics.is_file():
+        write_atomic(target.parent / metrics.name, metrics.read_bytes())
+    publish_model(Path(result["final"]), target)
+    return {**result, "final": str(target)}
 
 
 def _launch_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:

@@ -89,11 +89,12 @@ def _evaluate_videos(videos: list[Path], frames: int, model: Path | None, run: P
         typer.echo(f"wrote {out}")
 
 
-def report(run: Path = typer.Argument(..., help="Run folder (runs/<run>).")) -> None:
+def report(run: str = typer.Argument(..., help="Run folder (runs/<run>, or a URL: s3://bucket/run).")) -> None:
     """Write RUN/report.md, RUN/report.html and the report-*.png plots from the run's files."""
+    from data.storage import location
     from tasks.report import write_report
 
-    path = write_report(run)
+    path = write_report(location(run))
     typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
 
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from data.images import decode_image
 from data.shards import read_table
+from data.storage import location
 
 
 @dataclass
@@ -38,7 +39,7 @@ def read_test_set(test_shards: Sequence[Path], max_images: int | None = None) ->
     text_ids: list[str] = []
     seen: set[str] = set()
     for path in test_shards:
-        t = read_table(Path(path), "pairs", columns=["image_id", "caption", "jpg", "status"])
+        t = read_table(location(path), "pairs", columns=["image_id", "caption", "jpg", "status"])
         t = t.filter(pc.equal(t["status"], "ok"))
         for img, cap, data in zip(*(t[c].to_pylist() for c in ("image_id", "caption", "jpg")), strict=True):
             if img not in seen:

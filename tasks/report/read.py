@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, MODEL_ENTRY, SHARD_STAGES, RunLayout
 from data.shards import DONE_SUFFIX, list_shards, read_completion, read_table
+from data.storage import location
 from data.synth import load_truth
 from tasks.lifecycle import STAGE_FILE
 
@@ -190,7 +191,7 @@ def read_web_noise(run_dir: Path) -> dict[str, bool] | None:
 
 def read_stage_settings(folder: Path | None) -> dict[str, Any]:
     """The settings a stage folder was made with (its ``stage.json``); {} without one."""
-    path = Path(folder) / STAGE_FILE if folder is not None else None
+    path = location(folder) / STAGE_FILE if folder is not None else None
     if path is None or not path.is_file():
         return {}
     try:

@@ -21,6 +21,7 @@ from data.gallery import write_review_galleries
 from tasks.report.figures import caption_length_histograms, example_grid, itm_histograms, keep_rate_bars
 from tasks.report.figures import loss_curves, save_figure, threshold_curves
 from data.layout import RunLayout
+from data.storage import location
 from tasks.report.read import read_eval_metrics, read_image_bytes, read_ok_captions, read_video_metrics
 from tasks.report.read import read_scored, read_stage_settings, read_stage_times, read_training_metrics
 from tasks.report.read import read_web_noise, stage_accounting, stage_folders
@@ -369,7 +370,7 @@ def _video_section(run_dir: Path) -> list[Block]:
 def report_blocks(run_dir: Path, cfg: ReportConfig | None = None) -> list[Block]:
     """Build every section (writing its PNGs into `run_dir`) and return the blocks."""
     cfg = cfg or ReportConfig()
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)  # a local folder or a URL (`data.storage`)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder; pass the folder a run wrote (runs/<run>)")
     folders = stage_folders(run_dir)
