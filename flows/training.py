@@ -111,10 +111,6 @@ def _launch_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:
     return {"final": str(final), "steps": steps, "resumed": False, "processes": nproc}
 
 
-if __name__ == "__main__":  # one torchrun rank: `python -m flows.training ARGS.json`
-    train_model(**json.loads(Path(sys.argv[1]).read_text()))
-
-
 def training_workers(loader_workers: int, device: str, nproc_per_node: int) -> int:
     """A rank's DataLoader workers: `loader_workers`, or for -1 (auto) the stages' rule
     (`tasks.execution.resolve_workers`) shared among the node's ranks. The stream a rank
@@ -126,3 +122,7 @@ def training_workers(loader_workers: int, device: str, nproc_per_node: int) -> i
     if loader_workers >= 0:
         return loader_workers
     return resolve_workers(-1, torch.device("cuda" if device.startswith("cuda") else "cpu")) // max(1, nproc_per_node)
+
+
+if __name__ == "__main__":  # one torchrun rank: `python -m flows.training ARGS.json`
+    train_model(**json.loads(Path(sys.argv[1]).read_text()))
