@@ -30,7 +30,7 @@ from data.img2dataset import is_img2dataset, read_as_pairs
 from data.schema import conform
 from data.shards import combine_fingerprints, file_fingerprint, parquet_schema, read_table, shard_name
 from data.storage import Location, RemotePath, list_files, location, open_input
-from data.webdataset_input import exists, is_webdataset_shard, read_webdataset_pairs, sidecar_of, tar_of, webdataset_rows
+from data.webdataset_input import is_webdataset_shard, read_webdataset_pairs, sidecar_of, tar_of, webdataset_rows
 
 _OUR_SHARD = re.compile(r"part-\d{5}\.parquet")
 _NUMBERED_SHARD = re.compile(r"(\d+)\.(?:parquet|tar)")
@@ -74,7 +74,7 @@ def webdataset_tars(paths: Sequence[Location]) -> list[Location]:
     """`paths` with each webdataset sidecar (``N.parquet`` beside an ``N.tar``) replaced by
     its tar, once: the tar is read in place with its sidecar, and both would name the
     same output. Order is kept."""
-    out = [location(tar_of(p)) if p.name.endswith(".parquet") and exists(tar_of(p)) else p for p in paths]
+    out = [tar if p.name.endswith(".parquet") and (tar := location(tar_of(p))).is_file() else p for p in paths]
     return list(dict.fromkeys(out))
 
 
@@ -89,8 +89,8 @@ def input_rows(src: Location) -> int:
 def input_fingerprint(src: Location) -> str:
     """The identity of an input shard's bytes: the file's fingerprint; a webdataset tar's
     with its sidecar's (a changed sidecar changes the rows read)."""
-    if is_webdataset_shard(src) and exists(sidecar_of(src)):
-        return combine_fingerprints([file_fingerprint(src), file_fingerprint(location(sidecar_of(src)))])
+    if is_webdataset_shard(src) and (sidecar := location(sidecar_of(src))).is_file():
+        return combine_fingerprints([file_fingerprint(src), file_fingerprint(sidecar)])
     return file_fingerprint(src)
 
 

@@ -72,10 +72,6 @@ def tar_of(sidecar: str | Path) -> str:
     return str(sidecar).removesuffix(".parquet") + TAR_SUFFIX
 
 
-def exists(path: str | Path) -> bool:
-    """Whether a file exists at a local path or URL."""
-    return location(path).is_file()
-
 
 def read_samples(tar: str | Path) -> TarSamples:
     """Stream one tar and group its members into samples (webdataset's key rule). A
@@ -106,7 +102,7 @@ def webdataset_rows(tar: str | Path) -> pa.Table:
     image cannot be had gets a failure status and message here (module docstring)."""
     samples = read_samples(tar)
     sidecar = sidecar_of(tar)
-    if not exists(sidecar):
+    if not location(sidecar).is_file():
         return _rows_from_tar(samples)
     table = read_img2dataset(sidecar)  # type: ignore[arg-type]  # a local path or URL
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -65,14 +66,14 @@ def install(resume_command: str | None) -> None:
     threading.Thread(target=_watch, args=(read_fd, stop), name="capfilt-interrupt", daemon=True).start()
 
 
-def _watch(read_fd: int, stop: object) -> None:
+def _watch(read_fd: int, stop: Callable[[], None]) -> None:
     """Block on the wake-up pipe; the C-level handler writes each signal's number there."""
     while True:
         data = os.read(read_fd, 64)
         if not data:
             return
         if signal.SIGINT in data:  # bytes: each item is one signal number
-            stop()  # type: ignore[operator]
+            stop()
 
 
 def stop_children(grace_s: float = CHILD_GRACE_S) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +58,31 @@ def local_model(model: str | Path | RemotePath) -> Path:
     if not isinstance(source, RemotePath):
         return source
     files = _listing(source)
-    final = cache_root() / _digest(source, files)
-    if (final / _FIRST_READ).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    for name, _ in files:
-        target = partial / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (source / name).download(target)
-    if (final / _FIRST_READ).is_file():  # another process of this machine got there first
-        import shutil
 
+    def download(folder: Path) -> None:
+        for name, _ in files:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (source / name).download(target)
+
+    return fill_cache(cache_root() / _digest(source, files), _FIRST_READ, download)
+
+
+def fill_cache(folder: Path, marker: str, fill: Callable[[Path], None]) -> Path:
+    """`folder` in the local cache, whole: as it is when ``folder/marker`` exists, else
+    `fill` writes a private folder beside it that is then moved into place whole
+    (`blip_core.atomic.replace_folder`), so a killed download is never used; when another
+    process of this machine finished first, its copy is kept and ours dropped."""
+    if (folder / marker).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    fill(partial)
+    if (folder / marker).is_file():
         shutil.rmtree(partial, ignore_errors=True)
-        return final
-    replace_folder(partial, final)
-    return final
+    else:
+        replace_folder(partial, folder)
+    return folder
 
 
 def publish_model(local: Path, target: Location | str) -> Location:

@@ -14,15 +14,12 @@ place whole, so a killed download is never used.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from blip_core.atomic import replace_folder
 from data.shards import completion_path, list_shards
 from data.storage import RemotePath, location
-from tasks.model_store import cache_root
+from tasks.model_store import cache_root, fill_cache
 
 
 def local_shards(items: Sequence[str | Path]) -> list[str]:
@@ -43,18 +40,12 @@ def local_shards(items: Sequence[str | Path]) -> list[str]:
 def _cached(shard: RemotePath) -> Path:
     info = shard.fs.info(shard.path)
     key = f"{shard.url}\n{info.get('size')}\n{info.get('ETag') or info.get('mtime') or ''}"
+
+    def download(folder: Path) -> None:
+        shard.download(folder / shard.name)
+        record = completion_path(shard)
+        if record.is_file():
+            record.download(folder / record.name)  # type: ignore[union-attr]
+
     folder = cache_root() / "shards" / hashlib.sha256(key.encode()).hexdigest()[:24]
-    target = folder / shard.name
-    if target.is_file():
-        return target
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    shard.download(partial / shard.name)
-    record = completion_path(shard)
-    if record.is_file():
-        record.download(partial / record.name)  # type: ignore[union-attr]
-    if target.is_file():  # another process of this machine got there first
-        shutil.rmtree(partial, ignore_errors=True)
-        return target
-    replace_folder(partial, folder)
-    return target
+    return fill_cache(folder, shard.name, download) / shard.name
