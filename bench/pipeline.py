@@ -52,9 +52,10 @@ import blip_core  # noqa: E402
 from blip_core.med import MED  # noqa: E402
 from data.shards import shard_name, write_shard  # noqa: E402
 from data.synth_photo import photo_jpeg  # noqa: E402
-from tasks.caption import CaptionConfig, _Captioner, _generate_batch, run_caption  # noqa: E402
+from tasks.caption import CaptionConfig, Captioner, _generate_batch, run_caption  # noqa: E402
 from tasks.execution import ExecutionConfig, inference_context, progress_bar  # noqa: E402
-from tasks.filter import FilterConfig, _Judge, _score, run_filter  # noqa: E402
+from tasks.executor import PlanItem  # noqa: E402
+from tasks.filter import FilterConfig, Judge, _score, run_filter  # noqa: E402
 
 WORDS = "a an the red blue green small big dog cat square circle on in grass table two photo of man woman".split()
 SCHEMA = pa.schema([("key", pa.string()), ("image_id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
@@ -113,21 +114,21 @@ def _timed(fn: Any) -> float:
 # ----------------------------------------------------------------------------- efficiency
 
 
-def _drain(stage: Any, src: Path, *args: Any) -> tuple[Any, list[Any]]:
+def _drain(stage: Any, src: Path) -> tuple[Any, list[Any]]:
     """The stage's plan of `src` and its image batches, decoded into memory."""
-    with stage.stream([lambda: stage.read(src, *args)]) as stream:
+    with stage.stream([lambda: stage.read(PlanItem(0, str(src), src.name))]) as stream:
         state, batches = stream.take(0)
         return state, list(batches)
 
 
 def filter_efficiency(loaded: Any, shard: Path, execution: ExecutionConfig, tmp: Path) -> dict[str, float]:
     cfg = FilterConfig(execution=execution)
-    judge = _Judge.build(loaded, cfg)
+    judge = Judge.build(loaded, cfg)
     runs = iter(range(10))
     stage = lambda: run_filter([shard], tmp / f"filter-{next(runs)}", loaded, cfg)  # noqa: E731
-    read = _timed(lambda: judge.read(shard, None, shard.name))
-    decode = _timed(lambda: _drain(judge, shard, None, shard.name))
-    state, batches = _drain(judge, shard, None, shard.name)
+    read = _timed(lambda: judge.read(PlanItem(0, str(shard), shard.name)))
+    decode = _timed(lambda: _drain(judge, shard))
+    state, batches = _drain(judge, shard)
     bar = progress_bar(0, "", False)
     model = lambda: _score(loaded.model, state.plan, iter(batches), cfg, judge.device, judge.precision, bar)  # noqa: E731
     return {"model": _timed(model), "stage": _timed(stage), "read": read, "decode": decode - read}
@@ -135,12 +136,12 @@ def filter_efficiency(loaded: Any, shard: Path, execution: ExecutionConfig, tmp:
 
 def caption_efficiency(loaded: Any, shard: Path, execution: ExecutionConfig, tmp: Path) -> dict[str, float]:
     cfg = CaptionConfig(execution=execution)
-    captioner = _Captioner.build(loaded, cfg)
+    captioner = Captioner.build(loaded, cfg)
     runs = iter(range(10))
     stage = lambda: run_caption([shard], tmp / f"caption-{next(runs)}", loaded, cfg)  # noqa: E731
-    read = _timed(lambda: captioner.read(shard, shard.name))
-    decode = _timed(lambda: _drain(captioner, shard, shard.name))
-    state, batches = _drain(captioner, shard, shard.name)
+    read = _timed(lambda: captioner.read(PlanItem(0, str(shard), shard.name)))
+    decode = _timed(lambda: _drain(captioner, shard))
+    state, batches = _drain(captioner, shard)
     keys = state.web.column("key").to_pylist()
 
     def model() -> None:

@@ -30,13 +30,15 @@ def artifact_key(*parts: str) -> str:
 
 
 def stage_row(stage: str, shard_stats: Iterable[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    """One table row for a stage: summed counts, shards done / skipped, time and images/s."""
+    """One table row for a stage: summed counts, shards done / skipped, time and images/s.
+
+    Each item of `shard_stats` is one shard's stats (``skipped`` a bool) or one worker's
+    (``shards`` and ``skipped`` counts, `tasks.executor.WorkerResult`)."""
     totals = dict.fromkeys(COUNT_COLUMNS, 0)
-    shards = skipped = cached = images = 0
+    shards = skipped = images = 0
     for stats in shard_stats:
-        shards += 1
-        skipped += bool(stats.get("skipped"))
-        cached += bool(stats.get("cached"))
+        shards += int(stats.get("shards", 1))
+        skipped += int(stats.get("skipped") or 0)
         images += int(stats.get("images", 0))
         for name in COUNT_COLUMNS:
             totals[name] += int(stats.get("counts", {}).get(name, 0))
@@ -44,8 +46,7 @@ def stage_row(stage: str, shard_stats: Iterable[dict[str, Any]], wall_seconds: f
         "stage": stage,
         **totals,
         "shards": shards,
-        "skipped_shards": skipped,  # complete before: the stage function skipped them
-        "cached_shards": cached,  # Prefect returned the earlier result without running the task
+        "skipped_shards": skipped,  # complete before: their completion records matched
         "seconds": round(wall_seconds, 2),
         "images_per_s": round(images / wall_seconds, 1) if wall_seconds > 0 and images else 0.0,
     }
@@ -85,27 +86,67 @@ def publish_report(run_name: str, markdown: str, run_dir: str) -> None:
     create_markdown_artifact(key="capfilt-report", markdown=markdown, description=f"capfilt run report {run_dir}")
 
 
-class Progress:
-    """A progress artifact for a long stage, updated as shards finish (at most ~20 updates)."""
+class ShardProgress:
+    """Shards done of a shard stage, on any runner: ``with ShardProgress(stage, total) as p:``
+    and `p.done(index)` (the shard's plan index) from any thread as each shard finishes (a shard counted twice, by a
+    worker run again after a crash, counts once).
 
-    def __init__(self, stage: str, total: int) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.step = max(1, self.total // 20)
+    Drawn as the stage's bar (a terminal bar, plain lines in logs: `blip_core.progress`)
+    and, in a flow run, as a Prefect progress artifact that a daemon thread moves every
+    `every` seconds, so no worker ever waits on the API.
+    """
+
+    def __init__(self, stage: str, total: int, enabled: bool = True, every: float = 2.0) -> None:
+        from blip_core.progress import progress_bar
+
+        self.total, self.every = max(total, 1), every
+        self.seen: set[int] = set()
+        self.shown = -1.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._bar = progress_bar(total, stage, unit="shard", enabled=enabled)
         self.artifact_id: UUID | None = None
         if _in_run():
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(0.0, description=f"capfilt {stage}: shards done")
+        self._thread = threading.Thread(target=self._watch, name=f"capfilt-progress-{stage}", daemon=True)
 
-    def advance(self) -> None:
-        """One more shard finished."""
-        self.done += 1
-        if self.artifact_id is None or (self.done % self.step and self.done != self.total):
+    def __enter__(self) -> ShardProgress:
+        if self.artifact_id is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.every + 5)
+        self._bar.close()
+        self._publish()
+
+    def done(self, index: int) -> None:
+        """Shard `index` of the plan finished, or was found complete."""
+        with self._lock:
+            if index in self.seen:
+                return
+            self.seen.add(index)
+            self._bar.update(1)
+
+    def _publish(self) -> None:
+        percent = 100.0 * len(self.seen) / self.total
+        if self.artifact_id is None or percent == self.shown:
             return
         from prefect.artifacts import update_progress_artifact
 
-        update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+        update_progress_artifact(self.artifact_id, percent)
+        self.shown = percent
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self._publish()
+            except Exception:  # noqa: BLE001 - a progress display must never fail the stage
+                continue
 
 
 def last_step(metrics: Path) -> int:

@@ -21,7 +21,6 @@ local working folder, `work_dir`, and each finished model is published to the UR
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,16 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture, as_completed
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 
 from data.layout import MODEL_ENTRY, RunLayout, model_name
 from data.shards import list_shards, settings_hash, write_atomic
 from data.storage import RemotePath, is_remote, location
 from flows import artifacts, steps
-from flows.caching import StepJob, result_storage
+from flows.caching import StepJob, result_storage, write_list
 from flows.config import RunConfig
-from flows.runners import ShardCluster, build_task_runner, gpu_annotation, shard_cluster
+from flows.runners import ShardCluster, shard_cluster
 from tasks.assemble import assemble_settings
 from tasks.evaluate.config import semantic_settings as eval_settings
 from tasks.execution import semantic_settings
@@ -78,8 +77,8 @@ class _Run:
         self.current: dict[str, str] = {}  # what this run used: written to current.json as it goes
         self.layout.write_current(self.current)
         store = result_storage(self.work)
-        names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",
-                 "filter_shard_task", "assemble_task", "evaluate_task", "video_eval_task")  # fmt: skip
+        names = ("world_task", "ingest_task", "train_task", "plan_stage", "shard_stage_task", "assemble_task",
+                 "evaluate_task", "video_eval_task")  # fmt: skip
         self.tasks = {name: getattr(steps, name).with_options(result_storage=store) for name in names}
         self.rows: list[dict[str, Any]] = []
         self.tokenizer_shards: list[str] = []  # captions a scratch model's vocabulary is built from
@@ -87,6 +86,11 @@ class _Run:
     def job(self, step: str, **kwargs: Any) -> StepJob:
         # the job's run_dir is where its Prefect output records go: the local working folder
         return StepJob(step=step, run_dir=str(self.work), **kwargs)
+
+    def shard_list(self, paths: list[str]) -> str:
+        """`paths` as a list file (`flows.caching.write_list`): what a task takes instead of a
+        list whose size grows with the number of shards."""
+        return write_list(self.work, paths)
 
     def record(self, row: dict[str, Any], did_work: bool = True) -> None:
         """Keep a stage's row for the summary and publish its table; when the stage did
@@ -196,12 +200,12 @@ def _train_job(run: _Run, step: str, mode: str, role: str, data: list[str], init
     out = str(run.work_layout.model_dir(role, round_index) / model_id)
     publish = str(run.layout.model_dir(role, round_index) / model_id / "final") if run.remote else None
     tokenizer_shards = local_shards(run.tokenizer_shards) if init is None else []
-    kwargs = {"mode": mode, "data": local_data, "out": out, "init": local_init, "preset": run.config.model.preset,
-              "stage": stage, "device": run.config.device, "loader_workers": run.config.loader_workers,
-              "vocab_size": run.config.model.vocab_size,
-              "tokenizer_dir": str(run.work_layout.tokenizer), "tokenizer_shards": tokenizer_shards,
+    kwargs = {"mode": mode, "data": run.shard_list(local_data), "out": out, "init": local_init,
+              "preset": run.config.model.preset, "stage": stage, "device": run.config.device,
+              "loader_workers": run.config.loader_workers, "vocab_size": run.config.model.vocab_size,
+              "tokenizer_dir": str(run.work_layout.tokenizer), "tokenizer_shards": run.shard_list(tokenizer_shards),
               "nproc_per_node": run.config.train.nproc_per_node}  # fmt: skip
-    inputs = data + ([init] if init else [])
+    inputs = [run.shard_list(data)] + ([init] if init else [])
     index = round_index if round_index > 1 else None
     params = {"out": out, "kwargs": kwargs, "name": model_name(role, round_index), "publish": publish}
     return run.job(step, index=index, inputs=inputs, settings=settings, params=params)
@@ -236,74 +240,36 @@ def _record_training(run: _Run, job: StepJob, result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- shard stages
 
 
-@flow(name="capfilt-shards", validate_parameters=False)
-def shard_stage(stage: str, jobs: list[StepJob], config: RunConfig) -> list[dict[str, Any]]:
-    """Run one task per shard on this sub-flow's task runner; every shard is attempted,
-    then the first failure (if any) is raised so the parent flow fails and can resume."""
-    store = result_storage(work_dir(config.run_dir))  # Prefect's results: always on a local disk
-    task = {"caption": steps.caption_shard_task, "filter": steps.filter_shard_task}[stage]
-    task = task.with_options(result_storage=store)
-    progress = artifacts.Progress(stage, len(jobs))
-    with gpu_annotation(config):
-        futures = task.map(job=jobs, config=unmapped(config))
-    for _ in as_completed(list(futures)):
-        progress.advance()
-    results, errors = [], []
-    for future in futures:
-        future.wait()
-        state = future.state
-        if state.is_completed():
-            results.append({**future.result(), "cached": state.name == "Cached"})
-        else:
-            errors.append(state)
-    if errors:
-        get_run_logger().error("%s: %d of %d shards failed", stage, len(errors), len(jobs))
-        errors[0].result()  # raises the shard's exception
-    return results
-
-
-def _run_shards(run: _Run, stage: str, jobs: list[StepJob]) -> list[dict[str, Any]]:
-    """Run a shard stage's sub-flow on the run's task runner (on Dask: the run's one
-    cluster); its row records the runner and, on Dask, the scheduler and workers used and
-    the seconds the stage waited for the cluster to be ready (part of the stage's time)."""
+def _run_shards(run: _Run, stage: str, plan: dict[str, Any], model: str) -> None:
+    """Run a shard stage's plan as one task on the run's workers (on Dask: the run's one
+    cluster); its row records the runner and, on Dask, the scheduler and the workers that
+    did shard work and the seconds the stage waited for the cluster (part of its time)."""
     start = time.perf_counter()
     row_extra: dict[str, Any] = {"runner": run.config.runner.kind}
-    in_api: Any = contextlib.nullcontext()
     address = None
     if run.cluster is not None:
         waited = time.perf_counter()
         address = run.cluster.address()  # waits for the run's LocalCluster on its first stage
-        in_api = run.cluster.api_settings()
         row_extra.update(dask_scheduler=address, dask_wait_s=round(time.perf_counter() - waited, 2))
-    sub = shard_stage.with_options(task_runner=build_task_runner(run.config.runner, address), flow_run_name=f"{stage}")
-    with in_api:
-        results = sub(stage=stage, jobs=jobs, config=run.config)
-    did_work = any(not (r["cached"] or r.get("skipped")) for r in results)
-    if run.cluster is not None:  # the workers that ran a task now (a cached result names an old one)
-        row_extra["dask_workers"] = sorted({r["dask_worker"] for r in results if not r["cached"] and r.get("dask_worker")})
-    row = {**artifacts.stage_row(stage, results, time.perf_counter() - start), **row_extra}
-    run.record(row, did_work=did_work)
-    return results
-
-
-def _shard_jobs(run: _Run, stage: str, plan: dict[str, Any], model: str) -> list[StepJob]:
-    """One task per planned shard: its input (and caption shard), output name, folder and digest."""
-    jobs = []
-    for index, shard in enumerate(plan["shards"]):
-        params = {**shard, "folder": plan["folder"], "digest": plan["digest"], "model": model}
-        inputs = [shard["src"]] + ([shard["captions"]] if shard["captions"] else [])
-        jobs.append(run.job(stage, index=index, inputs=inputs, settings={"digest": plan["digest"]}, params=params))
-    return jobs
+    params = {**plan, "model": model}
+    job = run.job(stage, settings={"digest": plan["digest"]}, params=params)
+    result = run.tasks["shard_stage_task"](job=job, config=run.config, address=address)
+    workers = result["workers"]
+    if run.cluster is not None:
+        row_extra["dask_workers"] = sorted({w["worker"] for w in workers if w.get("worker") and w["shards"] > w["skipped"]})
+    row = {**artifacts.stage_row(stage, workers, time.perf_counter() - start), **row_extra}
+    run.record(row, did_work=any(w["shards"] > w["skipped"] for w in workers))
 
 
 def caption_stage(run: _Run, web: list[str], captioner: str) -> str:
     """Caption every web shard; returns the ``caption/<hash>`` folder."""
+    web_list = run.shard_list(web)
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-caption", inputs=[captioner], settings=semantic_settings(run.config.caption),
-                    params={"model": captioner, "out_dir": str(run.layout.stage("caption")), "web": web}),  # fmt: skip
+        job=run.job("plan-caption", inputs=[captioner], settings={**semantic_settings(run.config.caption), "web": web_list},
+                    params={"model": captioner, "out_dir": str(run.layout.stage("caption")), "web": web_list}),  # fmt: skip
         config=run.config,
     )
-    _run_shards(run, "caption", _shard_jobs(run, "caption", plan, captioner))
+    _run_shards(run, "caption", plan, captioner)
     return run.use("caption", plan["folder"])
 
 
@@ -311,13 +277,14 @@ def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | N
     """Filter web + synthetic captions of every web shard; returns ``filter/<hash>``."""
     # the caption folder is named by its settings hash; its records are what the plan reads
     plan_inputs = [filter_model] + ([captions] if captions else [])
+    web_list = run.shard_list(web)
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-filter", inputs=plan_inputs, settings=filter_config_settings(run.config.filter),
+        job=run.job("plan-filter", inputs=plan_inputs, settings={**filter_config_settings(run.config.filter), "web": web_list},
                     params={"model": filter_model, "out_dir": str(run.layout.stage("filter")), "captions": captions,
-                            "web": web}),  # fmt: skip
+                            "web": web_list}),  # fmt: skip
         config=run.config,
     )
-    _run_shards(run, "filter", _shard_jobs(run, "filter", plan, filter_model))
+    _run_shards(run, "filter", plan, filter_model)
     return run.use("filter", plan["folder"])
 
 
@@ -328,8 +295,9 @@ def assemble_stage(run: _Run, human: list[str], filter_dir: str) -> list[str]:
     start = time.perf_counter()
     parts = ("kept", "rejected") if run.config.assemble.redecides else ("kept",)
     scored = [str(p) for part in parts for p in list_shards(location(filter_dir) / part)]
-    job = run.job("assemble", inputs=human + scored, settings=assemble_settings(run.config.assemble),
-                  params={"human": human, "scored": scored, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
+    human_list, scored_list = run.shard_list(human), run.shard_list(scored)
+    job = run.job("assemble", inputs=[human_list, scored_list], settings=assemble_settings(run.config.assemble),
+                  params={"human": human_list, "scored": scored_list, "out_dir": str(run.layout.stage("assemble"))})  # fmt: skip
     result = run.tasks["assemble_task"](job=job, config=run.config)
     row = artifacts.stage_row("assemble", result["shard_stats"], time.perf_counter() - start)
     run.record(row, did_work=not all(s.get("skipped") for s in result["shard_stats"]))

@@ -12,6 +12,10 @@ outputs it wrote (``RUN/.prefect/outputs/<step id>.json``); before a cached resu
 used, `step_cache_key` checks those outputs are still complete (shard + valid
 completion record, or a saved model) and drops the cached result when they are not,
 so a deleted or damaged output is recomputed instead of trusted.
+
+Nothing sent to Prefect grows with the number of shards: a list of shards travels as a
+list file (`write_list`: ``.prefect/lists/<hash of the list>.shards.json``, named by its
+content), and a job's `inputs` name the list file, whose identity is its shards'.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from data.storage import is_remote, location
 # Bump when a step's meaning changes in a way its settings do not show.
 CACHE_VERSION = 2
 _FINGERPRINT_PATTERNS = ("*.parquet", "*.tar", "*.safetensors", "*.json", "*.txt", "*.png")
+LIST_SUFFIX = ".shards.json"
 
 
 class StepJob(BaseModel):
@@ -80,6 +85,8 @@ def fingerprint_path(path: str | Path) -> str:
     Folders are fingerprinted by their Parquet, weights and JSON files (not recursing,
     so checkpoint sub-folders do not count); temporary files are ignored.
     """
+    if str(path).endswith(LIST_SUFFIX):
+        return settings_hash({p: fingerprint_path(p) for p in read_list(str(path))})
     path = location(path)
     if path.is_file():
         return input_fingerprint(path)
@@ -87,6 +94,22 @@ def fingerprint_path(path: str | Path) -> str:
         files = sorted({p for pattern in _FINGERPRINT_PATTERNS for p in path.glob(pattern) if p.is_file()})
         return settings_hash({p.name: file_fingerprint(p) for p in files})
     return "missing"
+
+
+def write_list(run_dir: str | Path, paths: list[str]) -> str:
+    """`paths` as a list file in the run's local working folder `run_dir`, named by its
+    content (the same list is the same file); pass its path where a task takes shards."""
+    text = json.dumps([str(p) for p in paths])
+    target = RunLayout(Path(run_dir)).prefect / "lists" / f"{settings_hash(text)}{LIST_SUFFIX}"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, text)
+    return str(target)
+
+
+def read_list(path: str) -> list[str]:
+    """The shards of a list file made by `write_list`."""
+    return json.loads(Path(path).read_text())
 
 
 def job_cache_key(job: StepJob) -> str:
@@ -154,6 +177,8 @@ def step_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 __all__ = [
     "StepJob",
     "job_cache_key",
+    "read_list",
+    "write_list",
     "output_complete",
     "output_stamp",
     "record_outputs",

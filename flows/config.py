@@ -106,11 +106,13 @@ class StagesConfig(_Model):
 
 
 class RunnerConfig(_Model):
-    """Where shard tasks run: threads (default) or Dask (one cluster for all the run's
-    shard stages, see `flows.runners`); how GPU stages share a GPU."""
+    """Where shard stages' workers run: threads of the flow process (default) or Dask (one
+    worker per thread of one cluster for all the run's shard stages, see `flows.runners`);
+    how GPU stages share a GPU."""
 
     kind: Literal["threads", "dask"] = "threads"
-    max_workers: int = Field(2, ge=1, description="threads: concurrent shard tasks")
+    max_workers: int = Field(1, ge=1, description="threads: stage workers in the flow process, each loading the "
+                             "stage's model once and streaming its share of the shards (1: one model on all cores)")
     dask_address: str | None = Field(
         None, description="dask: scheduler address of a cluster you run (left running); None: the flow starts one "
         "LocalCluster for the whole run and closes it at the end"

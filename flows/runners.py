@@ -1,21 +1,25 @@
-"""Where shard tasks run, and how GPU stages share GPUs.
+"""Where shard stages run: a few long-lived workers, in the flow process or on Dask.
 
-The task runner is one setting (`RunnerConfig.kind`): threads in the flow process by
-default, or Dask through prefect-dask. A flow run uses ONE Dask cluster for all its
-shard stages (`ShardCluster`): the scheduler at `dask_address` (a `dask-scheduler`,
-dask-jobqueue or Kubernetes cluster the user runs, left running afterwards), or a
-`LocalCluster` of worker processes started in the background when the flow begins and
-closed when it ends, also on an error. Each stage's `DaskTaskRunner` connects to that
-address.
+A caption or filter stage is one Prefect task (`flows.steps.shard_stage_task`) that runs
+`world` workers (`tasks.executor.run_worker`), each loading the stage's model once and
+streaming its share of the stage's plan file through one image loader; what Prefect
+tracks grows with stages, never with shards. The runner is one setting
+(`RunnerConfig.kind`):
 
-Workers report their task runs to the flow's own Prefect API: the flow hands its API URL
-to the workers (their environment for a LocalCluster, the serialized settings of every
-task for any cluster), so no worker starts a temporary Prefect server of its own.
+- ``threads``: `max_workers` worker threads in the flow process (1 by default: one
+  model using the process's cores, as the stage commands do);
+- ``dask``: one worker per thread of the run's ONE Dask cluster (`ShardCluster`): the
+  scheduler at `dask_address` (a cluster the user runs, left running), or a
+  `LocalCluster` started in the background when the flow begins and closed when it ends,
+  also on an error. A worker that dies takes its share with it; the scheduler runs that
+  share again on another worker, which skips the shards already complete (their
+  records), so nothing is lost or written twice.
 
-GPU work is bounded two ways: Dask resources (each GPU task claims `gpus_per_task` of
-the `GPU` resource the workers advertise) and, for any runner, a Prefect global
-concurrency limit named by `gpu_concurrency`, so two stages (or two runs) never fight
-over one GPU.
+Workers report shards done as Dask events (threads: a callback), so the stage's bar and
+Prefect progress artifact count shards on any runner. GPU work is bounded by Dask
+resources (each worker claims `gpus_per_task` of the `GPU` resource the workers
+advertise) and, for any runner, a Prefect global concurrency limit named by
+`gpu_concurrency`.
 """
 
 from __future__ import annotations
@@ -23,31 +27,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from prefect.logging import get_logger
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.config import RunConfig, RunnerConfig
+from flows.faults import maybe_fault
+from tasks.executor import WorkerResult, WorkerSpec, run_worker
 
 logger = get_logger("capfilt.runners")
-
-
-def build_task_runner(cfg: RunnerConfig, address: str | None = None) -> TaskRunner:
-    """A fresh task runner for `cfg` (a runner is entered once per stage sub-flow run).
-
-    Dask: connects to `address` (the run's `ShardCluster`), else to `cfg.dask_address`;
-    with neither, prefect-dask starts a LocalCluster of its own for this one stage.
-    """
-    if cfg.kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
-    from prefect_dask import DaskTaskRunner  # imported only when asked for
-
-    address = address or cfg.dask_address
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(cfg))
 
 
 def local_cluster_kwargs(cfg: RunnerConfig, api_url: str | None = None) -> dict[str, Any]:
@@ -88,9 +80,7 @@ class ShardCluster:
     its worker processes start and import the stage modules (torch, transformers:
     seconds each) while the flow's earlier stages run; `address()` waits for it (or
     starts it, when nobody called `start()`). `close()` closes only a cluster this object
-    started; an external cluster is the user's and stays up. `api_settings()` is the
-    context every stage sub-flow runs in, so the tasks it sends to workers carry the
-    flow's API URL.
+    started; an external cluster is the user's and stays up.
     """
 
     def __init__(self, cfg: RunnerConfig, api_url: str | None) -> None:
@@ -108,7 +98,12 @@ class ShardCluster:
         pool.shutdown(wait=False)
 
     def _start_local(self) -> Any:
+        import dask
         import distributed
+
+        # non-daemonic worker processes may start the image loader's decoding processes; set
+        # for this process, so a worker the nanny restarts after a crash gets it too
+        dask.config.set({"distributed.worker.daemon": False})
 
         kwargs = {**local_cluster_kwargs(self.cfg, self.api_url), "preload": [WORKER_PRELOAD]}
         cluster = distributed.LocalCluster(**kwargs)
@@ -124,18 +119,6 @@ class ShardCluster:
             assert self._starting is not None
             self.cluster = self._starting.result()  # re-raises a failed start
         return str(self.cluster.scheduler_address)
-
-    @contextlib.contextmanager
-    def api_settings(self) -> Iterator[None]:
-        """Within the block, Prefect settings name the flow's API explicitly: the context
-        prefect-dask serializes with each task then points its worker at this API."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        if self.api_url and not PREFECT_API_URL.value():
-            with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
-                yield
-        else:
-            yield
 
     def close(self) -> None:
         """Close the LocalCluster this run started: every worker's heartbeat is stopped
@@ -213,18 +196,6 @@ def uses_gpu(config: RunConfig) -> bool:
 
 
 @contextlib.contextmanager
-def gpu_annotation(config: RunConfig) -> Iterator[None]:
-    """Around `.submit`/`.map` of a GPU task: claim Dask GPU resources when configured."""
-    if config.runner.kind == "dask" and config.runner.gpus_per_task and uses_gpu(config):
-        import dask
-
-        with dask.annotate(resources={"GPU": config.runner.gpus_per_task}):
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
 def gpu_slot(config: RunConfig) -> Iterator[None]:
     """Inside a GPU task: hold one slot of the Prefect global concurrency limit, if named.
 
@@ -238,3 +209,85 @@ def gpu_slot(config: RunConfig) -> Iterator[None]:
             yield
     else:
         yield
+
+
+# ----------------------------------------------------------------------------- stage workers
+
+Notify = Callable[[int], None]  # called with each shard's plan index as it is done
+
+
+def stage_worker(spec: WorkerSpec, config: RunConfig, notify: Notify | None = None) -> WorkerResult:
+    """One worker of a shard stage, wherever it runs: the run's storage options in this
+    process, the GPU slot, fault injection per shard (`CAPFILT_FAULT=filter:2`)."""
+    config.apply_storage()
+    with gpu_slot(config):
+        return run_worker(spec, before=partial(maybe_fault, spec.stage), on_done=notify)
+
+
+def run_on_threads(specs: list[WorkerSpec], config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
+    """Each spec in a thread of the flow process; a worker's exception is its result."""
+    if len(specs) == 1:
+        return [_outcome(partial(stage_worker, specs[0], config, notify))]
+    with concurrent.futures.ThreadPoolExecutor(len(specs), thread_name_prefix="capfilt-stage") as pool:
+        futures = [pool.submit(_outcome, partial(stage_worker, spec, config, notify)) for spec in specs]
+        return [future.result() for future in futures]
+
+
+def _outcome(call: Callable[[], WorkerResult]) -> WorkerResult | BaseException:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the stage raises it after the other workers finish
+        return exc
+
+
+def dask_world(address: str) -> int:
+    """How many stage workers the cluster at `address` runs at once: its worker threads."""
+    import distributed
+
+    with distributed.Client(address, set_as_default=False, timeout=WORKER_EXIT_S) as client:
+        return max(1, sum(client.nthreads().values()))
+
+
+def run_on_dask(address: str, specs: list[WorkerSpec], config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
+    """Each spec as one task on the cluster at `address`; workers send each shard done as an
+    event. A task whose worker dies is run again elsewhere by the scheduler."""
+    import distributed
+
+    topic = f"capfilt-shards-{uuid.uuid4().hex}"
+    resources = {"GPU": config.runner.gpus_per_task} if config.runner.gpus_per_task and uses_gpu(config) else None
+
+    def on_event(event: tuple[float, dict[str, Any]]) -> None:  # (timestamp, message)
+        notify(int(event[1]["index"]))
+
+    with distributed.Client(address, set_as_default=False, timeout=WORKER_EXIT_S) as client:
+        client.subscribe_topic(topic, on_event)
+        futures = [client.submit(_dask_stage_worker, spec, config, topic, key=f"{spec.stage}-worker-{spec.rank}-{topic}",
+                                 resources=resources, pure=False) for spec in specs]  # fmt: skip
+        outcomes = [_outcome(future.result) for future in futures]  # each waits; all run at once
+        client.unsubscribe_topic(topic)
+    return outcomes
+
+
+def _dask_stage_worker(spec: WorkerSpec, config: RunConfig, topic: str) -> WorkerResult:
+    """On a Dask worker: run the spec, logging each shard done to the flow's `topic`."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    notify = lambda index: worker.log_event(topic, {"index": index})  # noqa: E731
+    result = stage_worker(_in_process_loader(spec), config, notify)
+    result.worker = str(worker.address)
+    return result
+
+
+def _in_process_loader(spec: WorkerSpec) -> WorkerSpec:
+    """A daemonic worker process (an external cluster's nanny default) may not start the
+    loader's decoding processes: decode in the worker's own process instead, and say how
+    to get them (the run's LocalCluster starts non-daemonic workers)."""
+    import multiprocessing
+
+    if not multiprocessing.current_process().daemon or spec.config.execution.num_workers == 0:
+        return spec
+    logger.warning("this Dask worker is a daemonic process, so images are decoded in it, without loader processes; "
+                   "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel")  # fmt: skip
+    execution = dataclasses.replace(spec.config.execution, num_workers=0)
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, execution=execution))

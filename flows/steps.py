@@ -4,7 +4,9 @@ Each task takes a `StepJob` (what it reads, its semantic settings, its paths) an
 `RunConfig`, returns a small JSON-able dict (never tables or tensors), and records the
 outputs it wrote so the cache agrees with the run folder (see `flows.caching`). The
 wrapped functions skip work whose completion records match, so running a task again,
-cached or not, is always safe. Shard stages run one task per shard.
+cached or not, is always safe. A shard stage is one task that runs a few long-lived
+workers over the stage's plan file (`flows.runners`); lists of shards travel as list
+files (`flows.caching.write_list`), so no parameter grows with the number of shards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,8 +23,9 @@ from prefect.cache_policies import NO_CACHE
 
 from data.shards import list_shards
 from data.storage import RemotePath, location
+from flows import artifacts
 from flows.artifacts import TrainingProgress, publish_report
-from flows.caching import StepJob, record_outputs, step_cache_key
+from flows.caching import StepJob, read_list, record_outputs, step_cache_key
 from flows.config import RunConfig
 from flows.faults import maybe_fault
 from flows.runners import gpu_slot
@@ -62,79 +66,74 @@ def _log() -> Any:
 @task(name="plan", **_TASK_OPTIONS)
 def plan_stage(job: StepJob, config: RunConfig) -> dict[str, Any]:
     """Resolve a shard stage's output folder (``STAGE/<settings-hash>``) and digest with the
-    stage's own plan (`plan_caption` / `plan_filter`), once, before shard tasks fan out.
-    Rerun-safe: same settings, same folder."""
+    stage's own plan (`plan_caption` / `plan_filter`), and write the plan into that folder
+    (`tasks.executor.PLAN_FILE`): the stage's workers read it there, so nothing sent to
+    Prefect grows with the number of shards. Rerun-safe: same settings, same folder."""
     import blip_core
 
-    stage = job.step.removeprefix("plan-")
+    from tasks.executor import write_plan
     from tasks.model_store import local_model
 
+    stage = job.step.removeprefix("plan-")
     loaded = blip_core.load(local_model(job.params["model"]), device="cpu")
-    out_dir, web = location(job.params["out_dir"]), [location(p) for p in job.params["web"]]
+    out_dir, web = location(job.params["out_dir"]), [location(p) for p in read_list(job.params["web"])]
     if stage == "caption":
         from tasks.caption import plan_caption
 
-        stats, plan = plan_caption(web, out_dir, loaded, stage_config(config, config.caption))
-        shards = [{"src": str(src), "name": name, "captions": None} for src, name in plan]
+        stats, items = plan_caption(web, out_dir, loaded, stage_config(config, config.caption))
     elif stage == "filter":
         from tasks.filter import plan_filter
 
         captions = job.params.get("captions")
         stats, items = plan_filter(web, out_dir, loaded, stage_config(config, config.filter), location(captions) if captions else None)
-        shards = [{"src": str(src), "name": name, "captions": str(cap) if cap else None} for src, name, cap in items]
     else:
         raise ValueError(f"plan_stage: no shard stage named {stage!r}; expected caption or filter")
-    record_outputs(job, [str(stats.output / "stage.json")])
-    return {"folder": str(stats.output), "digest": stats.settings_hash, "shards": shards}
+    plan = write_plan(stats.output, items)
+    record_outputs(job, [str(stats.output / "stage.json"), str(plan)])
+    return {"folder": str(stats.output), "digest": stats.settings_hash, "plan": str(plan), "shards": len(items)}
 
 
 # ----------------------------------------------------------------------------- shard stages
 
 
+@task(name="shard-stage", cache_policy=NO_CACHE, task_run_name="{job.label}")
+def shard_stage_task(job: StepJob, config: RunConfig, address: str | None = None) -> dict[str, Any]:
+    """Run a caption or filter stage's plan on the run's workers (`flows.runners`): on the
+    Dask cluster at `address`, else in threads of this process. Not cached: the shards'
+    completion records decide what is done, so a rerun of a finished stage only reads them.
+    Every shard is attempted; then the first failure (if any) is raised, so the flow fails
+    and a rerun resumes."""
+    from flows.runners import dask_world, run_on_dask, run_on_threads
+    from tasks.executor import WorkerResult, WorkerSpec
+
+    stage, p = job.step, job.params
+    cfg = stage_config(config, getattr(config, stage))
+    quiet = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, progress=False))  # the stage's bar counts shards
+    world = max(1, min(p["shards"], dask_world(address) if address else config.runner.max_workers))
+    specs = [WorkerSpec(stage, p["plan"], p["folder"], p["digest"], p["model"], quiet, rank, world) for rank in range(world)]
+    with artifacts.ShardProgress(stage, p["shards"], enabled=cfg.execution.progress) as progress:
+        run = partial(run_on_dask, address) if address else run_on_threads
+        outcomes = run(specs, config, progress.done)
+    crashed = [o for o in outcomes if isinstance(o, BaseException)]
+    results = [o for o in outcomes if isinstance(o, WorkerResult)]
+    if crashed:
+        raise crashed[0]
+    failed = sum(r.failed for r in results)
+    if failed:
+        named = "\n".join(f"  {src}: {error}" for r in results for src, error in r.failures.items())
+        _log().error("%s: %d of %d shards failed", stage, failed, p["shards"])
+        raise StageFailed(f"{stage}: {failed} of {p['shards']} shards failed (the others are complete, a rerun "
+                          f"resumes):\n{named}")  # fmt: skip
+    return {"workers": [_stats_dict(r) for r in results], "execution": next((r.execution for r in results if r.execution), "")}
+
+
+class StageFailed(RuntimeError):
+    """Some shards of a stage failed; every other shard completed (a rerun redoes only these)."""
+
+
 def _stats_dict(stats: Any) -> dict[str, Any]:
     out = dataclasses.asdict(stats)
     return {k: (str(v) if isinstance(v, (Path, RemotePath)) else v) for k, v in out.items()}
-
-
-def _dask_worker() -> str | None:
-    """The address of the Dask worker running this task; None outside a Dask worker."""
-    try:
-        from distributed import get_worker
-    except ImportError:
-        return None
-    try:
-        return str(get_worker().address)
-    except ValueError:  # not on a worker (threads, or the flow process)
-        return None
-
-
-@task(name="caption-shard", retries=0, **_TASK_OPTIONS)
-def caption_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
-    """Caption one web shard into ``caption/<hash>/part-N.parquet`` (skips a complete one)."""
-    from tasks.caption import caption_shard
-
-    maybe_fault("caption", job.index)
-    p = job.params
-    with gpu_slot(config):
-        stats = caption_shard(location(p["src"]), location(p["folder"]), p["model"], stage_config(config, config.caption), p["digest"], name=p["name"])
-    record_outputs(job, [str(location(p["folder"]) / p["name"])])
-    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
-
-
-@task(name="filter-shard", retries=0, **_TASK_OPTIONS)
-def filter_shard_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
-    """Filter one web shard + its captions into ``filter/<hash>/{kept,rejected,failed}/part-N``."""
-    from tasks.filter import filter_shard, output_paths
-
-    maybe_fault("filter", job.index)
-    p = job.params
-    captions = location(p["captions"]) if p.get("captions") else None
-    with gpu_slot(config):
-        stats = filter_shard(
-            location(p["src"]), captions, location(p["folder"]), p["model"], stage_config(config, config.filter), p["digest"], name=p["name"]
-        )
-    record_outputs(job, [str(path) for path in output_paths(location(p["folder"]), p["name"]).values()])
-    return {**_stats_dict(stats), "dask_worker": _dask_worker()}
 
 
 # ----------------------------------------------------------------------------- whole-stage steps
@@ -227,8 +226,9 @@ def train_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     p = job.params
     start = time.perf_counter()
     metrics = Path(p["kwargs"]["out"]) / "metrics.jsonl"
+    kwargs = {**p["kwargs"], "data": read_list(p["kwargs"]["data"]), "tokenizer_shards": read_list(p["kwargs"]["tokenizer_shards"])}
     with gpu_slot(config), TrainingProgress(job.label, metrics, int(p["kwargs"]["stage"]["steps"])):
-        result = train_published(p.get("publish"), **p["kwargs"])
+        result = train_published(p.get("publish"), **kwargs)
     seconds = time.perf_counter() - start
     _log().info("%s: model %s (%s steps) in %.1f s", job.label, result["final"], result["steps"], seconds)
     record_outputs(job, [result["final"]])
@@ -244,7 +244,7 @@ def assemble_task(job: StepJob, config: RunConfig) -> dict[str, Any]:
     maybe_fault("assemble")
     p = job.params
     cfg = stage_config(config, config.assemble)
-    inputs = [location(x) for x in p["human"]] + [location(x) for x in p["scored"]]  # priority order: human first
+    inputs = [location(x) for x in read_list(p["human"]) + read_list(p["scored"])]  # priority order: human first
     stats = run_assemble(inputs, location(p["out_dir"]), cfg)
     shards = sorted(str(x) for x in list_shards(stats.output))
     record_outputs(job, shards)

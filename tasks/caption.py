@@ -48,7 +48,8 @@ from tasks.execution import (
     semantic_settings,
 )
 from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
-from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
+from tasks.executor import PlanItem, stream_shards
+from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, stage_dir
 
 STRATEGIES = ("nucleus", "beam", "greedy")
 _SEED_BYTES = 8
@@ -176,8 +177,9 @@ class _CaptionShard:
 
 
 @dataclass
-class _Captioner:
-    """What every shard of one caption run shares: the model on its device and the settings."""
+class Captioner:
+    """What every shard of one caption run shares: the model on its device and the
+    settings (a `tasks.executor.StageRunner`)."""
 
     loaded: Any
     cfg: CaptionConfig
@@ -188,7 +190,7 @@ class _Captioner:
     resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
-    def build(cls, model: Any, cfg: CaptionConfig) -> _Captioner:
+    def build(cls, model: Any, cfg: CaptionConfig) -> Captioner:
         from blip_core.image import ImageTransform
 
         device = resolve_device(cfg.execution.device)
@@ -199,15 +201,15 @@ class _Captioner:
                    ImageTransform(loaded.model.config.vision.image_size), _prompt_ids(loaded.tokenizer, cfg.prompt, device),
                    resolved)  # fmt: skip
 
-    def read(self, src: Location, name: str) -> Planned:
+    def read(self, item: PlanItem) -> Planned:
         """Read one shard and batch its captionable rows; the images go to the stage's `ImageStream`."""
-        web = read_pairs(src)
+        web = read_pairs(location(item.src))
         todo = np.flatnonzero(ok_mask(web))
         batches = index_batches(todo, self.resolved.batch_size)
         images = ShardImages(web.column("jpg").combine_chunks(), batches)
-        return Planned(_CaptionShard(location(src), name, web, todo, batches), images)
+        return Planned(_CaptionShard(location(item.src), item.name, web, todo, batches), images)
 
-    def generate(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
+    def work(self, shard: _CaptionShard, images: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
         """The stage's own work: sample captions for every decodable web image of the shard."""
         cfg, device, web = self.cfg, self.device, shard.web
         keys = web.column("key").to_pylist()
@@ -235,52 +237,43 @@ class _Captioner:
         """The one image loader of this caption run, over the shards `plans` read."""
         return ImageStream(plans, self.transform, self.resolved.num_workers, self.device, self.cfg.decode, pending)
 
-    def caption(self, src: Location, name: str) -> ShardOutput:
-        """One shard through a loader of its own (`caption_shard`); `run` streams many."""
-        with self.stream([partial(self.read, src, name)]) as stream:
-            return self.generate(*stream.take(0))
 
-    def run(self, stats: StageStats, plan: list[tuple[Location, str]]) -> StageStats:
-        """Every shard of `plan` through the lifecycle, their images through one loader."""
-        jobs: list[ShardJob] = []
-        plans = [partial(self.read, src, name) for src, name in plan]
-        with self.stream(plans, pending=lambda i: not jobs[i].complete()) as stream:
-            for i, (src, name) in enumerate(plan):
-                work = partial(lambda i: self.generate(*stream.take(i)), i)
-                jobs.append(caption_job(src, stats.output, stats.settings_hash, name, work))
-            stats.execution = self.resolved.why
-            return run_stage(stats, jobs)  # a bad input shard does not stop the others
-
-
-def caption_job(src: Location, dst_dir: Location, digest: str, name: str, work: Callable[[], ShardOutput]) -> ShardJob:
+def caption_job(item: PlanItem, dst_dir: Location, digest: str, work: Callable[[], ShardOutput]) -> ShardJob:
     """The lifecycle job for one web shard: ``dst_dir/<name>`` (dst_dir is the settings-hash folder)."""
-    src = location(src)
-    return ShardJob(name=name, source=str(src), outputs={"captions": location(dst_dir) / name}, kind="pairs",
+    src = location(item.src)
+    return ShardJob(name=item.name, source=str(src), outputs={"captions": location(dst_dir) / item.name}, kind="pairs",
                     fingerprint=input_fingerprint(src), digest=digest, work=work)  # fmt: skip
 
 
 def caption_shard(
     src: Location, dst_dir: Location, model: Any, cfg: CaptionConfig, digest: str, name: str | None = None
 ) -> ShardStats:
-    """Caption one web shard into ``dst_dir/<name>``; skipped (the model not even loaded) when
-    its completion record matches the input bytes and `digest`. `model`: a `LoadedModel` or a folder."""
-    name = name or location(src).name
-    return run_shard(caption_job(src, dst_dir, digest, name, lambda: _Captioner.build(model, cfg).caption(location(src), name)))
+    """Caption one web shard into ``dst_dir/<name>`` through a loader of its own; skipped (the
+    model not even loaded) when its completion record matches the input bytes and `digest`.
+    `model`: a `LoadedModel` or a folder."""
+    item = PlanItem(0, str(src), name or location(src).name)
+
+    def work() -> ShardOutput:
+        captioner = Captioner.build(model, cfg)
+        with captioner.stream([partial(captioner.read, item)]) as stream:
+            return captioner.work(*stream.take(0))
+
+    return run_shard(caption_job(item, dst_dir, digest, work))
 
 
-def plan_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[tuple[Location, str]]]:
-    """The caption stage's plan: its settings-hash folder (``stage.json`` written) and the
-    (input, output name) of every shard. The flow's plan step and `run_caption` both use it."""
+def plan_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> tuple[StageStats, list[PlanItem]]:
+    """The caption stage's plan: its settings-hash folder (``stage.json`` written) and one
+    `PlanItem` per shard. The flow's plan step and `run_caption` both use it."""
     device = resolve_device(cfg.execution.device)
     loaded = _load(model, device)
-    plan = plan_outputs(expand_inputs(inputs))
+    items = [PlanItem(i, str(src), name) for i, (src, name) in enumerate(plan_outputs(expand_inputs(inputs)))]
     folder, digest = stage_dir(out_dir, caption_settings(loaded.fingerprint, cfg, device))
-    return StageStats(stage="caption", output=folder, settings_hash=digest), plan
+    return StageStats(stage="caption", output=folder, settings_hash=digest), items
 
 
 def run_caption(inputs: list[Location], out_dir: Location, model: Any, cfg: CaptionConfig) -> StageStats:
     """Caption every web shard in `inputs` into ``out_dir/<settings-hash>/``; complete shards
     are skipped, so rerunning after a crash finishes the job."""
-    captioner = _Captioner.build(model, cfg)
+    captioner = Captioner.build(model, cfg)
     stats, plan = plan_caption(inputs, out_dir, captioner.loaded, cfg)
-    return captioner.run(stats, plan)
+    return stream_shards(captioner, caption_job, stats, plan)  # a bad input shard does not stop the others

@@ -54,7 +54,8 @@ from tasks.execution import (
 )
 from tasks.decide import DecisionRule, decide, nonempty_captions
 from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
-from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, run_stage, stage_dir
+from tasks.executor import PlanItem, stream_shards
+from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, stage_dir
 
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
 
@@ -321,8 +322,9 @@ class _FilterShard:
 
 
 @dataclass
-class _Judge:
-    """What every shard of one filter run shares: the model on its device and the settings."""
+class Judge:
+    """What every shard of one filter run shares: the model on its device and the settings
+    (a `tasks.executor.StageRunner`)."""
 
     loaded: Any
     cfg: FilterConfig
@@ -331,15 +333,17 @@ class _Judge:
     resolved: Resolved  # batch size and workers for this machine
 
     @classmethod
-    def build(cls, model: Any, cfg: FilterConfig) -> _Judge:
+    def build(cls, model: Any, cfg: FilterConfig) -> Judge:
         device = resolve_device(cfg.execution.device)
         loaded = _load(model, device)
         # memory estimate: a web caption and a synthetic one per image
         resolved = resolve_execution(cfg.execution, device, loaded.model.config.vision, copies=2, stage="filter")
         return cls(loaded, cfg, device, resolve_precision(cfg.execution.precision, device), resolved)
 
-    def read(self, src: Location, captions: Location | None, name: str) -> Planned:
+    def read(self, item: PlanItem) -> Planned:
         """Read one shard and plan its scoring; the images go to the stage's `ImageStream`."""
+        src, name = location(item.src), item.name
+        captions = location(item.captions) if item.captions else None
         web = read_pairs(src)
         syn = read_pairs(captions, columns=_CAPTION_COLUMNS) if captions else web.slice(0, 0).select(_CAPTION_COLUMNS)
         n_web, n_syn = web.num_rows, syn.num_rows
@@ -354,7 +358,7 @@ class _Judge:
         images = ShardImages(web.column("jpg").combine_chunks(), index_batches(plan.order, self.resolved.batch_size))
         return Planned(shard, images)
 
-    def judge(self, shard: _FilterShard, batches: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
+    def work(self, shard: _FilterShard, batches: Iterator[tuple[torch.Tensor, list[str]]]) -> ShardOutput:
         """The stage's own work: score every caption of the shard's images and decide keep / reject."""
         cfg, web, syn, owner, is_syn = self.cfg, shard.web, shard.syn, shard.owner, shard.is_syn
         with progress_bar(shard.images, f"filter {shard.name}", cfg.execution.progress) as bar:
@@ -377,31 +381,13 @@ class _Judge:
         """The one image loader of this filter run, over the shards `plans` read."""
         return ImageStream(plans, _transform(self.loaded.model), self.resolved.num_workers, self.device, self.cfg.decode, pending)
 
-    def filter(self, src: Location, captions: Location | None, name: str) -> ShardOutput:
-        """One shard through a loader of its own (`filter_shard`); `run` streams many."""
-        with self.stream([partial(self.read, src, captions, name)]) as stream:
-            return self.judge(*stream.take(0))
 
-    def run(self, stats: StageStats, plan: list[tuple[Location, str, Location | None]]) -> StageStats:
-        """Every shard of `plan` through the lifecycle, their images through one loader."""
-        jobs: list[ShardJob] = []
-        plans = [partial(self.read, src, captions, name) for src, name, captions in plan]
-        with self.stream(plans, pending=lambda i: not jobs[i].complete()) as stream:
-            for i, (src, name, captions) in enumerate(plan):
-                work = partial(lambda i: self.judge(*stream.take(i)), i)
-                jobs.append(filter_job(src, captions, stats.output, stats.settings_hash, name, work))
-            stats.execution = self.resolved.why
-            return run_stage(stats, jobs)  # a bad input shard does not stop the others
-
-
-def filter_job(
-    src: Location, captions: Location | None, dst_dir: Location, digest: str, name: str, work: Callable[[], ShardOutput]
-) -> ShardJob:
+def filter_job(item: PlanItem, dst_dir: Location, digest: str, work: Callable[[], ShardOutput]) -> ShardJob:
     """The lifecycle job for one web shard (and its caption shard): three outputs in `dst_dir`."""
-    src = location(src)
-    fingerprint = combine_fingerprints([input_fingerprint(src)] + ([file_fingerprint(captions)] if captions else []))
-    return ShardJob(name=name, source=str(src), outputs=output_paths(location(dst_dir), name), kind="scored",
-                    fingerprint=fingerprint, digest=digest, work=work)  # fmt: skip
+    src = location(item.src)
+    captions = [file_fingerprint(location(item.captions))] if item.captions else []
+    return ShardJob(name=item.name, source=str(src), outputs=output_paths(location(dst_dir), item.name), kind="scored",
+                    fingerprint=combine_fingerprints([input_fingerprint(src)] + captions), digest=digest, work=work)  # fmt: skip
 
 
 def filter_shard(
@@ -414,11 +400,17 @@ def filter_shard(
     name: str | None = None,
 ) -> ShardStats:
     """Filter one web shard (and its synthetic captions) into `dst_dir` (the settings-hash
-    folder); skipped (the model not even loaded) when its three outputs are complete for
-    these inputs and `digest`. `model` is a `blip_core.LoadedModel` or a model folder."""
-    name = name or location(src).name
-    work = lambda: _Judge.build(model, cfg).filter(location(src), captions, name)  # noqa: E731 - built only when needed
-    return run_shard(filter_job(src, captions, dst_dir, digest, name, work))
+    folder) through a loader of its own; skipped (the model not even loaded) when its three
+    outputs are complete for these inputs and `digest`. `model` is a `blip_core.LoadedModel`
+    or a model folder."""
+    item = PlanItem(0, str(src), name or location(src).name, str(captions) if captions else None)
+
+    def work() -> ShardOutput:
+        judge = Judge.build(model, cfg)
+        with judge.stream([partial(judge.read, item)]) as stream:
+            return judge.work(*stream.take(0))
+
+    return run_shard(filter_job(item, dst_dir, digest, work))
 
 
 def _counts(keep: np.ndarray, failed: np.ndarray, reasons: list[str | None], is_syn: np.ndarray) -> dict[str, int]:
@@ -461,9 +453,9 @@ def filter_settings(fingerprint: str, cfg: FilterConfig, device: torch.device, c
 
 def plan_filter(
     inputs: list[Location], out_dir: Location, model: Any, cfg: FilterConfig, caption_dir: Location | None = None
-) -> tuple[StageStats, list[tuple[Location, str, Location | None]]]:
-    """The filter stage's plan: its settings-hash folder (``stage.json`` written) and the
-    (input, output name, caption shard) of every shard. The flow's plan step and
+) -> tuple[StageStats, list[PlanItem]]:
+    """The filter stage's plan: its settings-hash folder (``stage.json`` written) and one
+    `PlanItem` (input, output name, caption shard) per shard. The flow's plan step and
     `run_filter` both use it."""
     device = resolve_device(cfg.execution.device)
     loaded = _load(model, device)
@@ -471,7 +463,8 @@ def plan_filter(
     caption_paths = [_captions_for(caption_dir, name) for _, name in plan]
     settings = filter_settings(loaded.fingerprint, cfg, device, [caption_hash(p) for p in caption_paths])
     folder, digest = stage_dir(out_dir, settings)
-    items = [(src, name, captions) for (src, name), captions in zip(plan, caption_paths)]
+    items = [PlanItem(i, str(src), name, str(captions) if captions else None)
+             for i, ((src, name), captions) in enumerate(zip(plan, caption_paths))]  # fmt: skip
     return StageStats(stage="filter", output=folder, settings_hash=digest), items
 
 
@@ -480,9 +473,9 @@ def run_filter(
 ) -> StageStats:
     """Filter every web shard in `inputs` (with its caption shard from `caption_dir`) into
     ``out_dir/<settings-hash>/{kept,rejected,failed}/``; complete shards are skipped."""
-    judge = _Judge.build(model, cfg)
+    judge = Judge.build(model, cfg)
     stats, plan = plan_filter(inputs, out_dir, judge.loaded, cfg, caption_dir)
-    return judge.run(stats, plan)
+    return stream_shards(judge, filter_job, stats, plan)  # a bad input shard does not stop the others
 
 
 def caption_hash(path: Location | None) -> str | None:

@@ -4,7 +4,7 @@
 
 No `PREFECT_API_URL` is set (the caller makes sure), so the flow runs on its own
 temporary Prefect server, as a new user's does; after the flow, still in this process,
-the shard task runs of its sub-flows are read from that same server and written to
+the shard-stage task runs are read from that same server and written to
 OUT.json with the flow's summary. `shard_task_runs` is also used in-process by the tests.
 """
 
@@ -18,17 +18,18 @@ from uuid import UUID
 
 
 def shard_task_runs(flow_run_id: UUID) -> dict[str, list[dict[str, Any]]]:
-    """The task runs of each shard-stage sub-flow of `flow_run_id`, as the flow's API
-    holds them: ``{"caption": [{"name": "caption-00000", "state": "COMPLETED"}, ...]}``."""
+    """The task runs of the flow run `flow_run_id` named after the shard stages, as the
+    flow's API holds them: ``{"caption": [{"name": "caption", "state": "COMPLETED"}], ...}``
+    (one per stage run; a run with a task per shard would list ``caption-00000`` ...)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        out: dict[str, list[dict[str, Any]]] = {}
-        for sub in subs:
-            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[sub.id])))
-            out[sub.name] = sorted(({"name": r.name, "state": r.state_type.value} for r in runs), key=lambda r: r["name"])
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for stage in ("caption", "filter"):
+        named = [r for r in runs if r.name == stage or r.name.startswith(f"{stage}-")]
+        out[stage] = sorted(({"name": r.name, "state": r.state_type.value} for r in named), key=lambda r: r["name"])
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,11 @@ def _rows(summary: dict) -> dict[str, dict]:
     return {r["stage"]: r for r in summary["stages"]}
 
 
-def _assert_reported(task_runs: dict[str, list[dict]], shards: int) -> None:
-    """Every shard task of both stages is in the flow's API, completed."""
+def _assert_reported(task_runs: dict[str, list[dict]]) -> None:
+    """Each shard stage is one task run in the flow's API, completed: what Prefect tracks
+    does not grow with the number of shards."""
     for stage in ("caption", "filter"):
-        runs = task_runs[stage]
-        assert [r["name"] for r in runs] == [f"{stage}-{i:05d}" for i in range(shards)], runs
-        assert {r["state"] for r in runs} == {"COMPLETED"}
+        assert task_runs[stage] == [{"name": stage, "state": "COMPLETED"}], task_runs
 
 
 def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
@@ -73,7 +73,7 @@ def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, ran
     assert caption["runner"] == filtered["runner"] == "dask" and caption["shards"] == 5 and caption["input"] == 150
     assert caption["dask_scheduler"] == filtered["dask_scheduler"]  # one cluster for the whole run
     assert caption["dask_workers"] and set(filtered["dask_workers"]) <= set(caption["dask_workers"])
-    _assert_reported(shard_task_runs(state.state_details.flow_run_id), shards=5)
+    _assert_reported(shard_task_runs(state.state_details.flow_run_id))
     with pytest.raises(OSError):  # the run's own cluster is closed when the flow ends
         Client(caption["dask_scheduler"], timeout=2)
 
@@ -92,11 +92,9 @@ def test_run_cluster_closed_when_a_stage_fails(tmp_path: Path, prefect_harness, 
     from distributed import Client
 
     from flows.bootstrap import bootstrap
-    from flows.faults import InjectedFault
-
     monkeypatch.setenv("CAPFILT_FAULT", "filter:1")  # the workers start with this environment
     config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP, runner={"kind": "dask", "dask_workers": 2})
-    with pytest.raises(InjectedFault):
+    with pytest.raises(Exception, match="injected fault in filter shard 1"):
         bootstrap(config=config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "stages.jsonl").read_text().splitlines()]
     scheduler = {r["stage"]: r for r in rows}["caption"]["dask_scheduler"]
@@ -123,14 +121,14 @@ def test_existing_cluster_by_address(tmp_path: Path, prefect_harness, random_tin
             for stage in ("caption", "filter"):
                 assert rows[stage]["dask_scheduler"] == address
                 assert rows[stage]["dask_workers"] and set(rows[stage]["dask_workers"]) <= workers
-            _assert_reported(shard_task_runs(state.state_details.flow_run_id), shards=5)
+            _assert_reported(shard_task_runs(state.state_details.flow_run_id))
             assert set(client.scheduler_info()["workers"]) == workers  # still up, the same workers
             assert client.submit(sum, [1, 2, 3]).result() == 6
 
 
 def test_dask_run_on_its_own_temporary_server(tmp_path: Path, random_tiny_model) -> None:
     """As a new user runs it (no PREFECT_API_URL): one temporary Prefect server for the
-    whole run (the flow's; none per worker), every shard task run reported to it, and a
+    whole run (the flow's; none per worker), each shard stage's task run reported to it, and a
     clean log: no traceback, no CommClosedError, no closed stream."""
     config = small_world_config(tmp_path / "run", random_tiny_model, stages=STOP, runner={"kind": "dask", "dask_workers": 2})
     config_path, out_path = tmp_path / "config.json", tmp_path / "out.json"
@@ -147,7 +145,7 @@ def test_dask_run_on_its_own_temporary_server(tmp_path: Path, random_tiny_model)
         at = log.find(bad)
         assert at < 0, log[max(0, at - 1500):at + 3000]
     result = json.loads(out_path.read_text())
-    _assert_reported(result["task_runs"], shards=5)
+    _assert_reported(result["task_runs"])
     rows = _rows(result["summary"])
     assert rows["caption"]["dask_scheduler"] == rows["filter"]["dask_scheduler"]
 
@@ -174,7 +172,7 @@ def test_ctrl_c_leaves_no_cluster_behind(tmp_path: Path, random_tiny_model) -> N
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while "Task run 'caption-" not in log_path.read_text():  # a shard finished: the stage is under way
+        while not re.search(r"^caption: .* [1-9]\d*/30 ", log_path.read_text(), re.M):  # shards done: the stage is under way
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)

@@ -53,7 +53,7 @@ def test_fault_then_rerun_resumes_and_matches(tmp_path: Path, prefect_harness, r
     assert any(k.endswith("kept/part-00002.parquet") for k in new)
     assert not any(k.startswith("caption/") and k.endswith(".parquet") for k in new)  # captions were complete
     rows = {r["stage"]: r for r in summary["stages"]}
-    assert rows["filter"]["cached_shards"] == 4 and rows["caption"]["cached_shards"] == 5
+    assert rows["filter"]["skipped_shards"] == 4 and rows["caption"]["skipped_shards"] == 5
 
     clean = small_world_config(tmp_path / "clean", random_tiny_model)
     reference = bootstrap(config=clean)

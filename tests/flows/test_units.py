@@ -1,31 +1,14 @@
-"""Small pieces of the flow package: task runner selection, stage rows, the demo's server."""
+"""Small pieces of the flow package: the Dask cluster's settings, stage rows, the demo's server."""
 
 from __future__ import annotations
 
 import urllib.request
 from pathlib import Path
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
 from flows.artifacts import artifact_key, stage_row
 from flows.config import load_config
 from flows.demo import demo_config
 from flows.ingest import local_image_server
-from flows.runners import build_task_runner, gpu_annotation
-
-
-def test_runner_is_one_setting() -> None:
-    threads = build_task_runner(load_config({"preset": "demo", "runner": {"max_workers": 3}}).runner)
-    assert isinstance(threads, ThreadPoolTaskRunner)
-    from prefect_dask import DaskTaskRunner
-
-    dask = build_task_runner(load_config({"preset": "gpu"}).runner)
-    assert isinstance(dask, DaskTaskRunner)
-    remote = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask", "dask_address": "tcp://h:8786"}}).runner)
-    assert isinstance(remote, DaskTaskRunner)
-    assert remote.address == "tcp://h:8786"
-    shared = build_task_runner(load_config({"preset": "demo", "runner": {"kind": "dask"}}).runner, "tcp://run:1234")
-    assert shared.address == "tcp://run:1234" and shared.cluster_kwargs == {}  # the run's cluster, not a new one
 
 
 def test_local_cluster_workers_get_the_flows_api() -> None:
@@ -38,24 +21,20 @@ def test_local_cluster_workers_get_the_flows_api() -> None:
     assert "env" not in local_cluster_kwargs(cfg, None)
 
 
-def test_gpu_annotation_claims_dask_resources() -> None:
-    import dask
-
-    gpu = load_config({"preset": "gpu"})
-    with gpu_annotation(gpu):
-        assert dask.get_annotations().get("resources") == {"GPU": 1}
-    with gpu_annotation(load_config({"preset": "demo"})):
-        assert "resources" not in dask.get_annotations()
-
-
 def test_stage_row_sums_and_rates() -> None:
     shards = [
         {"counts": {"input": 10, "kept": 6, "rejected": 3, "failed": 1}, "images": 10, "skipped": False},
-        {"counts": {"input": 5, "kept": 5, "rejected": 0, "failed": 0}, "images": 0, "skipped": True, "cached": True},
+        {"counts": {"input": 5, "kept": 5, "rejected": 0, "failed": 0}, "images": 0, "skipped": True},
     ]
     row = stage_row("filter", shards, wall_seconds=2.0)
     assert (row["input"], row["kept"], row["rejected"], row["failed"]) == (15, 11, 3, 1)
-    assert row["skipped_shards"] == 1 and row["cached_shards"] == 1 and row["images_per_s"] == 5.0
+    assert row["shards"] == 2 and row["skipped_shards"] == 1 and row["images_per_s"] == 5.0
+    workers = [  # one worker's sums (tasks.executor.WorkerResult): shards and skipped are counts
+        {"counts": {"input": 30, "kept": 20, "rejected": 8, "failed": 2}, "images": 12, "shards": 7, "skipped": 4},
+        {"counts": {"input": 3, "kept": 3, "rejected": 0, "failed": 0}, "images": 0, "shards": 2, "skipped": 2},
+    ]
+    row = stage_row("caption", workers, wall_seconds=4.0)
+    assert (row["input"], row["kept"], row["shards"], row["skipped_shards"], row["images_per_s"]) == (33, 23, 9, 6, 3.0)
     assert artifact_key("capfilt", "Run_2", "filter") == "capfilt-run-2-filter"
 
 

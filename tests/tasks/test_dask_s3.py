@@ -13,8 +13,9 @@ from test_stages_s3 import EXEC, _run_stages, _s3_inputs, _shard_bytes
 
 from data.layout import RunLayout
 from tasks.assemble import AssembleConfig, run_assemble
-from tasks.caption import CaptionConfig, caption_shard, plan_caption
-from tasks.filter import FilterConfig, filter_shard, plan_filter
+from tasks.caption import CaptionConfig, plan_caption
+from tasks.executor import WorkerSpec, run_worker, write_plan
+from tasks.filter import FilterConfig, plan_filter
 
 pytestmark = pytest.mark.slow
 
@@ -60,14 +61,17 @@ def test_dask_workers_run_the_stages_over_s3_like_a_local_run(s3: str, local_wor
         def spread(fn, *args, index: int):
             return client.submit(fn, *args, workers=[workers[index % 2]], pure=False)
 
+        def stage(name: str, stats, items, cfg) -> list:  # one executor worker per Dask worker, each on its own half
+            plan = str(write_plan(stats.output, items))
+            specs = [WorkerSpec(name, plan, str(stats.output), stats.settings_hash, str(model), cfg, rank, 2) for rank in range(2)]
+            return client.gather([spread(run_worker, spec, index=spec.rank) for spec in specs])
+
         stats, plan = plan_caption([web], layout.stage("caption"), str(model), cfg_c)
-        done = client.gather([spread(caption_shard, src, stats.output, str(model), cfg_c, stats.settings_hash, name, index=i)
-                              for i, (src, name) in enumerate(plan)])  # fmt: skip
-        assert [s.skipped for s in done] == [False] * len(plan)
+        done = stage("caption", stats, plan, cfg_c)
+        assert sum(r.shards for r in done) == len(plan) and sum(r.skipped for r in done) == 0 and all(r.shards for r in done)
         caption_dir = stats.output
         fstats, items = plan_filter([web], layout.stage("filter"), str(model), cfg_f, caption_dir)
-        client.gather([spread(filter_shard, src, captions, fstats.output, str(model), cfg_f, fstats.settings_hash, name, index=i)
-                       for i, (src, name, captions) in enumerate(items)])  # fmt: skip
+        assert sum(r.shards for r in stage("filter", fstats, items, cfg_f)) == len(items)
         assembled = spread(run_assemble, [fstats.output / "kept"], layout.stage("assemble"),
                            AssembleConfig(rows_per_shard=4, execution=EXEC), index=1).result()  # fmt: skip
     for stage, folder in (("caption", caption_dir), ("filter", fstats.output), ("assemble", assembled.output)):
