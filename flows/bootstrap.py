@@ -275,11 +275,12 @@ def caption_stage(run: _Run, web: list[str], captioner: str) -> str:
 
 def filter_stage(run: _Run, web: list[str], filter_model: str, captions: str | None) -> str:
     """Filter web + synthetic captions of every web shard; returns ``filter/<hash>``."""
-    # the caption folder is named by its settings hash; its records are what the plan reads
-    plan_inputs = [filter_model] + ([captions] if captions else [])
+    # the caption folder is named by its settings hash: its name is its identity (its shards
+    # are not read for the key), and its records are what the plan reads
     web_list = run.shard_list(web)
+    settings = {**filter_config_settings(run.config.filter), "web": web_list, "captions": captions}
     plan = run.tasks["plan_stage"](
-        job=run.job("plan-filter", inputs=plan_inputs, settings={**filter_config_settings(run.config.filter), "web": web_list},
+        job=run.job("plan-filter", inputs=[filter_model], settings=settings,
                     params={"model": filter_model, "out_dir": str(run.layout.stage("filter")), "captions": captions,
                             "web": web_list}),  # fmt: skip
         config=run.config,

@@ -16,6 +16,7 @@ lifecycle (`tasks.lifecycle.run_stage`), the same for the stage commands and the
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -166,20 +167,22 @@ def run_worker(spec: WorkerSpec, before: Callable[[int], None] | None = None,
     build, job = _stage(spec.stage)
     folder = location(spec.folder)
     result = WorkerResult(rank=spec.rank)
-    todo: list[PlanItem] = []
-    for item in read_plan(spec.plan, spec.rank, spec.world):
-        finished = job(item, folder, spec.digest, _never)
-        if finished.complete():
-            result.add(run_shard(finished))  # reads the record: counts, skipped
+    todo: dict[int, ShardJob] = {}  # plan index -> its job (inputs fingerprinted once)
+    items = read_plan(spec.plan, spec.rank, spec.world)
+    for item in items:
+        planned = job(item, folder, spec.digest, _never)
+        if planned.complete():
+            result.add(run_shard(planned))  # reads the record: counts, skipped
             if on_done is not None:
                 on_done(item.index)
         else:
-            todo.append(item)
+            todo[item.index] = planned
     if not todo:
         return result
     stats = StageStats(stage=spec.stage, output=folder, settings_hash=spec.digest)
+    with_work = lambda item, _folder, _digest, work: dataclasses.replace(todo[item.index], work=work)  # noqa: E731
     try:
-        stream_shards(build(spec.model, spec.config), job, stats, todo, before, on_done)
+        stream_shards(build(spec.model, spec.config), with_work, stats, [i for i in items if i.index in todo], before, on_done)
     except StageIncompleteError as exc:
         result.failed = len(exc.failures)
         result.failures = dict(list(exc.failures.items())[:MAX_REPORTED_FAILURES])

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from data.shards import CompletionRecord, write_completion, write_shard
-from flows.caching import StepJob, job_cache_key, output_complete, record_outputs, results_dir, step_cache_key
+from flows.caching import StepJob, job_cache_key, output_complete, read_list, record_outputs, results_dir, step_cache_key, write_list
 from flows.faults import InjectedFault, maybe_fault
 
 
@@ -41,6 +41,22 @@ def test_key_of_a_webdataset_shard_changes_with_its_sidecar(tmp_path: Path) -> N
     first = job_cache_key(_job(tmp_path, tar))
     write_webdataset_format(tmp_path / "wds", 3, samples(0, 3), sidecar_rows=samples(0, 2))  # the same tar bytes
     assert job_cache_key(_job(tmp_path, tar)) != first
+
+
+def test_a_list_file_keeps_parameters_small_and_keys_on_its_shards(tmp_path: Path) -> None:
+    """10,000 shards travel as one list file: the job's parameters stay the size of a path
+    (Prefect refuses parameters over 512 KiB), and its key still follows every shard's bytes."""
+    shards = [_shard(tmp_path / "in" / f"part-{i:05d}.parquet") for i in range(3)]
+    many = [str(tmp_path / "in" / f"part-{i:05d}.parquet") for i in range(10_000)]
+    listed = write_list(tmp_path, many)
+    assert write_list(tmp_path, many) == listed and read_list(listed) == many  # named by its content
+    assert write_list(tmp_path, many[:-1]) != listed
+    job = StepJob(step="train", run_dir=str(tmp_path), inputs=[listed], params={"data": listed})
+    assert len(job.model_dump_json()) < 1000
+    small = write_list(tmp_path, [str(p) for p in shards])
+    first = job_cache_key(StepJob(step="train", run_dir=str(tmp_path), inputs=[small]))
+    _shard(shards[1], caption="a blue square")
+    assert job_cache_key(StepJob(step="train", run_dir=str(tmp_path), inputs=[small])) != first
 
 
 def test_cached_result_is_dropped_when_outputs_are_gone(tmp_path: Path) -> None:
