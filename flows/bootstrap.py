@@ -257,6 +257,8 @@ def _run_shards(run: _Run, stage: str, plan: dict[str, Any], model: str) -> None
     workers = result["workers"]
     if run.cluster is not None:
         row_extra["dask_workers"] = sorted({w["worker"] for w in workers if w.get("worker") and w["shards"] > w["skipped"]})
+    if result["execution"]:
+        row_extra["execution"] = result["execution"]  # the batch size and loader workers chosen, and why
     row = {**artifacts.stage_row(stage, workers, time.perf_counter() - start), **row_extra}
     run.record(row, did_work=any(w["shards"] > w["skipped"] for w in workers))
 

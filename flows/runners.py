@@ -216,12 +216,31 @@ def gpu_slot(config: RunConfig) -> Iterator[None]:
 Notify = Callable[[int], None]  # called with each shard's plan index as it is done
 
 
-def stage_worker(spec: WorkerSpec, config: RunConfig, notify: Notify | None = None) -> WorkerResult:
+def stage_worker(spec: WorkerSpec, config: RunConfig, notify: Notify | None = None, slot: int | None = None) -> WorkerResult:
     """One worker of a shard stage, wherever it runs: the run's storage options in this
-    process, the GPU slot, fault injection per shard (`CAPFILT_FAULT=filter:2`)."""
+    process, its own GPU when the machine has several (`slot`: the rank, or the Dask
+    worker's number), the GPU slot, fault injection per shard (`CAPFILT_FAULT=filter:2`)."""
     config.apply_storage()
+    spec = _on_own_gpu(spec, spec.rank if slot is None else slot)
     with gpu_slot(config):
         return run_worker(spec, before=partial(maybe_fault, spec.stage), on_done=notify)
+
+
+def pin_device(device: str, slot: int, count: int) -> str:
+    """``cuda`` on a machine of `count` GPUs: the `slot`-th one (``cuda:{slot % count}``), so
+    the workers of one machine spread over its GPUs; any other device as it is."""
+    return f"cuda:{slot % count}" if device == "cuda" and count > 1 else device
+
+
+def _on_own_gpu(spec: WorkerSpec, slot: int) -> WorkerSpec:
+    device = spec.config.execution.device
+    if device != "cuda":
+        return spec
+    import torch
+
+    pinned = pin_device(device, slot, torch.cuda.device_count())
+    execution = dataclasses.replace(spec.config.execution, device=pinned)
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, execution=execution))
 
 
 def run_on_threads(specs: list[WorkerSpec], config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
@@ -274,7 +293,8 @@ def _dask_stage_worker(spec: WorkerSpec, config: RunConfig, topic: str) -> Worke
 
     worker = get_worker()
     notify = lambda index: worker.log_event(topic, {"index": index})  # noqa: E731
-    result = stage_worker(_in_process_loader(spec), config, notify)
+    slot = worker.name if isinstance(worker.name, int) else 0  # a LocalCluster numbers its workers 0, 1, ...
+    result = stage_worker(_in_process_loader(spec), config, notify, slot)
     result.worker = str(worker.address)
     return result
 

@@ -64,3 +64,10 @@ def test_loopback_api_is_told_apart_from_a_remote_scheduler() -> None:
 
     assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("tcp://localhost:8786")
     assert not _is_loopback("tcp://10.0.0.2:8786") and not _is_loopback("tls://scheduler:8786")
+
+
+def test_workers_spread_over_a_machines_gpus() -> None:
+    from flows.runners import pin_device
+
+    assert [pin_device("cuda", slot, 4) for slot in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert pin_device("cuda", 3, 1) == "cuda" and pin_device("cuda:2", 1, 4) == "cuda:2" and pin_device("cpu", 1, 4) == "cpu"
