@@ -62,6 +62,10 @@ class Measured:
     error: str | None = None
     stdout: str = field(default="", repr=False)
 
+    def row(self) -> dict:
+        """The figures, without the captured output."""
+        return {k: v for k, v in asdict(self).items() if k != "stdout"}
+
 
 def _tree_rss_mib(proc) -> float:
     import psutil
@@ -174,7 +178,7 @@ def run_stage_commands(world: Path, env: dict, timeout: float) -> dict:
 
     cold = both("cold")
     rerun = both("rerun") if not cold.error else None
-    return {"cold": asdict(cold), "rerun_s": rerun.seconds if rerun and not rerun.error else None}
+    return {"cold": cold.row(), "rerun_s": rerun.seconds if rerun and not rerun.error else None}
 
 
 def _write_config(world: Path, runner: str) -> Path:
@@ -201,7 +205,7 @@ def run_flow(world: Path, runner: str, env: dict, timeout: float, reruns: bool) 
     argv = [str(CAPFILT), "run", "--config", str(config)]
     logs = world / "logs"
     cold = measure(argv, env, logs / f"flow-{runner}-cold.log", timeout, watch=run_dir / "caption")
-    result: dict = {"cold": asdict(cold), "rerun_record_s": None, "rerun_flow_s": None}
+    result: dict = {"cold": cold.row(), "rerun_record_s": None, "rerun_flow_s": None}
     if cold.error or not reruns:
         return result
     record = measure(argv, env, logs / f"flow-{runner}-rerun-record.log", timeout)
