@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 CAPFILT = Path(sys.executable).parent / "capfilt"
 RUNNERS = ("stages", "threads", "dask")
 SAMPLE_S = 0.1
-ERROR_MARKERS = ("422", "Unprocessable", "Error", "error", "Traceback")
+ERROR_MARKERS = ("Unprocessable", "422", "Error:", "Error", "error")
 
 
 @dataclass
@@ -100,7 +100,8 @@ def _error_line(log: str) -> str:
     for marker in ERROR_MARKERS:
         hits = [ln for ln in lines if marker in ln]
         if hits:
-            return hits[-1][:300]
+            hit = hits[0] if marker == ERROR_MARKERS[0] else hits[-1]  # the flow's own log line says it whole
+            return hit.split("during execution: ")[-1].split(" - Response:")[0][:300]
     return (lines[-1] if lines else "no output")[:300]
 
 
@@ -288,7 +289,7 @@ def table(rows: list[dict]) -> str:
         colds = {k: _cold(r, k) for k in RUNNERS}
         first = " / ".join(_s(c["first_shard_s"]) if c else "-" for c in colds.values())
         rss = " / ".join(f"{c['peak_rss_mib']:.0f}" if c else "-" for c in colds.values())
-        errors = "; ".join(f"{k}: {c['error']}" for k, c in colds.items() if c and c["error"])
+        errors = "; ".join(f"{k}: after {c['seconds']:.0f} s, {c['error']}" for k, c in colds.items() if c and c["error"])
         flow_rerun_error = r.get("threads", {}).get("rerun_flow_error")
         if flow_rerun_error:
             errors += f"; threads rerun: {flow_rerun_error}"
@@ -310,7 +311,11 @@ def main() -> None:
     parser.add_argument("--dask-up-to", type=int, default=None, help="run dask only at shard counts up to this")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per command before it is a failed row")
     parser.add_argument("--keep", action="store_true", help="keep the bench's temporary folder (logs, outputs)")
+    parser.add_argument("--table", help="print the table of a saved bench/out JSON and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())["rows"]))
+        return
     counts = [int(n) for n in args.shards.split(",")]
     runners = args.runners.split(",")
     root = Path(tempfile.mkdtemp(prefix="capfilt-scale-"))
