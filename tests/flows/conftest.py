@@ -25,6 +25,12 @@ def prefect_harness():
 def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """A random-weight tiny MED with a WordPiece vocabulary of the shapes world, saved with
     `blip_core.save` (used as pretrained model, filter and captioner to skip training)."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def save_tiny_model(folder):
+    """Save a random-weight tiny MED (seed 0, WordPiece vocabulary of the shapes world) to
+    `folder` with `blip_core.save`; returns the folder. Used by the fixture and the benches."""
     import torch
 
     import blip_core
@@ -35,10 +41,42 @@ def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
     captions = [c for scene in all_scenes() for c in correct_captions(scene) + weak_captions(scene)]
     tokenizer = blip_core.build_tokenizer(captions + ["a picture of"], vocab_size=256)
     torch.manual_seed(0)
-    model = MED(preset("tiny").with_tokenizer(tokenizer))
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    blip_core.save(model, tokenizer, folder)
+    blip_core.save(MED(preset("tiny").with_tokenizer(tokenizer)), tokenizer, folder)
     return folder
+
+
+def write_tiny_web_shards(folder, rows: int, shards: int, distinct_images: int = 4) -> int:
+    """`rows` web pairs cut into `shards` pair shards (`part-NNNNN.parquet`, sizes differing by
+    at most one row) in `folder`, written directly with `data.shards.write_shard`: 32 px
+    JPEGs, `distinct_images` of them reused, so thousands of shards take seconds. Returns rows."""
+    import io
+    from pathlib import Path
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from data.shards import shard_name, write_shard
+
+    if not 1 <= shards <= rows:
+        raise ValueError(f"need 1 <= shards <= rows, got {shards} shards for {rows} rows")
+    jpgs = []
+    for i in range(distinct_images):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), ((60 * i) % 256, 120, (200 - 40 * i) % 256)).save(buffer, format="JPEG")
+        jpgs.append(buffer.getvalue())
+    base, extra = divmod(rows, shards)
+    row = 0
+    for s in range(shards):
+        keys = [f"w{r:06d}" for r in range(row, row + base + (s < extra))]
+        row += len(keys)
+        table = pa.table({
+            "key": keys, "image_id": keys, "source": ["web"] * len(keys),
+            "caption": ["a red circle on grass"] * len(keys), "status": ["ok"] * len(keys),
+            "jpg": pa.array([jpgs[int(k[1:]) % distinct_images] for k in keys], pa.binary()),
+            "width": pa.array([32] * len(keys), pa.int32()), "height": pa.array([32] * len(keys), pa.int32()),
+        })  # fmt: skip
+        write_shard(table, Path(folder) / shard_name(s), kind="pairs")
+    return rows
 
 
 def small_world_config(run_dir, model, **overrides):
