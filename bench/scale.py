@@ -191,7 +191,7 @@ def _write_config(world: Path, runner: str) -> Path:
         "data": {"web": [str(world / "web")]},
         "model": {"filter": str(world / "model"), "captioner": str(world / "model")},
         "stages": {"stop_after": "filter"},
-        "runner": {"kind": runner, "max_workers": 2, "dask_workers": 2},
+        "runner": {"kind": runner, "dask_workers": 2},  # threads: the default worker count
     }
     path = world / f"{runner}.yaml"
     path.write_text(yaml.safe_dump(config))

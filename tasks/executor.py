@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from data.shards import write_atomic
+from data.shards import write_if_changed
 from data.storage import Location, location
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageIncompleteError, StageStats, run_shard, run_stage
 
@@ -47,13 +47,14 @@ class PlanItem:
 
 
 def write_plan(folder: Location, items: Sequence[PlanItem]) -> Location:
-    """Write the stage's plan into `folder` (atomically; the same items give the same bytes)."""
+    """Write the stage's plan into `folder` (atomically; the same items give the same bytes,
+    and a plan already there with them is left as it is: a rerun rewrites nothing)."""
     table = pa.table({name: [getattr(item, name) for item in items] for name in _PLAN_SCHEMA.names}, schema=_PLAN_SCHEMA)
     sink = io.BytesIO()
     with pa.ipc.new_file(sink, _PLAN_SCHEMA) as writer:
         writer.write_table(table)
     path = location(folder) / PLAN_FILE
-    write_atomic(path, sink.getvalue())
+    write_if_changed(path, sink.getvalue())
     return path
 
 
