@@ -22,7 +22,7 @@ from data.synth_world import RenderConfig
 ingest_app = typer.Typer(help="Ingest image-text pairs into pairs shards.", no_args_is_help=True)
 
 
-def _echo_stats(stats: IngestStats, out: Path) -> None:
+def _echo_stats(stats: IngestStats, out: str | Path) -> None:
     typer.echo(json.dumps({"out": str(out), **dataclasses.asdict(stats)}, indent=2))
 
 
@@ -150,8 +150,8 @@ def ingest_human_command(
 
 @ingest_app.command("img2dataset")
 def ingest_img2dataset_command(
-    folder: Path = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset)."),
-    out: Path = typer.Argument(..., help="Folder for the pairs shards."),
+    folder: str = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset), a path or URL."),
+    out: str = typer.Argument(..., help="Folder for the pairs shards, a path or URL."),
     source: str = typer.Option("web"),
 ) -> None:
     """Import an existing img2dataset output folder as pairs shards (keys: img2dataset's, as the stages read them)."""

@@ -94,17 +94,18 @@ def _json_ready(table: pa.Table) -> pa.Table:
 
 
 @contextmanager
-def _sink(output: Path | None, binary: bool) -> Iterator[IO[Any]]:
-    """stdout, or a temporary file renamed to `output` on success."""
+def _sink(output: str | None, binary: bool) -> Iterator[IO[Any]]:
+    """stdout, or a temporary file renamed to `output` (a path or URL) on success."""
     if output is None:
         yield sys.stdout.buffer if binary else sys.stdout
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+    target = location(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
         yield handle
 
 
-def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: Path | None) -> int:
+def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: str | None) -> int:
     """Stream the result to csv / json / parquet; returns the number of rows written."""
     reader = relation.to_arrow_reader(BATCH_ROWS)
     rows = 0
@@ -164,7 +165,7 @@ def query(
     run: str = typer.Argument(..., help="the run folder, a name under runs/, or a URL (s3://bucket/run)"),
     sql: str | None = typer.Argument(None, help="one SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN"),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv, json or parquet"),
-    output: Path | None = typer.Option(None, "--output", "-o", help="write here instead of the terminal"),
+    output: str | None = typer.Option(None, "--output", "-o", help="write here (a path or URL) instead of the terminal"),
     schema: bool = typer.Option(False, "--schema", help="list the datasets (views) and their columns"),
     max_rows: int = typer.Option(DEFAULT_MAX_ROWS, "--max-rows", help="rows shown by --format table"),
 ) -> None:

@@ -300,3 +300,51 @@ def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> Non
     print(f"browser: {len(widths)} images rendered, {len(scores)} scores sorted, {distinct} colours")
     if os.environ.get("CAPFILT_BROWSE_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["CAPFILT_BROWSE_SCREENSHOT"])
+
+
+# ----------------------------------------------------------------------------- hostile callers (issue 23)
+
+
+@pytest.mark.parametrize(("host", "status"), [("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("LOCALHOST:{port}", 200),
+                                              ("evil.example:{port}", 421), ("evil.example", 421), ("127.0.0.1:1", 421),
+                                              ("127.0.0.1.evil.example:{port}", 421), (None, 421)])  # fmt: skip
+def test_the_served_page_answers_only_to_its_own_host_name(run: Path, host: str | None, status: int) -> None:
+    import http.client
+
+    server = page_server(build_gallery(run, ALL_SCORED, limit=1).html)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", "/", skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host.format(port=port))
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == status  # DNS rebinding: a re-pointed domain reads nothing
+        assert (b'data-key="' in body) == (status == 200)
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_browse_and_query_take_an_s3_run_folder(run: Path, tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    fs.put(str(run), f"{s3}/run", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["browse", f"{s3}/run", ALL_SCORED, "--out", f"{s3}/pages/page.html"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {s3}/pages/page.html (10 rows)" in result.output
+    assert CliRunner().invoke(app, ["browse", str(run), ALL_SCORED, "--out", str(local)]).exit_code == 0
+    assert _keys(fs.cat_file(f"{s3}/pages/page.html").decode()) == _keys(local.read_text())
+    query = CliRunner().invoke(app, ["query", f"{s3}/run", "SELECT key FROM scored ORDER BY key", "-f", "csv",
+                                     "--output", f"{s3}/q/keys.csv"])  # fmt: skip
+    assert query.exit_code == 0, query.output
+    assert fs.cat_file(f"{s3}/q/keys.csv").decode().split() == ['"key"', *sorted(f'"{r[0]}"' for r in SCORED_ROWS)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no local ./s3:/ folder

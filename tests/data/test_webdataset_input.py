@@ -371,3 +371,20 @@ def test_the_sidecar_path_gives_the_same_accounting_for_repeats_two_dots_and_bad
     assert {k: _kind(r) for k, r in rows.items()} == {
         "000000000": "ok", "000000001": "ok", "000000002": "ok", "000000002#2": "duplicate_key", "\\xff": "bad_member"}
     assert rows["000000000"]["caption"] == "photo number 0"  # from the sidecar
+
+
+def test_ingest_img2dataset_takes_urls_for_its_folder_and_out(tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    local = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for name in ("00000.tar", "00000.parquet"):
+        fs.pipe(f"{s3.removeprefix('s3://')}/i2d/{name}", (local.parent / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ingest", "img2dataset", f"{s3}/i2d", f"{s3}/imported"])
+    assert result.exit_code == 0, result.output
+    assert read_table(f"{s3}/imported/part-00000.parquet", "pairs").to_pylist() == read_pairs(local).to_pylist()  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wds"]  # nothing written to a local ./s3:/
