@@ -28,6 +28,10 @@ pushed down, rows stream), and the connection is then locked with
 ``enable_external_access=false``, no allowed paths, no temp directory and
 ``lock_configuration=true``. So ``COPY ... TO``, ``ATTACH``, ``INSTALL`` / ``LOAD``,
 ``read_csv('/etc/passwd')`` and ``SET`` fail inside duckdb even on the raw connection.
+The files the views are built on must be the run folder's own: a shard or record that is
+(or lies below) a symbolic link resolving outside the run folder, or a stage folder the
+run's ``current.json`` places outside it, is refused (`QueryRefused`, naming it), so a
+link planted in a run folder cannot make a view read another file.
 `run_query` adds a statement check with clear errors: exactly one SELECT / WITH /
 DESCRIBE / SHOW / SUMMARIZE / EXPLAIN statement. Image bytes stay ``BLOB`` for Python
 callers; `hide_blobs` replaces them by their length for display.
@@ -35,9 +39,14 @@ callers; `hide_blobs` replaces them by their length for display.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -47,7 +56,7 @@ import pyarrow.dataset as pds
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, RunLayout
 from data.schema import check_schema, schema_for
 from data.shards import DONE_SUFFIX, SHARD_GLOB, parquet_schema, read_completion
-from data.storage import Location, arrow_filesystem, list_files, location
+from data.storage import Location, arrow_filesystem, is_inside, list_files, location
 
 _ALLOWED_TYPES = {duckdb.StatementType.SELECT}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
@@ -73,6 +82,42 @@ class QueryRefused(ValueError):
     """A statement the read-only catalog does not run; the message says why."""
 
 
+class QueryTimeout(ValueError):
+    """A query stopped by `time_limit`; the message says how to run it anyway."""
+
+
+DEFAULT_TIMEOUT_S = 60.0  # `capfilt query --timeout`: a runaway query is stopped, not left running
+
+
+@contextmanager
+def time_limit(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[None]:
+    """Interrupt whatever `con` runs inside the block once `seconds` have passed (0 or
+    less: no limit); the interrupted query raises QueryTimeout here."""
+    if seconds <= 0:
+        yield
+        return
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except duckdb.InterruptException:
+        if not fired.is_set():
+            raise
+        raise QueryTimeout(
+            f"the query ran past its time limit of {seconds:g} s and was stopped; narrow it (WHERE, LIMIT) "
+            "or give --timeout SECONDS (0: no limit)"
+        ) from None
+    finally:
+        timer.cancel()
+
+
 @dataclass(frozen=True)
 class _Source:
     """One view backed by shards: its name, kind, files and the folder partition columns."""
@@ -94,6 +139,18 @@ def _shards_below(folder: Location) -> list[Location]:
     ]
 
 
+def _own(run_dir: Location, files: list[Location]) -> list[Location]:
+    """`files`, each checked to lie in the run folder once links are resolved."""
+    for path in files:
+        if not is_inside(path, run_dir):
+            target = path.resolve() if isinstance(path, Path) else path
+            raise QueryRefused(
+                f"refused: {path} leads outside the run folder {run_dir} (to {target}); the catalog reads only the "
+                "run folder's own files: replace the link by the files or remove it"
+            )
+    return files
+
+
 def _sources(run_dir: Location) -> list[_Source]:
     layout = RunLayout(run_dir)
     sources = [_Source(name, "pairs", _shards_below(layout.ingest(name))) for name in INGEST_SPLITS]
@@ -107,7 +164,7 @@ def _sources(run_dir: Location) -> list[_Source]:
     assemble = layout.current_stage("assemble")
     if assemble is not None:
         sources.append(_Source("dataset", "dataset", _shards_below(assemble), assemble.parent, ("settings_hash",)))
-    return [s for s in sources if s.files]
+    return [dataclasses.replace(s, files=_own(run_dir, s.files)) for s in sources if s.files]
 
 
 def _dataset(source: _Source) -> pds.Dataset:
@@ -140,7 +197,7 @@ def _stage_stats(run_dir: Location) -> pa.Table | None:
     output_bytes summed) so that sums over `counts` count every input row once.
     """
     rows: dict[tuple[str, str], dict] = {}
-    for done in list_files(run_dir, "**/*" + DONE_SUFFIX):
+    for done in _own(run_dir, list_files(run_dir, "**/*" + DONE_SUFFIX)):
         try:
             record = read_completion(done)
         except ValueError:

@@ -74,7 +74,7 @@ from data.shards import (
     shard_identity,
     write_atomic,
 )
-from data.storage import Location, RemotePath, location
+from data.storage import Location, RemotePath, is_inside, location
 
 FORMATS = ("webdataset", "blip-json", "parquet")
 DEFAULT_SHARD_ROWS = 10_000  # img2dataset's default samples per shard
@@ -394,7 +394,7 @@ def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
     when it is (or holds) one of `inputs`, holds a symbolic link, is another format's
     export, or holds files that are no capfilt export (someone else's data)."""
     for src in inputs:
-        if _inside(src, out):
+        if is_inside(src, out):
             raise ExportError(f"{out}: it holds the D' shard {src} being exported; export into another folder")
     links = _links_below(out) if isinstance(out, Path) else []
     if links:
@@ -412,14 +412,6 @@ def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
                           "export into an empty or new folder")  # fmt: skip
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     write_atomic(kind, json.dumps({"format": fmt}) + "\n")
-
-
-def _inside(path: Location, folder: Location) -> bool:
-    """True when `path` is `folder` or lies below it (links resolved, URLs compared as text)."""
-    if isinstance(path, RemotePath) or isinstance(folder, RemotePath):
-        return str(path) == str(folder) or str(path).startswith(str(folder).rstrip("/") + "/")
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
 
 
 def _links_below(folder: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from data.catalog import open_catalog, run_query, view_names
+from data.catalog import DEFAULT_TIMEOUT_S, open_catalog, run_query, time_limit, view_names
 from data.images import decode_image
 from data.layout import RunLayout
 from data.shards import write_atomic
@@ -403,21 +403,23 @@ def render(table: pa.Table, total: int, sql: str, title: str, run_name: str, lim
 
 
 def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: str | None = None,
-                  thumb_px: int = THUMB_PX) -> Gallery:
+                  thumb_px: int = THUMB_PX, timeout: float = DEFAULT_TIMEOUT_S) -> Gallery:
     """Run `sql` over the run's catalog and render its first `limit` rows as a page.
 
     Raises what the catalog raises: QueryRefused (a statement it does not run),
-    duckdb.Error (a query error), FileNotFoundError, SchemaError.
+    duckdb.Error (a query error), QueryTimeout (its queries ran past `timeout` seconds;
+    0: no limit), FileNotFoundError, SchemaError.
     """
     if limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     run_dir = location(run_dir)  # a local folder or a URL
     con = open_catalog(run_dir)
     try:
-        table, total = _rows(con, sql, limit)
-        ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if "image_id" in table.column_names else []
-        images = _images_of(con, ids) if ids and "jpg" not in table.column_names else {}
-        captions = _captions_of(con, ids) if ids else None
+        with time_limit(con, timeout):
+            table, total = _rows(con, sql, limit)
+            ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if "image_id" in table.column_names else []
+            images = _images_of(con, ids) if ids and "jpg" not in table.column_names else {}
+            captions = _captions_of(con, ids) if ids else None
     finally:
         con.close()
     page = render(table, total, sql, title or "capfilt gallery", run_dir.resolve().name, limit, images, captions,
@@ -425,9 +427,10 @@ def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: st
     return Gallery(page, table.num_rows, total)
 
 
-def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT, title: str | None = None) -> Gallery:
+def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT, title: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT_S) -> Gallery:  # fmt: skip
     """`build_gallery` written to `out` atomically (a rerun replaces the page whole)."""
-    gallery = build_gallery(run_dir, sql, limit, title)
+    gallery = build_gallery(run_dir, sql, limit, title, timeout=timeout)
     out = location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, gallery.html)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from data.catalog import DEFAULT_TIMEOUT_S
 from data.gallery import DEFAULT_LIMIT, build_gallery, write_gallery
 from data.storage import is_remote, location
 from flows.commands.query import query_errors, resolve_run
@@ -63,14 +64,15 @@ def browse(
     out: str | None = typer.Option(None, "--out", "-o", help="write the page here (a path or URL) instead of serving it"),
     limit: int = typer.Option(DEFAULT_LIMIT, "--limit", "-n", min=1, help="rows on the page (the page says when cut)"),
     title: str | None = typer.Option(None, "--title", help="the page's heading"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", help="stop the queries after this many seconds (0: no limit)"),
 ) -> None:
     """Show a query's rows as an HTML gallery: thumbnail, caption, source, ITM score, verdict,
     and the other captions of each image side by side; sortable by any column."""
     with query_errors("browse"):
         if out is not None:
-            gallery = write_gallery(resolve_run(run), sql, out, limit, title)
+            gallery = write_gallery(resolve_run(run), sql, out, limit, title, timeout)
         else:
-            gallery = build_gallery(resolve_run(run), sql, limit, title)
+            gallery = build_gallery(resolve_run(run), sql, limit, title, timeout=timeout)
     shown = f"{gallery.shown} of {gallery.total} rows" if gallery.truncated else f"{gallery.total} rows"
     if out is not None:
         page = location(out)

@@ -348,3 +348,9 @@ def test_browse_and_query_take_an_s3_run_folder(run: Path, tmp_path: Path, s3: s
     assert query.exit_code == 0, query.output
     assert fs.cat_file(f"{s3}/q/keys.csv").decode().split() == ['"key"', *sorted(f'"{r[0]}"' for r in SCORED_ROWS)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no local ./s3:/ folder
+
+
+def test_browse_stops_a_runaway_query_at_its_timeout(run: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["browse", str(run), "SELECT count(*) FROM range(100000000000) a",
+                                      "--out", str(tmp_path / "p.html"), "--timeout", "1"])  # fmt: skip
+    assert result.exit_code == 1 and "time limit of 1 s" in result.output and not (tmp_path / "p.html").exists()
