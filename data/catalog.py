@@ -82,6 +82,31 @@ class QueryRefused(ValueError):
     """A statement the read-only catalog does not run; the message says why."""
 
 
+class NoSuchView(ValueError):
+    """A query naming a view this run folder does not have; the message says why and what to do."""
+
+
+_MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
+_WHY_NO_VIEW = {
+    "synthetic": "the run has no caption output yet (run the caption stage)",
+    "scored": "the run has no filter output yet (run the filter stage)",
+    "rejects": "the run has no filter output yet (run the filter stage)",
+    "dataset": "the run has no D' yet (run assemble: `capfilt run`, or `capfilt assemble --output RUN/assemble`)",
+    "stage_stats": "no stage has completed a shard here yet",
+}
+
+
+def no_view_message(name: str, views: list[str]) -> str:
+    """Why the catalog has no view `name`, and what to do, in one line."""
+    if name in INGEST_SPLITS:
+        why = (f"ingest/{name} holds no shards: a run given data.{name} reads those shards where they are, not from the "
+               f"run folder; query the rows the filter scored (`scored WHERE source = '{name}'`), or import the shards "
+               f"with `capfilt ingest img2dataset FOLDER RUN/ingest/{name}`")  # fmt: skip
+    else:
+        why = _WHY_NO_VIEW.get(name, "no dataset of that name")
+    return f"no view {name!r} in this run folder: {why} (views here: {', '.join(views) or 'none'})"
+
+
 class QueryTimeout(ValueError):
     """A query stopped by `time_limit`; the message says how to run it anyway."""
 
@@ -334,6 +359,11 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelati
         relation = con.sql(sql)
     except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
         raise QueryRefused(f"refused: {exc}") from exc
+    except duckdb.CatalogException as exc:
+        missing = _MISSING_TABLE.search(str(exc))
+        if missing is None:
+            raise
+        raise NoSuchView(no_view_message(missing.group(1).strip("\"'"), view_names(con))) from None
     if relation is None:
         raise QueryRefused("refused: the statement returned no rows to show")
     return relation

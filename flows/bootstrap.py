@@ -34,7 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, as_completed
 
-from data.layout import MODEL_ENTRY, RunLayout, model_name
+from data.layout import MODEL_ENTRY, SHARD_STAGES, LayoutError, RunLayout, model_name
 from data.shards import list_shards, settings_hash, write_atomic
 from data.storage import RemotePath, is_remote, location
 from flows import artifacts, steps
@@ -61,6 +61,18 @@ def work_dir(run_dir: str) -> Path:
     return base / hashlib.sha256(str(location(run_dir)).rstrip("/").encode()).hexdigest()[:16]
 
 
+def _stages_not_run(layout: RunLayout, config: RunConfig) -> dict[str, str]:
+    """The record's entries for shard stages past `stages.stop_after`: this run will not
+    replace them, so what a standalone stage command made current there (`capfilt assemble`
+    after a caption + filter run) stays current. An unreadable record keeps nothing."""
+    try:
+        entries = layout.read_current()
+    except LayoutError:
+        return {}
+    return {name: str(layout.resolve(path)) for name, path in entries.items()
+            if name in SHARD_STAGES and not config.runs_stage(name)}  # fmt: skip
+
+
 class _Run:
     """Per-run state: the config, the run folder (local or a URL) and its local working
     folder, tasks bound to this run's result storage."""
@@ -75,7 +87,7 @@ class _Run:
         self.work.mkdir(parents=True, exist_ok=True)
         self.layout = RunLayout(self.root)
         self.work_layout = RunLayout(self.work)  # the same as `layout` for a local run
-        self.current: dict[str, str] = {}  # what this run used: written to current.json as it goes
+        self.current = _stages_not_run(self.layout, config)  # what this run used: written to current.json as it goes
         self.layout.write_current(self.current)
         store = result_storage(self.work)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",

@@ -25,6 +25,7 @@ import typer
 
 from data.catalog import (
     DEFAULT_TIMEOUT_S,
+    NoSuchView,
     QueryRefused,
     QueryTimeout,
     describe,
@@ -165,7 +166,7 @@ def query_errors(command: str) -> Iterator[None]:
     except (QueryRefused, duckdb.PermissionException) as exc:
         typer.echo(f"capfilt {command}: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
-    except (duckdb.Error, SchemaError, LayoutError, FileNotFoundError, QueryTimeout) as exc:
+    except (duckdb.Error, SchemaError, LayoutError, FileNotFoundError, QueryTimeout, NoSuchView) as exc:
         typer.echo(f"capfilt {command}: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
 
