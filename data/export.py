@@ -396,6 +396,8 @@ def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
     for src in inputs:
         if is_inside(src, out):
             raise ExportError(f"{out}: it holds the D' shard {src} being exported; export into another folder")
+    if out.is_file():
+        raise ExportError(f"{out}: it is a file; give a folder to export into")
     links = _links_below(out) if isinstance(out, Path) else []
     if links:
         raise ExportError(f"{out}: {links[0]} is a symbolic link; an export writes only real files inside OUT: "

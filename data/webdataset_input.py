@@ -318,7 +318,9 @@ def _text(data: bytes) -> str:
 
 
 def _str(value: object) -> str | None:
-    return None if value is None else str(value)
+    """`value` as text that encodes (a JSON ``"\\udcff"`` escape gives a lone surrogate,
+    which no UTF-8 column takes: written as ``\\udcff``)."""
+    return None if value is None else str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _strings(table: pa.Table, name: str, where: str) -> list[str | None]:

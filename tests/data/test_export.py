@@ -290,6 +290,8 @@ def test_export_refuses_a_folder_holding_someone_elses_files(run_folder: Path, t
         line = _one_line_error(_export(str(run_folder), str(theirs), "-f", fmt))
         assert str(theirs) in line and "not empty" in line and "empty or new folder" in line
     assert _snapshot(theirs) == before and not (theirs / ".capfilt").exists()
+    (tmp_path / "a-file").write_text("mine")
+    assert "it is a file" in _one_line_error(_export(str(run_folder), str(tmp_path / "a-file"), "-f", "parquet"))
     out = tmp_path / "wds"
     assert _export(str(run_folder), str(out), "-f", "webdataset").exit_code == 0
     line = _one_line_error(_export(str(run_folder), str(out), "-f", "parquet"))  # another kind of export

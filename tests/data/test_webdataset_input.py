@@ -296,6 +296,7 @@ def _hostile(kind: str) -> bytes:
         "two dots": lambda: _raw_tar([("000000000.v2.jpg", jpeg(0)), ("000000000.txt", b"zero"), *two[2:]]),
         "name not UTF-8": lambda: _raw_tar([*two[:2], (b"\xff\xfe.jpg", jpeg(9)), *two[2:]]),
         "huge declared size": lambda: _raw_tar(two, end=False) + _forged_size("000000007.jpg", 1 << 40),
+        "JSON not UTF-8": lambda: _raw_tar([*two, ("000000002.json", b'{"url": "\\udcff\\ud800", "key": "\\udcff"}')]),
     }[kind]()
 
 
@@ -309,6 +310,7 @@ HOSTILE = {
     "two dots": {"000000000": "ok", "000000002": "ok"},
     "name not UTF-8": {"000000000": "ok", "000000002": "ok", "\\xff\\xfe": "bad_member"},
     "huge declared size": {"000000000": "ok", "000000002": "ok", "000000007": TRUNCATED_TAR},
+    "JSON not UTF-8": {"000000000": "ok", "000000002": "ok"},
 }
 
 
@@ -328,6 +330,8 @@ def test_a_hostile_tar_without_a_sidecar_ends_every_sample_or_its_damage_as_a_ro
     for key, row in rows.items():
         if _kind(row) not in ("ok", "undecodable"):
             assert "00000.tar" in row["error"] and row["jpg"] is None, row["error"]
+    if kind == "JSON not UTF-8":
+        assert rows["000000002"]["url"] == "\\udcff\\ud800"  # escaped, not a crash of the whole tar
     if kind == "two dots":
         assert rows["000000000"]["jpg"] == jpeg(0) and rows["000000000"]["caption"] == "zero"
     if kind == "repeated key":
