@@ -3,7 +3,10 @@
 ``open_catalog(run_dir)`` returns an in-memory duckdb connection with these views
 (each exists only when its shards do):
 
-- ``human``, ``web``, ``test``: ``ingest/<name>/**/part-*.parquet`` (kind ``pairs``).
+- ``human``, ``web``, ``test``: ``ingest/<name>/**/part-*.parquet`` (kind ``pairs``). A run
+  that reads its web data in place (``data.web``: img2dataset output, tars included) has no
+  ``ingest/web``; its ``web`` view is then the web rows as the filter read them (every one
+  lands in ``scored``, source ``web``), with the ``pairs`` columns.
 - ``synthetic``: ``caption/<hash>/part-*.parquet`` (kind ``pairs``) plus ``settings_hash``.
 - ``scored``: ``filter/<hash>/{kept,rejected,failed}/part-*.parquet`` (kind ``scored``)
   plus ``settings_hash`` and ``outcome`` (kept | rejected | failed).
@@ -99,9 +102,9 @@ _WHY_NO_VIEW = {
 def no_view_message(name: str, views: list[str]) -> str:
     """Why the catalog has no view `name`, and what to do, in one line."""
     if name in INGEST_SPLITS:
-        why = (f"ingest/{name} holds no shards: a run given data.{name} reads those shards where they are, not from the "
-               f"run folder; query the rows the filter scored (`scored WHERE source = '{name}'`), or import the shards "
-               f"with `capfilt ingest img2dataset FOLDER RUN/ingest/{name}`")  # fmt: skip
+        why = (f"ingest/{name} holds no shards: a run given data.{name} reads those shards where they are (the web "
+               f"view shows them once the filter has read them), or import them with `capfilt ingest img2dataset "
+               f"FOLDER RUN/ingest/{name}`")  # fmt: skip
     else:
         why = _WHY_NO_VIEW.get(name, "no dataset of that name")
     return f"no view {name!r} in this run folder: {why} (views here: {', '.join(views) or 'none'})"
@@ -294,6 +297,9 @@ def open_catalog(run_dir: Location | str) -> duckdb.DuckDBPyConnection:
         con.register(source.name, _dataset(source))
     if "scored" in view_names(con):
         con.execute("CREATE VIEW rejects AS SELECT * FROM scored WHERE outcome <> 'kept'")
+        if "web" not in view_names(con):  # data.web read in place: the web rows as the filter read them
+            columns = ", ".join(f'"{name}"' for name in schema_for("pairs").names)
+            con.execute(f"CREATE VIEW web AS SELECT {columns} FROM scored WHERE source = 'web'")
     stats = _stage_stats(run_dir)
     if stats is not None:
         con.register("_stage_stats_source", stats)

@@ -329,18 +329,26 @@ def test_a_link_planted_in_the_run_folder_cannot_make_a_view_read_outside_it(run
     assert _capfilt_query(str(copy), "SELECT count(*) FROM web").exit_code == 0
 
 
-def test_a_view_the_run_lacks_is_one_line_naming_why_and_the_fix(run: Path, tmp_path: Path) -> None:
+def test_web_read_in_place_has_a_web_view_and_a_missing_view_is_one_line(run: Path, tmp_path: Path) -> None:
     import shutil
+
+    from data.schema import schema_for
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "ingest/web")  # data.web read in place: the run never wrote RUN/ingest/web
+    result = _capfilt_query(str(copy), "SELECT count(*) AS n, count(DISTINCT status) AS s FROM web", "-f", "csv")
+    assert result.exit_code == 0 and result.output.split() == ['"n","s"', "6,2"], result.output  # every row the filter read
+    con = open_catalog(copy)
+    assert [c for c, _ in describe(con)["web"]] == schema_for("pairs").names
+    con.close()
+    shutil.rmtree(copy / "filter")  # before the filter has read them: one line saying why and what to do
     result = _capfilt_query(str(copy), "SELECT count(*) FROM web")
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("capfilt query: no view 'web' in this run folder: ingest/web holds no shards")
-    assert "data.web" in lines[0] and "scored WHERE source = 'web'" in lines[0] and "pg_enum" not in lines[0]
-    assert "views here: dataset, human, rejects, scored, stage_stats, synthetic, test" in lines[0]
+    assert "data.web" in lines[0] and "capfilt ingest img2dataset" in lines[0] and "pg_enum" not in lines[0]
+    assert "views here: dataset, human, stage_stats, synthetic, test" in lines[0]
     shutil.rmtree(copy / "assemble")
     assert "no D' yet" in _capfilt_query(str(copy), "SELECT * FROM dataset").output
     assert "no dataset of that name" in _capfilt_query(str(copy), "SELECT * FROM nope").output
