@@ -175,13 +175,14 @@ def webdataset_rows(tar: str | Path) -> pa.Table:
     joins = column("key" if "key" in table.column_names else KEY_COLUMN)
     own = column(KEY_COLUMN) if KEY_COLUMN in table.column_names else list(joins)
     captions, statuses, messages = column("caption"), column("status"), column("error_message")
+    failures = samples.failed_members()
     images: list[bytes | None] = []
     for i, key in enumerate(joins):
         sample = samples.samples.get(key or "", {})
         images.append(_part(sample, IMAGE_COLUMNS))
         if captions[i] is None and (text := _part(sample, ("txt",))) is not None:
             captions[i] = _text(text)
-        if statuses[i] == SUCCESS and (problem := _problem(samples, key or "")) is not None:
+        if statuses[i] == SUCCESS and (problem := _problem(samples, key or "", failures)) is not None:
             (statuses[i], messages[i]), images[i] = problem, None
     cols = {
         "key": joins,
@@ -229,8 +230,9 @@ def _rows_from_tar(samples: TarSamples) -> pa.Table:
     """A tar without its sidecar: every sample it holds is a success unless the tar says
     otherwise (`_problem`); then the members no sample holds, and the damage no row holds."""
     cols: dict[str, list] = {name: [] for name in ("key", KEY_COLUMN, "image_id", "url", "caption", "status", "error_message", "jpg")}
+    failures = samples.failed_members()
     for key, sample in samples.samples.items():
-        _append(cols, key, sample, _problem(samples, key))
+        _append(cols, key, sample, _problem(samples, key, failures))
     _append_failed_members(cols, samples, set())
     damage = _damage_key(samples)
     if damage is not None:
@@ -279,10 +281,11 @@ def _table(cols: dict[str, list]) -> pa.Table:
     return pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in cols.items()})
 
 
-def _problem(samples: TarSamples, key: str) -> tuple[str, str] | None:
+def _problem(samples: TarSamples, key: str, failures: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
     """(status, message) when the sample `key` cannot be a success: a bad or repeated
-    member, or no image (cut off by damage, or missing); None when it can."""
-    failed = samples.failed_members().get(key)
+    member (`failures`: `TarSamples.failed_members`), or no image (cut off by damage, or
+    missing); None when it can."""
+    failed = failures.get(key)
     if failed is not None:
         return failed
     sample = samples.samples.get(key, {})
