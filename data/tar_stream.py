@@ -29,6 +29,7 @@ import lzma
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -45,6 +46,17 @@ _COMPRESSED: tuple[tuple[bytes, Callable[[BinaryIO], BinaryIO]], ...] = (
     (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw)),  # type: ignore[return-value]
 )
 _STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)  # a compressed stream gone bad
+
+
+@dataclass(frozen=True)
+class NotHeld:
+    """What `iter_members` gives for a wanted member whose bytes it does not hold: `why`."""
+
+    why: str  # "over 268435456 bytes", "a symbolic link, not a file", ...
+
+
+_NOT_FILES = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+              tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}  # fmt: skip
 
 
 class TarCutError(Exception):
@@ -65,11 +77,12 @@ class TarCutError(Exception):
 
 
 def iter_members(stream: BinaryIO, want: Callable[[str], bool] | None = None,
-                 max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes | None]]:  # fmt: skip
+                 max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes | NotHeld]]:  # fmt: skip
     """``(name, data)`` of every regular file in the tar (those `want` accepts), in order;
     raises `TarCutError` at a cut or a bad header (after the members before it), returns
-    at the end-of-archive block. Unwanted members, and wanted ones over `max_bytes` (their
-    data is None), are read through without being held, so a big member costs no memory.
+    at the end-of-archive block. Unwanted members are read through without being held, so
+    a big member costs no memory; a wanted one over `max_bytes`, or a link or device under
+    a wanted name, comes as `NotHeld` saying why (so it is accounted for, not dropped).
     A gzip / bzip2 / xz compressed tar is decompressed on the way."""
     reader = _Reader(_decompressed(stream))
     members = 0
@@ -105,7 +118,9 @@ def iter_members(stream: BinaryIO, want: Callable[[str], bool] | None = None,
             if info.isreg():
                 members += 1
                 if wanted:
-                    yield name, data if keep else None
+                    yield name, data if keep else NotHeld(f"over {max_bytes} bytes (read through, not held)")
+            elif info.type in _NOT_FILES and (want is None or want(name)):
+                yield name, NotHeld(f"{_NOT_FILES[info.type]}, not a file")
         if not whole_padding:
             raise TarCutError(reader.pos, f"inside the padding after {name!r}{reader.why()}", members, name)
 

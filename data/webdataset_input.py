@@ -20,7 +20,8 @@ is ok or failed with its reason, with or without a sidecar:
   members that arrived whole before the cut are kept;
 - a sample in the tar that the sidecar does not list fails as ``not_in_sidecar``;
 - a member that cannot be read as a sample part fails as ``bad_member`` (a name that is
-  not UTF-8, a size over `data.tar_stream.MAX_MEMBER_BYTES`), keyed by its sample key
+  not UTF-8, a size over `data.tar_stream.MAX_MEMBER_BYTES`, a link or device under a
+  sample's name), keyed by its sample key
   (non-UTF-8 bytes written ``\\xNN``); the tar's other members are kept;
 - a key whose image, caption or JSON appears a second time fails, for the repeat, as
   ``duplicate_key`` under the key ``KEY#2`` (``#3``, ...): the first stays the sample;
@@ -58,7 +59,7 @@ from data.img2dataset import IMAGE_COLUMNS, KEY_COLUMN, SUCCESS, read_img2datase
 from data.schema import SchemaError
 from data.shards import parquet_schema
 from data.storage import location, open_input
-from data.tar_stream import MAX_MEMBER_BYTES, TarCutError, iter_members
+from data.tar_stream import MAX_MEMBER_BYTES, NotHeld, TarCutError, iter_members
 
 # Failure kinds (the text before the colon of a failed row's ``error``).
 MISSING_FROM_TAR = "missing_from_tar"
@@ -126,16 +127,15 @@ def read_samples(tar: str | Path) -> TarSamples:
     return out
 
 
-def _add_member(out: TarSamples, member: str, data: bytes | None) -> None:
+def _add_member(out: TarSamples, member: str, data: bytes | NotHeld) -> None:
     """File one wanted member: into its sample, or as a problem (bad name, too big, repeat)."""
     key, extension = _sample_part(member)  # type: ignore[misc]  # wanted: not None
     readable = _readable(key)
     if readable != key:
         why = f"{out.name} member {_readable(member)!r} has a name that is not UTF-8; rename it in the tar"
         out.problems.setdefault(readable, (BAD_MEMBER, why))
-    elif data is None:
-        why = f"{out.name} member {member!r} is over {MAX_MEMBER_BYTES} bytes (read through, not held); remove it"
-        out.problems[key] = (BAD_MEMBER, why)
+    elif isinstance(data, NotHeld):
+        out.problems[key] = (BAD_MEMBER, f"{out.name} member {member!r} is {data.why}; replace it by the file")
     elif extension in out.samples.setdefault(key, {}):
         row = next(f"{key}#{n}" for n in itertools.count(2) if extension not in out.repeats.get(f"{key}#{n}", ()))
         out.repeats.setdefault(row, []).append(extension)

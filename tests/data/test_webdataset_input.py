@@ -17,7 +17,7 @@ from data.ingest import failure_kind
 from data.ingest_web import ImportConfig, import_img2dataset
 from data.inputs import expand_inputs, expand_item, input_fingerprint, output_name, plan_outputs, read_pairs
 from data.shards import read_table
-from data.tar_stream import TarCutError, iter_members
+from data.tar_stream import NotHeld, TarCutError, iter_members
 from data.webdataset_input import MISSING_FROM_TAR, NOT_IN_SIDECAR, TRUNCATED_TAR, read_samples, read_webdataset_pairs
 
 ROWS = samples(0, 6, failed=(1,), garbage=(4,))  # ok, 404, ok, ok, html, ok
@@ -273,6 +273,15 @@ def _raw_tar(members: list[tuple[bytes | str, bytes]], end: bool = True) -> byte
     return b"".join(out) + (bytes(1024) if end else b"")
 
 
+def _link_member(name: str, target: str) -> bytes:
+    """A symbolic-link member's header (no data)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
 def _forged_size(name: str, size: int) -> bytes:
     """A pax header + ustar header declaring a member of `size` bytes, and 1 KiB of its data."""
     import tarfile
@@ -296,6 +305,7 @@ def _hostile(kind: str) -> bytes:
         "two dots": lambda: _raw_tar([("000000000.v2.jpg", jpeg(0)), ("000000000.txt", b"zero"), *two[2:]]),
         "name not UTF-8": lambda: _raw_tar([*two[:2], (b"\xff\xfe.jpg", jpeg(9)), *two[2:]]),
         "huge declared size": lambda: _raw_tar(two, end=False) + _forged_size("000000007.jpg", 1 << 40),
+        "symbolic link member": lambda: _raw_tar(two, end=False) + _link_member("000000009.jpg", "/etc/passwd") + bytes(1024),
         "JSON not UTF-8": lambda: _raw_tar([*two, ("000000002.json", b'{"url": "\\udcff\\ud800", "key": "\\udcff"}')]),
     }[kind]()
 
@@ -311,6 +321,7 @@ HOSTILE = {
     "name not UTF-8": {"000000000": "ok", "000000002": "ok", "\\xff\\xfe": "bad_member"},
     "huge declared size": {"000000000": "ok", "000000002": "ok", "000000007": TRUNCATED_TAR},
     "JSON not UTF-8": {"000000000": "ok", "000000002": "ok"},
+    "symbolic link member": {"000000000": "ok", "000000002": "ok", "000000009": "bad_member"},
 }
 
 
@@ -352,7 +363,7 @@ def test_a_forged_member_size_is_never_allocated_and_an_oversized_member_fails_a
         tracemalloc.stop()
     assert peak < 4 << 20 and cut.value.member == "000000001.jpg"
     members = [("000000000.jpg", jpeg(0)), ("000000000.txt", b"zero"), ("000000001.jpg", jpeg(1) * 40), ("000000001.txt", b"big")]
-    assert [(n, d is None) for n, d in iter_members(io.BytesIO(_raw_tar(members)), max_bytes=len(jpeg(0)) * 2)] == [
+    assert [(n, isinstance(d, NotHeld)) for n, d in iter_members(io.BytesIO(_raw_tar(members)), max_bytes=len(jpeg(0)) * 2)] == [
         ("000000000.jpg", False), ("000000000.txt", False), ("000000001.jpg", True), ("000000001.txt", False)]
     import data.webdataset_input as wi
 
