@@ -398,9 +398,9 @@ def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
             raise ExportError(f"{out}: it holds the D' shard {src} being exported; export into another folder")
     if out.is_file():
         raise ExportError(f"{out}: it is a file; give a folder to export into")
-    links = _links_below(out) if isinstance(out, Path) else []
-    if links:
-        raise ExportError(f"{out}: {links[0]} is a symbolic link; an export writes only real files inside OUT: "
+    link = _first_link(out) if isinstance(out, Path) else None
+    if link is not None:
+        raise ExportError(f"{out}: {link} is a symbolic link; an export writes only real files inside OUT: "
                           "remove the link or export into a new folder")  # fmt: skip
     kind, manifest = out / RECORDS_DIR / KIND_FILE, out / RECORDS_DIR / MANIFEST
     if kind.is_file() or manifest.is_file():  # the manifest: an export from before kind.json
@@ -416,12 +416,18 @@ def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
     write_atomic(kind, json.dumps({"format": fmt}) + "\n")
 
 
-def _links_below(folder: Path) -> list[Path]:
-    """Symbolic links inside `folder` (not followed), in walk order."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        found += [Path(root) / name for name in dirs + files if (Path(root) / name).is_symlink()]
-    return found
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link found inside `folder` (links are not followed; directory
+    entries carry their type, so a big export costs no stat per file), or None."""
+    stack = [folder] if folder.is_dir() else []
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return None
 
 
 def _entries(folder: Location) -> Iterator[Location]:
