@@ -61,16 +61,12 @@ def work_dir(run_dir: str) -> Path:
     return base / hashlib.sha256(str(location(run_dir)).rstrip("/").encode()).hexdigest()[:16]
 
 
-def _stages_not_run(layout: RunLayout, config: RunConfig) -> dict[str, str]:
-    """The record's entries for shard stages past `stages.stop_after`: this run will not
-    replace them, so what a standalone stage command made current there (`capfilt assemble`
-    after a caption + filter run) stays current. An unreadable record keeps nothing."""
+def _record_before(layout: RunLayout) -> dict[str, str]:
+    """The run folder's record as the run starts ({} when there is none or it is unreadable)."""
     try:
-        entries = layout.read_current()
+        return layout.read_current()
     except LayoutError:
         return {}
-    return {name: str(layout.resolve(path)) for name, path in entries.items()
-            if name in SHARD_STAGES and not config.runs_stage(name)}  # fmt: skip
 
 
 class _Run:
@@ -87,7 +83,12 @@ class _Run:
         self.work.mkdir(parents=True, exist_ok=True)
         self.layout = RunLayout(self.root)
         self.work_layout = RunLayout(self.work)  # the same as `layout` for a local run
-        self.current = _stages_not_run(self.layout, config)  # what this run used: written to current.json as it goes
+        # What this run used, written to current.json as it goes. Shard stages past stop_after
+        # keep their entry (a standalone `capfilt assemble` after a caption + filter run stays
+        # current) until this run changes an output they were made from (`use`).
+        self.before = _record_before(self.layout)
+        self.current = {name: str(self.layout.resolve(path)) for name, path in self.before.items()
+                        if name in SHARD_STAGES and not config.runs_stage(name)}  # fmt: skip
         self.layout.write_current(self.current)
         store = result_storage(self.work)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "caption_shard_task",
@@ -116,7 +117,12 @@ class _Run:
                     handle.write(json.dumps(row) + "\n")
 
     def use(self, name: str, path: str) -> str:
-        """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...)."""
+        """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...);
+        a shard stage output other than the one recorded before drops the later stages' kept
+        entries (made from the old one)."""
+        if name in SHARD_STAGES and self.layout.relative(path) != self.before.get(name):
+            for later in SHARD_STAGES[SHARD_STAGES.index(name) + 1 :]:
+                self.current.pop(later, None)
         self.current[name] = path
         self.layout.write_current(self.current)
         return path
