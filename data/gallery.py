@@ -169,7 +169,8 @@ def as_in_dprime(row: dict[str, Any], dprime: _DPrime | None) -> dict[str, Any]:
     (``itm_below_threshold`` under D's threshold, else ``not_in_dataset``), and the
     threshold shown is D's. Failed and unjudged rows, and rows D' agrees with, are as given."""
     judged = verdict(row)
-    if dprime is None or judged is None or judged[0] == "failed" or row.get("key") is None or row.get("source") == "human":
+    unjudged = judged is None or judged[0] == "failed" or row.get("source") == "human"
+    if dprime is None or unjudged or row.get("key") is None:
         return row
     kept = row["key"] in dprime.keys
     if kept == (judged[0] == "kept"):
@@ -459,7 +460,8 @@ def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: st
     try:
         with time_limit(con, timeout):
             table, total = _rows(con, sql, limit)
-            ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if "image_id" in table.column_names else []
+            has_ids = "image_id" in table.column_names
+            ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if has_ids else []
             images = _images_of(con, ids) if ids and "jpg" not in table.column_names else {}
             captions = _captions_of(con, ids) if ids else None
         keys = table.column("key").to_pylist() if "key" in table.column_names else []

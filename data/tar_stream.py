@@ -165,7 +165,8 @@ class _Prefixed:
 
     def read(self, size: int = -1) -> bytes:
         if self.head:
-            data, self.head = (self.head, b"") if size < 0 or size >= len(self.head) else (self.head[:size], self.head[size:])
+            cut = len(self.head) if size < 0 else min(size, len(self.head))
+            data, self.head = self.head[:cut], self.head[cut:]
             return data
         return self.stream.read(size)
 

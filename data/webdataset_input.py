@@ -117,8 +117,7 @@ def read_samples(tar: str | Path) -> TarSamples:
     out = TarSamples(name)
     with location(tar).open("rb") as stream:  # a URL with the run's storage options
         try:
-            wanted = iter_members(stream, want=lambda member: _sample_part(member) is not None, max_bytes=MAX_MEMBER_BYTES)
-            for member, data in wanted:
+            for member, data in iter_members(stream, want=_is_sample_part, max_bytes=MAX_MEMBER_BYTES):
                 _add_member(out, member, data)
         except TarCutError as exc:
             out.cut = f"{name} {exc}"
@@ -141,6 +140,10 @@ def _add_member(out: TarSamples, member: str, data: bytes | NotHeld) -> None:
         out.repeats.setdefault(row, []).append(extension)
     else:
         out.samples[key][extension] = data
+
+
+def _is_sample_part(member: str) -> bool:
+    return _sample_part(member) is not None
 
 
 def _sample_part(member: str) -> tuple[str, str] | None:
@@ -266,7 +269,8 @@ def _append(cols: dict[str, list], key: str, sample: dict[str, bytes], problem: 
     meta = _meta(sample)
     status, message = problem or (SUCCESS, None)
     cols["key"].append(key)
-    cols[KEY_COLUMN].append(_str(meta.get(KEY_COLUMN)) or (_str(meta.get("key")) if meta.get("stem") == key else None) or key)
+    exported = _str(meta.get("key")) if meta.get("stem") == key else None  # capfilt's export: the D' key
+    cols[KEY_COLUMN].append(_str(meta.get(KEY_COLUMN)) or exported or key)
     cols["image_id"].append(_str(meta.get("image_id")))
     cols["url"].append(_str(meta.get("url")))
     text = _part(sample, ("txt",))
