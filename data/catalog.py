@@ -3,7 +3,10 @@
 ``open_catalog(run_dir)`` returns an in-memory duckdb connection with these views
 (each exists only when its shards do):
 
-- ``human``, ``web``, ``test``: ``ingest/<name>/**/part-*.parquet`` (kind ``pairs``).
+- ``human``, ``web``, ``test``: ``ingest/<name>/**/part-*.parquet`` (kind ``pairs``). A run
+  that reads its web data in place (``data.web``: img2dataset output, tars included) has no
+  ``ingest/web``; its ``web`` view is then the web rows as the filter read them (every one
+  lands in ``scored``, source ``web``), with the ``pairs`` columns.
 - ``synthetic``: ``caption/<hash>/part-*.parquet`` (kind ``pairs``) plus ``settings_hash``.
 - ``scored``: ``filter/<hash>/{kept,rejected,failed}/part-*.parquet`` (kind ``scored``)
   plus ``settings_hash`` and ``outcome`` (kept | rejected | failed).
@@ -28,6 +31,10 @@ pushed down, rows stream), and the connection is then locked with
 ``enable_external_access=false``, no allowed paths, no temp directory and
 ``lock_configuration=true``. So ``COPY ... TO``, ``ATTACH``, ``INSTALL`` / ``LOAD``,
 ``read_csv('/etc/passwd')`` and ``SET`` fail inside duckdb even on the raw connection.
+The files the views are built on must be the run folder's own: a shard or record that is
+(or lies below) a symbolic link resolving outside the run folder, or a stage folder the
+run's ``current.json`` places outside it, is refused (`QueryRefused`, naming it), so a
+link planted in a run folder cannot make a view read another file.
 `run_query` adds a statement check with clear errors: exactly one SELECT / WITH /
 DESCRIBE / SHOW / SUMMARIZE / EXPLAIN statement. Image bytes stay ``BLOB`` for Python
 callers; `hide_blobs` replaces them by their length for display.
@@ -35,9 +42,14 @@ callers; `hide_blobs` replaces them by their length for display.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -47,7 +59,7 @@ import pyarrow.dataset as pds
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, RunLayout
 from data.schema import check_schema, schema_for
 from data.shards import DONE_SUFFIX, SHARD_GLOB, parquet_schema, read_completion
-from data.storage import Location, arrow_filesystem, list_files, location
+from data.storage import Location, arrow_filesystem, is_inside, list_files, location
 
 _ALLOWED_TYPES = {duckdb.StatementType.SELECT}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
@@ -73,6 +85,67 @@ class QueryRefused(ValueError):
     """A statement the read-only catalog does not run; the message says why."""
 
 
+class NoSuchView(ValueError):
+    """A query naming a view this run folder does not have; the message says why and what to do."""
+
+
+_MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
+_WHY_NO_VIEW = {
+    "synthetic": "the run has no caption output yet (run the caption stage)",
+    "scored": "the run has no filter output yet (run the filter stage)",
+    "rejects": "the run has no filter output yet (run the filter stage)",
+    "dataset": "the run has no D' yet (run assemble: `capfilt run`, or `capfilt assemble --output RUN/assemble`)",
+    "stage_stats": "no stage has completed a shard here yet",
+}
+
+
+def no_view_message(name: str, views: list[str]) -> str:
+    """Why the catalog has no view `name`, and what to do, in one line."""
+    if name in INGEST_SPLITS:
+        why = (f"ingest/{name} holds no shards: a run given data.{name} reads those shards where they are (the web "
+               f"view shows them once the filter has read them), or import them with `capfilt ingest img2dataset "
+               f"FOLDER RUN/ingest/{name}`")  # fmt: skip
+    else:
+        why = _WHY_NO_VIEW.get(name, "no dataset of that name")
+    return f"no view {name!r} in this run folder: {why} (views here: {', '.join(views) or 'none'})"
+
+
+class QueryTimeout(ValueError):
+    """A query stopped by `time_limit`; the message says how to run it anyway."""
+
+
+DEFAULT_TIMEOUT_S = 60.0  # `capfilt query --timeout`: a runaway query is stopped, not left running
+
+
+@contextmanager
+def time_limit(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[None]:
+    """Interrupt whatever `con` runs inside the block once `seconds` have passed (0 or
+    less: no limit); the interrupted query raises QueryTimeout here."""
+    if seconds <= 0:
+        yield
+        return
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except duckdb.InterruptException:
+        if not fired.is_set():
+            raise
+        raise QueryTimeout(
+            f"the query ran past its time limit of {seconds:g} s and was stopped; narrow it (WHERE, LIMIT) "
+            "or give --timeout SECONDS (0: no limit)"
+        ) from None
+    finally:
+        timer.cancel()
+
+
 @dataclass(frozen=True)
 class _Source:
     """One view backed by shards: its name, kind, files and the folder partition columns."""
@@ -94,6 +167,18 @@ def _shards_below(folder: Location) -> list[Location]:
     ]
 
 
+def _own(run_dir: Location, files: list[Location]) -> list[Location]:
+    """`files`, each checked to lie in the run folder once links are resolved."""
+    for path in files:
+        if not is_inside(path, run_dir):
+            target = path.resolve() if isinstance(path, Path) else path
+            raise QueryRefused(
+                f"refused: {path} leads outside the run folder {run_dir} (to {target}); the catalog reads only the "
+                "run folder's own files: replace the link by the files or remove it"
+            )
+    return files
+
+
 def _sources(run_dir: Location) -> list[_Source]:
     layout = RunLayout(run_dir)
     sources = [_Source(name, "pairs", _shards_below(layout.ingest(name))) for name in INGEST_SPLITS]
@@ -107,7 +192,7 @@ def _sources(run_dir: Location) -> list[_Source]:
     assemble = layout.current_stage("assemble")
     if assemble is not None:
         sources.append(_Source("dataset", "dataset", _shards_below(assemble), assemble.parent, ("settings_hash",)))
-    return [s for s in sources if s.files]
+    return [dataclasses.replace(s, files=_own(run_dir, s.files)) for s in sources if s.files]
 
 
 def _dataset(source: _Source) -> pds.Dataset:
@@ -140,7 +225,7 @@ def _stage_stats(run_dir: Location) -> pa.Table | None:
     output_bytes summed) so that sums over `counts` count every input row once.
     """
     rows: dict[tuple[str, str], dict] = {}
-    for done in list_files(run_dir, "**/*" + DONE_SUFFIX):
+    for done in _own(run_dir, list_files(run_dir, "**/*" + DONE_SUFFIX)):
         try:
             record = read_completion(done)
         except ValueError:
@@ -212,6 +297,9 @@ def open_catalog(run_dir: Location | str) -> duckdb.DuckDBPyConnection:
         con.register(source.name, _dataset(source))
     if "scored" in view_names(con):
         con.execute("CREATE VIEW rejects AS SELECT * FROM scored WHERE outcome <> 'kept'")
+        if "web" not in view_names(con):  # data.web read in place: the web rows as the filter read them
+            columns = ", ".join(f'"{name}"' for name in schema_for("pairs").names)
+            con.execute(f"CREATE VIEW web AS SELECT {columns} FROM scored WHERE source = 'web'")
     stats = _stage_stats(run_dir)
     if stats is not None:
         con.register("_stage_stats_source", stats)
@@ -277,6 +365,11 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelati
         relation = con.sql(sql)
     except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
         raise QueryRefused(f"refused: {exc}") from exc
+    except duckdb.CatalogException as exc:
+        missing = _MISSING_TABLE.search(str(exc))
+        if missing is None:
+            raise
+        raise NoSuchView(no_view_message(missing.group(1).strip("\"'"), view_names(con))) from None
     if relation is None:
         raise QueryRefused("refused: the statement returned no rows to show")
     return relation

@@ -32,6 +32,13 @@ open_clip's brace patterns never see it). A rerun skips shards whose record matc
 same D' and settings, so it is the resume; the same D' exported twice gives
 byte-identical files (fixed tar header fields, no times). A D' row without image bytes is
 an error naming its shard and key, never a silent drop.
+
+OUT may be a local folder or a URL (``s3://bucket/out``, `data.storage`). An export
+writes only into a folder that is empty, absent, or its own export of the same format
+(``.capfilt/kind.json``, written before anything else): a folder holding anything else
+(someone's img2dataset ``00000.tar``, a run folder) is refused, as is an OUT that is, or
+holds, one of its own D' inputs, and a local OUT with a symbolic link anywhere inside
+(a write through it would land outside OUT). Refusals happen before the first write.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from collections import Counter
@@ -66,11 +74,13 @@ from data.shards import (
     shard_identity,
     write_atomic,
 )
+from data.storage import Location, RemotePath, is_inside, location
 
 FORMATS = ("webdataset", "blip-json", "parquet")
 DEFAULT_SHARD_ROWS = 10_000  # img2dataset's default samples per shard
 RECORDS_DIR = ".capfilt"  # completion records and the manifest; hidden from consumers' globs
 MANIFEST = "export.json"
+KIND_FILE = "kind.json"  # {"format": ...}: written first, marks OUT as this kind of capfilt export
 ANNOTATIONS = "annotations.json"
 SIZES = "sizes.json"  # webdataset: {"00000.tar": rows, ...}, open_clip's get_dataset_size reads it
 IMAGES_DIR = "images"
@@ -95,10 +105,10 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- what to read
 
 
-def dataset_shards(source: Path) -> list[Path]:
-    """D' shards of `source`: a run folder (its current ``assemble/<hash>/``) or a folder
-    of ``dataset`` shards. Raises FileNotFoundError saying what is missing."""
-    source = Path(source)
+def dataset_shards(source: Location | str) -> list[Location]:
+    """D' shards of `source` (a path or URL): a run folder (its current ``assemble/<hash>/``)
+    or a folder of ``dataset`` shards. Raises FileNotFoundError saying what is missing."""
+    source = location(source)
     layout = RunLayout(source)
     if layout.current_file.is_file() or layout.stage("assemble").is_dir():
         folder = layout.current_stage("assemble")
@@ -115,7 +125,7 @@ def dataset_shards(source: Path) -> list[Path]:
 class Piece:
     """Rows [start, stop) of one row group of one input shard."""
 
-    path: Path
+    path: Location
     row_group: int
     start: int
     stop: int
@@ -142,13 +152,13 @@ class ExportPlan:
     settings: str
 
 
-def plan_export(inputs: Sequence[Path], fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS) -> ExportPlan:
+def plan_export(inputs: Sequence[Location], fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS) -> ExportPlan:
     """Cut D' (in order) into output shards of `shard_rows` rows; reads only footers and records."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
     if shard_rows < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_rows}")
-    groups = [(Path(p), i, n) for p in inputs for i, n in enumerate(row_group_sizes(p, _KIND)) if n]
+    groups = [(location(p), i, n) for p in inputs for i, n in enumerate(row_group_sizes(p, _KIND)) if n]
     shards: list[OutputShard] = []
     current: list[Piece] = []
     room = shard_rows
@@ -168,7 +178,7 @@ def plan_export(inputs: Sequence[Path], fmt: str, shard_rows: int = DEFAULT_SHAR
     return ExportPlan(fmt, tuple(shards), sum(n for _, _, n in groups), fingerprint, settings)
 
 
-def _batches(shard: OutputShard) -> Iterator[tuple[Path, pa.Table]]:
+def _batches(shard: OutputShard) -> Iterator[tuple[Location, pa.Table]]:
     """The shard's rows, one input row group (slice) at a time, with the file they came from."""
     for piece in shard.pieces:
         table = read_row_group(piece.path, _KIND, piece.row_group)
@@ -216,7 +226,7 @@ class Row:
     meta: dict[str, Any]
 
 
-def _rows(path: Path, table: pa.Table) -> Iterator[Row]:
+def _rows(path: Location, table: pa.Table) -> Iterator[Row]:
     meta_rows = table.select(list(META_COLUMNS)).to_pylist()
     for meta, image, status in zip(meta_rows, table.column("jpg").to_pylist(), table.column("status").to_pylist()):
         if status != "ok" or not image:
@@ -229,7 +239,7 @@ def _rows(path: Path, table: pa.Table) -> Iterator[Row]:
         yield Row(safe_stem(meta["key"]), ext, image, meta)
 
 
-def _unique(stems: set[str], row: Row, path: Path) -> None:
+def _unique(stems: set[str], row: Row, path: Location) -> None:
     if row.stem in stems:
         raise ExportError(f"{path}: row {row.meta['key']!r} maps to the file stem {row.stem!r} of an earlier row")
     stems.add(row.stem)
@@ -256,7 +266,7 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
 
 
-def write_webdataset_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
+def write_webdataset_shard(shard: OutputShard, out: Location) -> tuple[Location, Counter]:
     """``NNNNN.tar`` (+ sidecar ``NNNNN.parquet`` and ``NNNNN_stats.json``); returns the tar."""
     name = f"{shard.index:05d}"
     tar_path, counts, formats, stems, sidecar = _primary(out, "webdataset", shard.index), Counter(), Counter(), set(), []
@@ -280,7 +290,7 @@ def write_webdataset_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter
     return tar_path, counts
 
 
-def write_blip_json_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
+def write_blip_json_shard(shard: OutputShard, out: Location) -> tuple[Location, Counter]:
     """``images/NNNNN/<stem>.<ext>`` and the shard's annotation list (``.capfilt/NNNNN.json``).
 
     Images are written in place (an fsync each would cost ~3 ms per image); a crash
@@ -311,7 +321,7 @@ def _parquet_schema() -> pa.Schema:
     return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
 
-def write_parquet_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
+def write_parquet_shard(shard: OutputShard, out: Location) -> tuple[Location, Counter]:
     """``part-NNNNN.parquet``: one row group per input row-group slice."""
     schema, counts, stems = _parquet_schema(), Counter(), set()
     target = _primary(out, "parquet", shard.index)
@@ -326,7 +336,7 @@ def write_parquet_shard(shard: OutputShard, out: Path) -> tuple[Path, Counter]:
     return target, counts
 
 
-WRITERS: dict[str, Callable[[OutputShard, Path], tuple[Path, Counter]]] = {
+WRITERS: dict[str, Callable[[OutputShard, Location], tuple[Location, Counter]]] = {
     "webdataset": write_webdataset_shard,
     "blip-json": write_blip_json_shard,
     "parquet": write_parquet_shard,
@@ -336,11 +346,11 @@ WRITERS: dict[str, Callable[[OutputShard, Path], tuple[Path, Counter]]] = {
 # ----------------------------------------------------------------------------- records
 
 
-def _record_path(out: Path, primary: Path) -> Path:
+def _record_path(out: Location, primary: Location) -> Location:
     return out / RECORDS_DIR / f"{primary.name}.done.json"
 
 
-def _primary(out: Path, fmt: str, index: int) -> Path:
+def _primary(out: Location, fmt: str, index: int) -> Location:
     """The file a shard's record vouches for (its size is checked): the tar, the Parquet
     file, or blip-json's annotation fragment."""
     return out / _PRIMARY[fmt].format(index)
@@ -350,7 +360,7 @@ def _same_export(record: CompletionRecord, plan: ExportPlan) -> bool:
     return (record.input_fingerprint, record.settings_hash) == (plan.input_fingerprint, plan.settings)
 
 
-def _done(out: Path, plan: ExportPlan, index: int) -> CompletionRecord | None:
+def _done(out: Location, plan: ExportPlan, index: int) -> CompletionRecord | None:
     """The shard's record when it is complete for this plan, else None."""
     primary = _primary(out, plan.fmt, index)
     try:
@@ -362,7 +372,7 @@ def _done(out: Path, plan: ExportPlan, index: int) -> CompletionRecord | None:
     return record if _same_export(record, plan) else None
 
 
-def _refuse_other_export(out: Path, plan: ExportPlan) -> None:
+def _refuse_other_export(out: Location, plan: ExportPlan) -> None:
     """An OUT holding records of another D' or other settings is refused, not mixed into."""
     for done in sorted((out / RECORDS_DIR).glob("*.done.json")):
         try:
@@ -374,6 +384,64 @@ def _refuse_other_export(out: Path, plan: ExportPlan) -> None:
                 f"{out} holds an export of another D' or other settings ({done.name}); "
                 "export into a new folder, or delete this one first"
             )
+
+
+# ----------------------------------------------------------------------------- where it may write
+
+
+def claim_out(out: Location, fmt: str, inputs: Sequence[Location]) -> None:
+    """Make `out` this export's folder, or raise ExportError before anything is written:
+    when it is (or holds) one of `inputs`, holds a symbolic link, is another format's
+    export, or holds files that are no capfilt export (someone else's data)."""
+    for src in inputs:
+        if is_inside(src, out):
+            raise ExportError(f"{out}: it holds the D' shard {src} being exported; export into another folder")
+    if out.is_file():
+        raise ExportError(f"{out}: it is a file; give a folder to export into")
+    link = _first_link(out) if isinstance(out, Path) else None
+    if link is not None:
+        raise ExportError(f"{out}: {link} is a symbolic link; an export writes only real files inside OUT: "
+                          "remove the link or export into a new folder")  # fmt: skip
+    kind, manifest = out / RECORDS_DIR / KIND_FILE, out / RECORDS_DIR / MANIFEST
+    if kind.is_file() or manifest.is_file():  # the manifest: an export from before kind.json
+        theirs = _kind_of(kind if kind.is_file() else manifest)
+        if theirs != fmt:
+            raise ExportError(f"{out}: it holds a capfilt {theirs} export; export {fmt} into another folder")
+        return
+    stranger = next(_entries(out), None)
+    if stranger is not None:
+        raise ExportError(f"{out}: it is not empty ({stranger.name} is there) and is no capfilt {fmt} export; "
+                          "export into an empty or new folder")  # fmt: skip
+    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    write_atomic(kind, json.dumps({"format": fmt}) + "\n")
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link found inside `folder` (links are not followed; directory
+    entries carry their type, so a big export costs no stat per file), or None."""
+    stack = [folder] if folder.is_dir() else []
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return None
+
+
+def _entries(folder: Location) -> Iterator[Location]:
+    """What `folder` holds (nothing when it does not exist)."""
+    if isinstance(folder, RemotePath):
+        return folder.iterdir()
+    return iter(sorted(folder.iterdir())) if folder.is_dir() else iter(())
+
+
+def _kind_of(kind: Location) -> str:
+    try:
+        return str(json.loads(kind.read_text()).get("format"))
+    except (ValueError, AttributeError):
+        return "unknown"
 
 
 # ----------------------------------------------------------------------------- the export
@@ -393,7 +461,7 @@ class ExportStats:
     inputs: list[str] = field(default_factory=list)
 
 
-def _write_annotations(out: Path, shards: int) -> None:
+def _write_annotations(out: Location, shards: int) -> None:
     """``annotations.json``: the shards' lists joined into one, streamed, written last."""
     with atomic_path(out / ANNOTATIONS) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write("[")
@@ -405,19 +473,20 @@ def _write_annotations(out: Path, shards: int) -> None:
         handle.write("]\n")
 
 
-def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS,
+def export(inputs: Sequence[Location | str], out: Location | str, fmt: str, shard_rows: int = DEFAULT_SHARD_ROWS,
            on_shard: Callable[[int, int], None] | None = None) -> ExportStats:  # fmt: skip
     """Export the D' shards `inputs` to `out` in `fmt`; a rerun skips finished shards.
     `on_shard(rows, total_rows)` is called after each output shard (written or found
     finished), e.g. to advance a progress bar.
 
     Raises ExportError for a row without image bytes (naming shard and key), a stem
-    collision, or an `out` holding another export; SchemaError for a non-``dataset`` input.
+    collision, or an `out` that is not an export of this kind (`claim_out`), or holding
+    another export; SchemaError for a non-``dataset`` input.
     """
-    out = Path(out)
-    inputs = [Path(p) for p in inputs]
+    out = location(out)
+    inputs = [location(p) for p in inputs]
     plan = plan_export(inputs, fmt, shard_rows)
-    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    claim_out(out, fmt, inputs)
     _refuse_other_export(out, plan)
     by_source: Counter = Counter()
     sizes: dict[str, int] = {}
@@ -445,7 +514,7 @@ def export(inputs: Sequence[Path], out: Path, fmt: str, shard_rows: int = DEFAUL
     return stats
 
 
-def _finish(out: Path, plan: ExportPlan, stats: ExportStats, sizes: dict[str, int], rewrite: bool) -> None:
+def _finish(out: Location, plan: ExportPlan, stats: ExportStats, sizes: dict[str, int], rewrite: bool) -> None:
     """The files written once all shards are: ``annotations.json`` (blip-json) or
     ``sizes.json`` (webdataset: rows per tar, which open_clip reads instead of
     ``--train-num-samples``), then the manifest (``.capfilt/export.json``). Left alone by
@@ -464,7 +533,7 @@ def _finish(out: Path, plan: ExportPlan, stats: ExportStats, sizes: dict[str, in
     write_atomic(manifest, json.dumps(final, indent=2, sort_keys=True) + "\n")
 
 
-def _write_record(out: Path, primary: Path, record: CompletionRecord) -> None:
+def _write_record(out: Location, primary: Location, record: CompletionRecord) -> None:
     record = dataclasses.replace(record, output_bytes=primary.stat().st_size)
     write_atomic(_record_path(out, primary), json.dumps(dataclasses.asdict(record), indent=2, sort_keys=True))
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from data.catalog import open_catalog, run_query, view_names
+from data.catalog import DEFAULT_TIMEOUT_S, open_catalog, run_query, time_limit, view_names
 from data.images import decode_image
 from data.layout import RunLayout
 from data.shards import write_atomic
@@ -103,12 +103,13 @@ def _chunks(items: list[str]) -> list[list[str]]:
     return [items[i : i + _ID_CHUNK] for i in range(0, len(items), _ID_CHUNK)]
 
 
-def _by_ids(con: Any, select: str, view: str, ids: list[str], where: str = "TRUE") -> list[dict[str, Any]]:
-    """Rows of `view` whose image_id is in `ids` (our own statements, parameterised)."""
+def _by_ids(con: Any, select: str, view: str, ids: list[str], where: str = "TRUE",
+            column: str = "image_id") -> list[dict[str, Any]]:  # fmt: skip
+    """Rows of `view` whose `column` (image_id) is in `ids` (our own statements, parameterised)."""
     out: list[dict[str, Any]] = []
     for chunk in _chunks(ids):
         marks = ", ".join("?" * len(chunk))
-        sql = f'SELECT {select} FROM "{view}" WHERE image_id IN ({marks}) AND {where}'
+        sql = f'SELECT {select} FROM "{view}" WHERE {column} IN ({marks}) AND {where}'
         cursor = con.execute(sql, chunk)
         names = [d[0] for d in cursor.description]
         out += [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
@@ -143,6 +144,42 @@ def _images_of(con: Any, ids: list[str]) -> dict[str, bytes]:
         for row in _by_ids(con, "image_id, jpg", view, missing, "jpg IS NOT NULL"):
             found.setdefault(row["image_id"], row["jpg"])
     return found
+
+
+@dataclass(frozen=True)
+class _DPrime:
+    """Which of the shown keys D' holds, and the threshold D' was decided at (None: several)."""
+
+    keys: frozenset[str]
+    threshold: float | None
+
+
+def _dprime_of(con: Any, keys: list[str]) -> _DPrime | None:
+    """D' membership of `keys` (None when the run has no ``dataset`` view)."""
+    if "dataset" not in view_names(con):
+        return None
+    held = frozenset(r["key"] for r in _by_ids(con, "key", "dataset", keys, column="key"))
+    thresholds = con.execute("SELECT DISTINCT threshold FROM dataset WHERE threshold IS NOT NULL").fetchall()
+    return _DPrime(held, float(thresholds[0][0]) if len(thresholds) == 1 else None)
+
+
+def as_in_dprime(row: dict[str, Any], dprime: _DPrime | None) -> dict[str, Any]:
+    """`row` with the verdict D' gives it when D' was decided again (``capfilt assemble
+    --threshold``): a judged caption D' holds is kept, one it does not is rejected
+    (``itm_below_threshold`` under D's threshold, else ``not_in_dataset``), and the
+    threshold shown is D's. Failed and unjudged rows, and rows D' agrees with, are as given."""
+    judged = verdict(row)
+    unjudged = judged is None or judged[0] == "failed" or row.get("source") == "human"
+    if dprime is None or unjudged or row.get("key") is None:
+        return row
+    kept = row["key"] in dprime.keys
+    if kept == (judged[0] == "kept"):
+        return row
+    score, threshold = row.get("itm_score"), dprime.threshold
+    below = score is not None and threshold is not None and score < threshold
+    reason = None if kept else ("itm_below_threshold" if below else "not_in_dataset")
+    fixed = {"keep": kept, "outcome": "kept" if kept else "rejected", "reject_reason": reason, "threshold": threshold}
+    return {**row, **{name: value for name, value in fixed.items() if name in row or name == "outcome"}}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -187,6 +224,12 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _score(value: float) -> str:
+    """An ITM score or threshold: 4 decimals (the filter's scores are float32, and captions of
+    one image often differ in the 4th)."""
+    return f"{value:.4f}"
+
+
 def _td(content: str, sort_value: Any = None, css: str = "", title: str = "") -> str:
     """A cell; `sort_value` (number or text) is what the column sorts by, empty sorts last."""
     value = "" if sort_value is None else (f"{sort_value:.6f}" if isinstance(sort_value, float) else str(sort_value))
@@ -208,7 +251,7 @@ def _caption_card(row: dict[str, Any]) -> str:
     judged = verdict(row)
     score = row.get("itm_score")
     head = f"<b>{html.escape(row['source'])}</b>"
-    head += f" {score:.3f}" if score is not None else ""
+    head += f" {_score(score)}" if score is not None else ""
     head += f' <span class="v {judged[0]}">{html.escape(judged[1])}</span>' if judged else ""
     return f'<div class="cap {html.escape(row["source"])}">{head}<br>{html.escape(row.get("caption") or "")}</div>'
 
@@ -347,8 +390,8 @@ def _row(index: int, row: dict[str, Any], cols: _Columns, thumb: str | None,
         cells.append(_td(html.escape(_text(row.get("source"))), row.get("source")))
     if cols.has("itm_score"):
         score, threshold = row.get("itm_score"), row.get("threshold")
-        text = "" if score is None else f"{score:.3f}"
-        cells.append(_td(text, score, "num", f"threshold {threshold:.3f}" if threshold is not None else ""))
+        text = "" if score is None else _score(score)
+        cells.append(_td(text, score, "num", f"threshold {_score(threshold)}" if threshold is not None else ""))
     if cols.has("keep", "outcome", "status"):
         judged = verdict(row)
         content = f'<span class="v {judged[0]}">{html.escape(judged[1])}</span>' if judged else ""
@@ -403,31 +446,41 @@ def render(table: pa.Table, total: int, sql: str, title: str, run_name: str, lim
 
 
 def build_gallery(run_dir: Path, sql: str, limit: int = DEFAULT_LIMIT, title: str | None = None,
-                  thumb_px: int = THUMB_PX) -> Gallery:
+                  thumb_px: int = THUMB_PX, timeout: float = DEFAULT_TIMEOUT_S) -> Gallery:
     """Run `sql` over the run's catalog and render its first `limit` rows as a page.
 
     Raises what the catalog raises: QueryRefused (a statement it does not run),
-    duckdb.Error (a query error), FileNotFoundError, SchemaError.
+    duckdb.Error (a query error), QueryTimeout (its queries ran past `timeout` seconds;
+    0: no limit), FileNotFoundError, SchemaError.
     """
     if limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     run_dir = location(run_dir)  # a local folder or a URL
     con = open_catalog(run_dir)
     try:
-        table, total = _rows(con, sql, limit)
-        ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if "image_id" in table.column_names else []
-        images = _images_of(con, ids) if ids and "jpg" not in table.column_names else {}
-        captions = _captions_of(con, ids) if ids else None
+        with time_limit(con, timeout):
+            table, total = _rows(con, sql, limit)
+            has_ids = "image_id" in table.column_names
+            ids = sorted({i for i in table.column("image_id").to_pylist() if i}) if has_ids else []
+            images = _images_of(con, ids) if ids and "jpg" not in table.column_names else {}
+            captions = _captions_of(con, ids) if ids else None
+        keys = table.column("key").to_pylist() if "key" in table.column_names else []
+        keys += [c["key"] for group in (captions or {}).values() for c in group]
+        dprime = _dprime_of(con, sorted({k for k in keys if k is not None}))
     finally:
         con.close()
+    table = pa.Table.from_pylist([as_in_dprime(r, dprime) for r in table.to_pylist()], schema=table.schema)
+    for group in (captions or {}).values():
+        group[:] = [as_in_dprime(c, dprime) for c in group]
     page = render(table, total, sql, title or "capfilt gallery", run_dir.resolve().name, limit, images, captions,
                   thumb_px)
     return Gallery(page, table.num_rows, total)
 
 
-def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT, title: str | None = None) -> Gallery:
+def write_gallery(run_dir: Path, sql: str, out: Path, limit: int = DEFAULT_LIMIT, title: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT_S) -> Gallery:  # fmt: skip
     """`build_gallery` written to `out` atomically (a rerun replaces the page whole)."""
-    gallery = build_gallery(run_dir, sql, limit, title)
+    gallery = build_gallery(run_dir, sql, limit, title, timeout=timeout)
     out = location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, gallery.html)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
 from data.images import DEFAULT_MAX_PIXELS, decode_image
 from data.schema import SOURCES
 from data.shards import CompletionRecord, write_completion, write_shard
+from data.storage import Location, location
 
 # Failure kinds an ingester writes before the colon of `error`.
 UNDECODABLE = "undecodable"  # bytes arrived but are no image (decode_image's reason follows)
@@ -120,7 +120,7 @@ def counts_of(table: pa.Table) -> tuple[dict[str, int], dict[str, int]]:
 
 def write_pairs_shard(
     table: pa.Table,
-    path: Path,
+    path: Location,
     input_fingerprint: str,
     settings: str,
     extra: dict | None = None,
@@ -137,7 +137,7 @@ def write_pairs_shard(
     write_shard(table, path, "pairs")
     counts, failures = counts_of(table)
     record = CompletionRecord(
-        shard=Path(path).name,
+        shard=location(path).name,
         kind="pairs",
         counts=counts,
         input_fingerprint=input_fingerprint,

@@ -48,6 +48,7 @@ from data.images import DEFAULT_MAX_PIXELS
 from data.img2dataset import KEY_COLUMN, raw_rows, read_img2dataset, to_pairs
 from data.ingest import IngestStats, RawRow, normalise_rows, write_pairs_shard
 from data.schema import conform
+from data.storage import Location, location
 from data.webdataset_input import webdataset_rows
 from data.shards import (
     CompletionRecord,
@@ -485,7 +486,7 @@ class ImportConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStats:
+def import_img2dataset(folder: Location | str, out: Location | str, cfg: ImportConfig) -> IngestStats:
     """Import an img2dataset output folder (parquet or webdataset format) as pairs shards.
 
     img2dataset shard ``NNNNN`` becomes ``out/part-NNNNN.parquet``, its rows turned into
@@ -495,7 +496,7 @@ def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStat
     (kept in img2dataset's parquet files) become failed rows. Safe to rerun: a shard whose record matches the source files'
     fingerprints is skipped.
     """
-    folder, out = Path(folder), Path(out)
+    folder, out = location(folder), location(out)  # paths or URLs
     shards = _img2dataset_shards(folder)
     if not shards:
         raise FileNotFoundError(f"{folder}: no img2dataset shards (NNNNN.parquet or NNNNN.tar) here")
@@ -513,8 +514,8 @@ def import_img2dataset(folder: Path, out: Path, cfg: ImportConfig) -> IngestStat
     return stats
 
 
-def _img2dataset_shards(folder: Path) -> dict[int, tuple[Path | None, Path | None]]:
-    shards: dict[int, tuple[Path | None, Path | None]] = {}
+def _img2dataset_shards(folder: Location) -> dict[int, tuple[Location | None, Location | None]]:
+    shards: dict[int, tuple[Location | None, Location | None]] = {}
     for path in folder.iterdir():
         match = re.fullmatch(r"(\d+)\.(parquet|tar)", path.name)
         if not match:

@@ -349,6 +349,15 @@ class RemotePath:
 Location = Union[Path, RemotePath]
 
 
+def is_inside(path: Location, folder: Location) -> bool:
+    """True when `path` is `folder` or lies below it: local paths with every link resolved
+    (a link out of `folder` is outside it), URLs compared as text."""
+    if isinstance(path, RemotePath) or isinstance(folder, RemotePath):
+        return str(path) == str(folder) or str(path).startswith(str(folder).rstrip("/") + "/")
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def list_files(folder: Location, pattern: str) -> list[Location]:
     """Sorted files (not folders) below `folder` matching the glob `pattern` (``**`` recursive);
     [] when the folder does not exist. On object storage one listing, no request per file."""

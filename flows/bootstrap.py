@@ -33,7 +33,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from data.layout import MODEL_ENTRY, RunLayout, model_name
+from data.layout import MODEL_ENTRY, SHARD_STAGES, LayoutError, RunLayout, model_name
 from data.shards import list_shards, settings_hash, write_atomic
 from data.storage import RemotePath, is_remote, location
 from flows import artifacts, steps
@@ -60,6 +60,14 @@ def work_dir(run_dir: str) -> Path:
     return base / hashlib.sha256(str(location(run_dir)).rstrip("/").encode()).hexdigest()[:16]
 
 
+def _record_before(layout: RunLayout) -> dict[str, str]:
+    """The run folder's record as the run starts ({} when there is none or it is unreadable)."""
+    try:
+        return layout.read_current()
+    except LayoutError:
+        return {}
+
+
 class _Run:
     """Per-run state: the config, the run folder (local or a URL) and its local working
     folder, tasks bound to this run's result storage."""
@@ -74,7 +82,12 @@ class _Run:
         self.work.mkdir(parents=True, exist_ok=True)
         self.layout = RunLayout(self.root)
         self.work_layout = RunLayout(self.work)  # the same as `layout` for a local run
-        self.current: dict[str, str] = {}  # what this run used: written to current.json as it goes
+        # What this run used, written to current.json as it goes. Shard stages past stop_after
+        # keep their entry (a standalone `capfilt assemble` after a caption + filter run stays
+        # current) until this run changes an output they were made from (`use`).
+        self.before = _record_before(self.layout)
+        self.current = {name: str(self.layout.resolve(path)) for name, path in self.before.items()
+                        if name in SHARD_STAGES and not config.runs_stage(name)}  # fmt: skip
         self.layout.write_current(self.current)
         store = result_storage(self.work)
         names = ("world_task", "ingest_task", "train_task", "plan_stage", "shard_stage_task", "assemble_task",
@@ -108,7 +121,12 @@ class _Run:
                     handle.write(json.dumps(row) + "\n")
 
     def use(self, name: str, path: str) -> str:
-        """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...)."""
+        """Record `path` as this run's current output `name` (``caption``, ``model/final`` ...);
+        a shard stage output other than the one recorded before drops the later stages' kept
+        entries (made from the old one)."""
+        if name in SHARD_STAGES and self.layout.relative(path) != self.before.get(name):
+            for later in SHARD_STAGES[SHARD_STAGES.index(name) + 1 :]:
+                self.current.pop(later, None)
         self.current[name] = path
         self.layout.write_current(self.current)
         return path

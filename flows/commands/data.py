@@ -18,16 +18,17 @@ from data.synth import DEFAULT_BASE_URL, SynthConfig, generate_world
 from data.synth_video import VideoWorldConfig, generate_video_world
 from data.video import CODECS, MAX_DURATION_S
 from data.synth_world import RenderConfig
+from flows.commands import local_path
 
 ingest_app = typer.Typer(help="Ingest image-text pairs into pairs shards.", no_args_is_help=True)
 
 
-def _echo_stats(stats: IngestStats, out: Path) -> None:
+def _echo_stats(stats: IngestStats, out: str | Path) -> None:
     typer.echo(json.dumps({"out": str(out), **dataclasses.asdict(stats)}, indent=2))
 
 
 def synth(
-    out: Path = typer.Argument(None, help="Folder to write the world into (human/, web/, test/, truth/)."),
+    out: Path = typer.Argument(None, parser=local_path, help="Folder to write the world into (human/, web/, test/, truth/)."),
     seed: int = typer.Option(0, help="Random seed; the world is a pure function of its settings."),
     human: int = typer.Option(1000, help="Human-annotated images (correct captions)."),
     human_captions: int = typer.Option(1, help="Correct captions per human image."),
@@ -39,7 +40,7 @@ def synth(
     rows_per_shard: int = typer.Option(1000, help="Rows per output shard."),
     as_urls: bool = typer.Option(False, "--as-urls", help="Also write www/ files and web_urls.parquet."),
     base_url: str = typer.Option(DEFAULT_BASE_URL, help="Base of the URLs in web_urls.parquet."),
-    videos: Path = typer.Option(None, "--videos", help="Write a synthetic video test set here instead (or too): clips of drifting shapes."),
+    videos: Path = typer.Option(None, "--videos", parser=local_path, help="Write a synthetic video test set here instead (or too): clips of drifting shapes."),
     clips: int = typer.Option(40, help="--videos: clips."),
     clip_frames: int = typer.Option(16, help="--videos: encoded frames per clip."),
     fps: int = typer.Option(8, help="--videos: frames per second."),
@@ -81,8 +82,8 @@ def synth(
 
 @ingest_app.command("web")
 def ingest_web_command(
-    url_list: Path = typer.Argument(..., help="CSV, TSV, JSONL or Parquet with url and caption columns."),
-    out: Path = typer.Argument(..., help="Folder for the pairs shards (e.g. runs/x/ingest/web)."),
+    url_list: Path = typer.Argument(..., parser=local_path, help="CSV, TSV, JSONL or Parquet with url and caption columns."),
+    out: Path = typer.Argument(..., parser=local_path, help="Folder for the pairs shards (e.g. runs/x/ingest/web)."),
     url_col: str = typer.Option("url"),
     caption_col: str = typer.Option("caption"),
     key_col: str = typer.Option("", help="Key column (default: 'key' if present, else row numbers)."),
@@ -98,7 +99,7 @@ def ingest_web_command(
     resize_mode: str = typer.Option("no", help="img2dataset resize_mode (no keeps the size)."),
     encode_format: str = typer.Option("jpg", help="jpg | png | webp."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Download only previously failed rows again."),
-    serve: Path = typer.Option(None, help="Serve this folder on 127.0.0.1 while ingesting (local lists)."),
+    serve: Path = typer.Option(None, parser=local_path, help="Serve this folder on 127.0.0.1 while ingesting (local lists)."),
     port: int = typer.Option(8000, help="Port for --serve (must match the list's URLs)."),
     run_timeout: float = typer.Option(0, help="Stop an img2dataset run after this many seconds (0: no limit)."),
 ) -> None:
@@ -129,9 +130,9 @@ def ingest_web_command(
 
 @ingest_app.command("human")
 def ingest_human_command(
-    src: Path = typer.Argument(..., help="COCO captions JSON, BLIP-style JSON list, or Parquet/JSONL/CSV list."),
-    out: Path = typer.Argument(..., help="Folder for the pairs shards (e.g. runs/x/ingest/human)."),
-    images: Path = typer.Option(None, help="Image folder (default: next to SRC)."),
+    src: Path = typer.Argument(..., parser=local_path, help="COCO captions JSON, BLIP-style JSON list, or Parquet/JSONL/CSV list."),
+    out: Path = typer.Argument(..., parser=local_path, help="Folder for the pairs shards (e.g. runs/x/ingest/human)."),
+    images: Path = typer.Option(None, parser=local_path, help="Image folder (default: next to SRC)."),
     image_col: str = typer.Option("image", help="Lists: column with an image path or URL."),
     caption_col: str = typer.Option("caption"),
     key_prefix: str = typer.Option("human-"),
@@ -150,8 +151,8 @@ def ingest_human_command(
 
 @ingest_app.command("img2dataset")
 def ingest_img2dataset_command(
-    folder: Path = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset)."),
-    out: Path = typer.Argument(..., help="Folder for the pairs shards."),
+    folder: str = typer.Argument(..., help="An img2dataset output folder (parquet or webdataset), a path or URL."),
+    out: str = typer.Argument(..., help="Folder for the pairs shards, a path or URL."),
     source: str = typer.Option("web"),
 ) -> None:
     """Import an existing img2dataset output folder as pairs shards (keys: img2dataset's, as the stages read them)."""
@@ -160,10 +161,10 @@ def ingest_img2dataset_command(
 
 @ingest_app.command("videos")
 def ingest_videos_command(
-    src: Path = typer.Argument(..., help="A folder of videos with one captions file (CSV/TSV/JSONL of path + caption, "
+    src: Path = typer.Argument(..., parser=local_path, help="A folder of videos with one captions file (CSV/TSV/JSONL of path + caption, "
                                          "MSR-VTT's annotation JSON or a BLIP-style list), or that captions file."),
-    out: Path = typer.Argument(..., help="Folder for the videos shards."),
-    videos_root: Path = typer.Option(None, help="Where relative video paths live (default: beside the captions file)."),
+    out: Path = typer.Argument(..., parser=local_path, help="Folder for the videos shards."),
+    videos_root: Path = typer.Option(None, parser=local_path, help="Where relative video paths live (default: beside the captions file)."),
     key_prefix: str = typer.Option("video-"),
     source: str = typer.Option("human"),
     rows_per_shard: int = typer.Option(500),

@@ -11,29 +11,34 @@ from pathlib import Path
 
 import typer
 
+from flows.commands import local_option, local_path
+
 
 def evaluate(
-    model: Path = typer.Option(None, help="Model folder (ours or a Hugging Face BLIP folder). Default: the final model RUN's latest run used."),
-    test: list[Path] = typer.Option(None, "--test", help="Test pair shards (several rows per image = several references). Default: RUN/ingest/test."),
-    run: Path = typer.Option(None, help="Run folder: takes its model, test set, truth, filter and caption outputs; writes RUN/eval/metrics.json."),
-    truth: Path = typer.Option(None, help="Synthetic-world folder (or its truth/): scene hits, noise detection, captioner correctness."),
-    filter_dir: Path = typer.Option(None, "--filter-dir", help="A filter output folder (filter/<hash>) to score against the truth."),
-    caption_dir: Path = typer.Option(None, "--caption-dir", help="A caption output folder (caption/<hash>) to score against the truth."),
-    out: Path = typer.Option(None, help="Write the JSON here (default: RUN/eval/metrics.json, or print only)."),
+    model: str = typer.Option(None, help="Model folder (ours or a Hugging Face BLIP folder; a path or URL). Default: the final model RUN's latest run used."),
+    test: list[str] = typer.Option(None, "--test", help="Test pair shards (several rows per image = several references). Default: RUN/ingest/test."),
+    run: str = typer.Option(None, help="Run folder (a path or URL): takes its model, test set, truth, filter and caption outputs; writes RUN/eval/metrics.json."),
+    truth: str = typer.Option(None, help="Synthetic-world folder (or its truth/): scene hits, noise detection, captioner correctness."),
+    filter_dir: str = typer.Option(None, "--filter-dir", help="A filter output folder (filter/<hash>) to score against the truth."),
+    caption_dir: str = typer.Option(None, "--caption-dir", help="A caption output folder (caption/<hash>) to score against the truth."),
+    out: str = typer.Option(None, help="Write the JSON here (default: RUN/eval/metrics.json, or print only)."),
     rerank_k: int = typer.Option(16, help="Re-rank the ITC top k of each query by ITM (BLIP: 256 on COCO)."),
     strategy: str = typer.Option("beam", help="Captioning decode: beam | greedy | nucleus."),
     prompt: str = typer.Option("", help="Decoder prompt (\"a picture of \" for a finetuned captioner)."),
     max_images: int = typer.Option(None, help="Evaluate only the first N test images."),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-    videos: list[Path] = typer.Option(None, "--videos", help="Zero-shot video instead: videos shards or folders (capfilt ingest videos / synth --videos). Writes --out, or RUN/eval/video.json."),
+    videos: list[str] = typer.Option(None, "--videos", help="Zero-shot video instead: videos shards or folders (capfilt ingest videos / synth --videos). Writes --out, or RUN/eval/video.json."),
     frames: int = typer.Option(8, "--frames", help="--videos: frames sampled uniformly per clip (BLIP: 8)."),
 ) -> None:
     """Retrieval R@1/5/10 (ITC rank + ITM re-rank), BLEU-4 / CIDEr, and truth-based checks; with
     --videos, text-to-video and video-to-text R@1/5/10 and caption metrics of clips, zero-shot."""
     if videos:
-        _evaluate_videos(videos, frames, model, run, truth, out, rerank_k, strategy, prompt, max_images, batch_size, device)
+        _evaluate_videos([local_option(v, "--videos") for v in videos], frames, local_option(model, "--model"),  # type: ignore[misc]
+                         local_option(run, "--run"), local_option(truth, "--truth"), local_option(out, "--out"),
+                         rerank_k, strategy, prompt, max_images, batch_size, device)  # fmt: skip
         return
+    from data.storage import location
     from data.layout import MODEL_ENTRY, RunLayout
     from data.shards import list_shards
     from tasks.evaluate.config import EvalConfig
@@ -42,26 +47,30 @@ def evaluate(
 
     cfg = EvalConfig(rerank_k=rerank_k, caption_strategy=strategy, prompt=prompt, max_images=max_images,
                      batch_size=batch_size, device=device)
+    given = {name: location(value) if value else None for name, value in
+             (("model", model), ("truth", truth), ("filter", filter_dir), ("caption", caption_dir), ("out", out))}  # fmt: skip
+    tests = [location(t) for t in test or []]
     if run is not None:
-        layout = RunLayout(run)  # the outputs the run's latest run used (its current.json)
-        model = model or layout.current(MODEL_ENTRY + "final") or layout.models / "final"
-        test = test or list_shards(layout.ingest("test"))
-        truth = truth or layout.truth_dir()
-        filter_dir = filter_dir or layout.current_stage("filter")
-        caption_dir = caption_dir or layout.current_stage("caption")
-        out = out or layout.metrics
-    if model is None or not test:
+        layout = RunLayout(location(run))  # the outputs the run's latest run used (its current.json)
+        given["model"] = given["model"] or layout.current(MODEL_ENTRY + "final") or layout.models / "final"
+        tests = tests or list_shards(layout.ingest("test"))
+        given["truth"] = given["truth"] or layout.truth_dir()
+        given["filter"] = given["filter"] or layout.current_stage("filter")
+        given["caption"] = given["caption"] or layout.current_stage("caption")
+        given["out"] = given["out"] or layout.metrics
+    if given["model"] is None or not tests:
         raise typer.BadParameter("give --run RUN, or --model and --test")
-    shards = [p for t in test for p in (list_shards(t) if Path(t).is_dir() else [Path(t)])]
-    if out is not None:
-        result = evaluate_to_file(model, shards, out, truth, filter_dir, caption_dir, cfg)
+    shards = [p for t in tests for p in (list_shards(t) if t.is_dir() else [t])]
+    args = (given["model"], shards)
+    if given["out"] is not None:
+        result = evaluate_to_file(*args, given["out"], given["truth"], given["filter"], given["caption"], cfg)  # type: ignore[arg-type]
     else:
-        result = run_eval(model, shards, truth, filter_dir, caption_dir, cfg)
+        result = run_eval(*args, given["truth"], given["filter"], given["caption"], cfg)  # type: ignore[arg-type]
     summary = {"retrieval": result.retrieval, "captioning": result.captioning,
                "filter_detection": result.filter_detection, "captioner": result.captioner}
     typer.echo(json.dumps(summary, indent=2))
-    if out is not None:
-        typer.echo(f"wrote {out}")
+    if given["out"] is not None:
+        typer.echo(f"wrote {given['out']}")
 
 
 def _evaluate_videos(videos: list[Path], frames: int, model: Path | None, run: Path | None, truth: Path | None,
@@ -100,7 +109,7 @@ def report(run: str = typer.Argument(..., help="Run folder (runs/<run>, or a URL
 
 def ablation(
     preset: str = typer.Option("tiny", help="Model preset of every model in the experiment."),
-    out: Path = typer.Option(Path("runs/ablation"), help="Output folder (laid out like a run folder; reruns resume)."),
+    out: Path = typer.Option(Path("runs/ablation"), parser=local_path, help="Output folder (laid out like a run folder; reruns resume)."),
     seeds: int = typer.Option(2, help="Seeds of the final pretraining per row (first_seed, first_seed + 1, ...)."),
     first_seed: int = typer.Option(0, help="First seed: a rerun with new seeds (e.g. 5) replicates the table on the folder's datasets."),
     rows: str = typer.Option(",".join(("no_cf", "filter", "captioner", "cf", "human")), help="Rows to run, comma-separated."),

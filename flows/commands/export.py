@@ -9,7 +9,6 @@ folders or files instead, and then the one argument is OUT. The layouts are desc
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 
 import typer
 
@@ -18,6 +17,7 @@ from data.export import DEFAULT_SHARD_ROWS, ExportError, dataset_shards, export
 from data.inputs import expand_inputs
 from data.layout import LayoutError
 from data.schema import SchemaError
+from data.storage import Location, location
 from flows.commands.query import resolve_run
 
 EXIT_ERROR = 1
@@ -29,24 +29,25 @@ class ExportFormat(str, enum.Enum):
     parquet = "parquet"
 
 
-def _sources(args: list[Path], inputs: list[Path] | None) -> tuple[list[Path], Path]:
-    """(D' shards, OUT) from ``RUN OUT`` or ``--input ... OUT``."""
+def _sources(args: list[str], inputs: list[str] | None) -> tuple[list[Location], Location]:
+    """(D' shards, OUT) from ``RUN OUT`` or ``--input ... OUT``, each a path or a URL."""
     if inputs:
         if len(args) != 1:
             raise typer.BadParameter("with --input give only OUT", param_hint="ARGS")
-        return expand_inputs(inputs), args[0]
+        return expand_inputs(inputs), location(args[0])
     if len(args) != 2:
         raise typer.BadParameter("give RUN OUT (or --input FOLDER OUT)", param_hint="ARGS")
-    return dataset_shards(resolve_run(args[0])), args[1]
+    return dataset_shards(resolve_run(args[0])), location(args[1])
 
 
 def export_command(
-    args: list[Path] = typer.Argument(
-        ..., metavar="[RUN] OUT", help="RUN (a run or D' folder; omit it with --input) and OUT, the folder to write"
+    args: list[str] = typer.Argument(
+        ..., metavar="[RUN] OUT",
+        help="RUN (a run or D' folder; omit it with --input) and OUT, the folder to write; paths or URLs (s3://...)",
     ),
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="webdataset, blip-json or parquet"),
     shard_size: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-size", help="rows per output shard"),
-    inputs: list[Path] | None = typer.Option(
+    inputs: list[str] | None = typer.Option(
         None, "--input", "-i", help="D' shards (folder, file or glob) instead of RUN; repeatable"
     ),
 ) -> None:

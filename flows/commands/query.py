@@ -23,7 +23,17 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import typer
 
-from data.catalog import QueryRefused, describe, hide_blobs, open_catalog, run_query
+from data.catalog import (
+    DEFAULT_TIMEOUT_S,
+    NoSuchView,
+    QueryRefused,
+    QueryTimeout,
+    describe,
+    hide_blobs,
+    open_catalog,
+    run_query,
+    time_limit,
+)
 from data.layout import LayoutError
 from data.schema import SchemaError
 from data.shards import atomic_path
@@ -94,17 +104,18 @@ def _json_ready(table: pa.Table) -> pa.Table:
 
 
 @contextmanager
-def _sink(output: Path | None, binary: bool) -> Iterator[IO[Any]]:
-    """stdout, or a temporary file renamed to `output` on success."""
+def _sink(output: str | None, binary: bool) -> Iterator[IO[Any]]:
+    """stdout, or a temporary file renamed to `output` (a path or URL) on success."""
     if output is None:
         yield sys.stdout.buffer if binary else sys.stdout
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+    target = location(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
         yield handle
 
 
-def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: Path | None) -> int:
+def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: str | None) -> int:
     """Stream the result to csv / json / parquet; returns the number of rows written."""
     reader = relation.to_arrow_reader(BATCH_ROWS)
     rows = 0
@@ -155,7 +166,7 @@ def query_errors(command: str) -> Iterator[None]:
     except (QueryRefused, duckdb.PermissionException) as exc:
         typer.echo(f"capfilt {command}: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
-    except (duckdb.Error, SchemaError, LayoutError, FileNotFoundError) as exc:
+    except (duckdb.Error, SchemaError, LayoutError, FileNotFoundError, QueryTimeout, NoSuchView) as exc:
         typer.echo(f"capfilt {command}: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
 
@@ -164,31 +175,39 @@ def query(
     run: str = typer.Argument(..., help="the run folder, a name under runs/, or a URL (s3://bucket/run)"),
     sql: str | None = typer.Argument(None, help="one SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN"),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv, json or parquet"),
-    output: Path | None = typer.Option(None, "--output", "-o", help="write here instead of the terminal"),
+    output: str | None = typer.Option(None, "--output", "-o", help="write here (a path or URL) instead of the terminal"),
     schema: bool = typer.Option(False, "--schema", help="list the datasets (views) and their columns"),
     max_rows: int = typer.Option(DEFAULT_MAX_ROWS, "--max-rows", help="rows shown by --format table"),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", help="stop the query after this many seconds (0: no limit)"),
 ) -> None:
     """Query a run's datasets with SQL (read-only): human, web, test, synthetic, scored,
     rejects, dataset (D'), stage_stats."""
     with query_errors("query"):
         con = open_catalog(resolve_run(run))
         if schema:
-            typer.echo(_print_schema(con), nl=False)
+            with time_limit(con, timeout):
+                typer.echo(_print_schema(con), nl=False)
             return
         if not sql:
             raise QueryRefused('give a query, e.g. capfilt query RUN "SELECT count(*) FROM web", or --schema')
-        relation = run_query(con, sql)
-        if fmt == OutputFormat.table:
-            shown = relation.limit(max_rows + 1).to_arrow_table()
-            text = format_table(hide_blobs(shown.slice(0, max_rows)), more=shown.num_rows > max_rows)
-            with _sink(output, binary=False) as handle:
-                handle.write(text)
-        elif fmt == OutputFormat.parquet and output is None:
-            raise QueryRefused("--format parquet needs --output PATH (binary is not written to the terminal)")
-        else:
-            rows = _write_stream(relation, fmt, output)
-            if output is not None:
-                typer.echo(f"wrote {rows} rows to {output}", err=True)
+        with time_limit(con, timeout):
+            _run(con, sql, fmt, output, max_rows)
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, fmt: OutputFormat, output: str | None, max_rows: int) -> None:
+    """Run `sql` and write its rows in `fmt` to `output` (None: the terminal)."""
+    relation = run_query(con, sql)
+    if fmt == OutputFormat.table:
+        shown = relation.limit(max_rows + 1).to_arrow_table()
+        text = format_table(hide_blobs(shown.slice(0, max_rows)), more=shown.num_rows > max_rows)
+        with _sink(output, binary=False) as handle:
+            handle.write(text)
+    elif fmt == OutputFormat.parquet and output is None:
+        raise QueryRefused("--format parquet needs --output PATH (binary is not written to the terminal)")
+    else:
+        rows = _write_stream(relation, fmt, output)
+        if output is not None:
+            typer.echo(f"wrote {rows} rows to {output}", err=True)
 
 
 def register(app: typer.Typer) -> None:

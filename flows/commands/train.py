@@ -14,6 +14,9 @@ from typing import Any
 
 import typer
 
+from flows.commands import local_path
+
+
 _MODES = ("pretrain", "finetune-filter", "finetune-captioner")
 # Extra positional words after `--data A` are more shards (`--data web/*.parquet`).
 _MANY_INPUTS = {"allow_extra_args": True}
@@ -33,8 +36,8 @@ def train(
     ctx: typer.Context,
     mode: str = typer.Option(..., help="pretrain (ITC+ITM+LM) | finetune-filter (ITC+ITM) | finetune-captioner (LM)."),
     data: list[str] = typer.Option(..., "--data", help="Pair shards or folders of part-*.parquet (several may follow)."),
-    out: Path = typer.Option(..., help="Run folder: checkpoints/, metrics.jsonl and final/ (the trained model)."),
-    init: Path | None = typer.Option(None, help="Start from this model folder (ours or a Hugging Face BLIP folder)."),
+    out: Path = typer.Option(..., parser=local_path, help="Run folder: checkpoints/, metrics.jsonl and final/ (the trained model)."),
+    init: Path | None = typer.Option(None, parser=local_path, help="Start from this model folder (ours or a Hugging Face BLIP folder)."),
     preset: str = typer.Option("tiny", help="Model size when training from scratch: tiny | base | large."),
     resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue from the newest complete checkpoint in --out."),
     steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (the schedule spans them)."),

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from data.layout import LayoutError, RunLayout
-from data.catalog import QueryRefused, check_statement, describe, hide_blobs, open_catalog, run_query, view_names
+from data.catalog import NoSuchView, QueryRefused, check_statement, describe, hide_blobs, open_catalog, run_query, view_names
 from data.schema import SchemaError
 from data.shards import CompletionRecord, shard_name, write_completion, write_shard
 from flows.commands import query as query_commands
@@ -184,7 +184,7 @@ def test_raw_connection_is_confined_too(con: duckdb.DuckDBPyConnection, tmp_path
 
 def test_python_objects_are_not_scanned(con: duckdb.DuckDBPyConnection) -> None:
     secret = pa.table({"password": ["hunter2"]})  # noqa: F841 - a local duckdb could scan by name
-    with pytest.raises((duckdb.Error, QueryRefused)):
+    with pytest.raises(NoSuchView, match="no view 'secret'"):  # a catalog view or nothing
         run_query(con, "SELECT * FROM secret").fetchall()
 
 
@@ -283,3 +283,72 @@ def test_several_unrecorded_settings_folders_are_refused_by_name(tmp_path: Path)
     RunLayout(tmp_path).mark_current("caption", tmp_path / "caption" / "bbbb00000000")
     con = open_catalog(tmp_path)
     assert _one(con, "SELECT DISTINCT settings_hash FROM synthetic") == [("bbbb00000000",)]
+
+
+# ----------------------------------------------------------------------------- hostile (issue 23)
+
+
+def _capfilt_query(*args: str):  # noqa: ANN202 (a click Result)
+    from flows.cli import app
+
+    return CliRunner().invoke(app, ["query", *args])
+
+
+def test_a_runaway_query_stops_at_its_timeout_in_one_line(run: Path) -> None:
+    import time
+
+    start = time.monotonic()
+    result = _capfilt_query(str(run), "SELECT count(*) FROM range(100000000000) a", "--timeout", "1")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("capfilt query: the query ran past its time limit of 1 s") and "--timeout" in lines[0]
+    assert time.monotonic() - start < 20
+    assert _capfilt_query(str(run), "SELECT count(*) FROM web", "--timeout", "30").exit_code == 0  # a quick one is not hit
+    assert "--timeout" in _capfilt_query("--help").output
+
+
+@pytest.mark.parametrize("planted", ["a shard", "a folder"])
+def test_a_link_planted_in_the_run_folder_cannot_make_a_view_read_outside_it(run: Path, tmp_path: Path,
+                                                                            planted: str) -> None:  # fmt: skip
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    secret = tmp_path / "elsewhere" / shard_name(0)
+    write_shard(_pairs("secret", 2, "web"), secret, "pairs")
+    link = copy / "ingest/web" / shard_name(1) if planted == "a shard" else copy / "ingest/test"
+    shutil.rmtree(link) if link.is_dir() else link.unlink()
+    link.symlink_to(secret if planted == "a shard" else secret.parent)
+    result = _capfilt_query(str(copy), "SELECT key FROM web UNION ALL SELECT key FROM test")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "leads outside the run folder" in lines[0], result.output
+    assert "secret0" not in result.output and str(link.name) in lines[0]
+    link.unlink()
+    if planted == "a shard":  # a link that stays inside the run folder is fine
+        link.symlink_to(copy / "ingest/human" / shard_name(0))
+    assert _capfilt_query(str(copy), "SELECT count(*) FROM web").exit_code == 0
+
+
+def test_web_read_in_place_has_a_web_view_and_a_missing_view_is_one_line(run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from data.schema import schema_for
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "ingest/web")  # data.web read in place: the run never wrote RUN/ingest/web
+    result = _capfilt_query(str(copy), "SELECT count(*) AS n, count(DISTINCT status) AS s FROM web", "-f", "csv")
+    assert result.exit_code == 0 and result.output.split() == ['"n","s"', "6,2"], result.output  # every row the filter read
+    con = open_catalog(copy)
+    assert [c for c, _ in describe(con)["web"]] == schema_for("pairs").names
+    con.close()
+    shutil.rmtree(copy / "filter")  # before the filter has read them: one line saying why and what to do
+    result = _capfilt_query(str(copy), "SELECT count(*) FROM web")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("capfilt query: no view 'web' in this run folder: ingest/web holds no shards")
+    assert "data.web" in lines[0] and "capfilt ingest img2dataset" in lines[0] and "pg_enum" not in lines[0]
+    assert "views here: dataset, human, stage_stats, synthetic, test" in lines[0]
+    shutil.rmtree(copy / "assemble")
+    assert "no D' yet" in _capfilt_query(str(copy), "SELECT * FROM dataset").output
+    assert "no dataset of that name" in _capfilt_query(str(copy), "SELECT * FROM nope").output

@@ -259,3 +259,111 @@ def test_cli_exports_the_current_dprime_and_a_rerun_rewrites_nothing(run_folder:
     assert os.path.isfile(tmp_path / "direct" / "part-00000.parquet")
     missing = runner.invoke(app, ["export", str(tmp_path / "nowhere"), str(tmp_path / "o"), "-f", "parquet"])
     assert missing.exit_code == 1 and "no part-*.parquet" in missing.output
+
+
+# ----------------------------------------------------------------------------- where it must not write (issue 23)
+
+
+def _export(*args: str):  # noqa: ANN202 (a click Result)
+    from flows.cli import app
+
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def _one_line_error(result) -> str:  # noqa: ANN001
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("capfilt export: "), result.output
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_folder_holding_someone_elses_files(run_folder: Path, tmp_path: Path) -> None:
+    theirs = tmp_path / "img2dataset"
+    theirs.mkdir()
+    (theirs / "00000.tar").write_bytes(b"their tar")
+    (theirs / "00000.parquet").write_bytes(b"their sidecar")
+    before = _snapshot(theirs)
+    for fmt in ("webdataset", "parquet", "blip-json"):
+        line = _one_line_error(_export(str(run_folder), str(theirs), "-f", fmt))
+        assert str(theirs) in line and "not empty" in line and "empty or new folder" in line
+    assert _snapshot(theirs) == before and not (theirs / ".capfilt").exists()
+    (tmp_path / "a-file").write_text("mine")
+    assert "it is a file" in _one_line_error(_export(str(run_folder), str(tmp_path / "a-file"), "-f", "parquet"))
+    out = tmp_path / "wds"
+    assert _export(str(run_folder), str(out), "-f", "webdataset").exit_code == 0
+    line = _one_line_error(_export(str(run_folder), str(out), "-f", "parquet"))  # another kind of export
+    assert "holds a capfilt webdataset export" in line
+
+
+def test_export_never_writes_into_its_own_dprime_input(run_folder: Path) -> None:
+    dprime = run_folder / "assemble" / "c0ffee"
+    before = _snapshot(run_folder)
+    line = _one_line_error(_export("--input", str(dprime), str(dprime), "-f", "parquet"))
+    assert "holds the D' shard" in line and "part-00000.parquet" in line
+    _one_line_error(_export(str(run_folder), str(run_folder), "-f", "parquet"))
+    _one_line_error(_export(str(run_folder), str(run_folder / "assemble"), "-f", "webdataset"))
+    assert _snapshot(run_folder) == before
+
+
+@pytest.mark.parametrize(("fmt", "link"), [("webdataset", "00000.tar"), ("blip-json", "images"), ("parquet", ".capfilt")])
+def test_export_never_follows_a_link_inside_out_to_write_outside_it(run_folder: Path, tmp_path: Path, fmt: str,
+                                                                    link: str) -> None:  # fmt: skip
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    assert _export(str(run_folder), str(out), "-f", fmt, "--shard-size", "4").exit_code == 0
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    target = out / link
+    if target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+        target.symlink_to(outside, target_is_directory=True)
+    else:
+        target.unlink()
+        target.symlink_to(outside / "precious")
+    line = _one_line_error(_export(str(run_folder), str(out), "-f", fmt, "--shard-size", "4"))
+    assert f"{out / link} is a symbolic link" in line
+    assert _snapshot(outside) == {"precious": b"keep me"}
+
+
+def test_our_webdataset_export_reads_back_as_input(run_folder: Path, tmp_path: Path) -> None:
+    from flows.cli import app
+
+    out = tmp_path / "wds"
+    assert _export(str(run_folder), str(out), "-f", "webdataset", "--shard-size", "4").exit_code == 0
+    result = CliRunner().invoke(app, ["ingest", "img2dataset", str(out), str(tmp_path / "back")])
+    assert result.exit_code == 0, result.output
+    back = [r for p in sorted((tmp_path / "back").glob("part-*.parquet")) for r in read_table(p, "pairs").to_pylist()]
+    expected = _rows(dataset_shards(run_folder))
+    assert [r["key"] for r in back] == [r["key"] for r in expected]  # the D' keys, not the stems
+    assert [r["caption"] for r in back] == [r["caption"] for r in expected]
+    assert all(r["status"] == "ok" and np.array_equal(_pixels(r["jpg"]), _pixels(e["jpg"])) for r, e in zip(back, expected))
+    assert [r["image_id"] for r in back] == [r["image_id"] for r in expected]
+
+
+# ----------------------------------------------------------------------------- URLs (issue 23)
+
+
+def test_export_takes_an_s3_run_folder_and_an_s3_out(run_folder: Path, tmp_path: Path, s3: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import fsspec
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    fs.put(str(run_folder), f"{s3}/run", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    for fmt in ("webdataset", "blip-json", "parquet"):
+        result = _export(f"{s3}/run", f"{s3}/out-{fmt}", "-f", fmt, "--shard-size", "4")
+        assert result.exit_code == 0, result.output
+        assert "exported 10 rows (human 3, web 3, synthetic 4)" in result.output and f"to {s3}/out-{fmt} " in result.output
+    assert not (tmp_path / "s3:").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    local = tmp_path / "local-wds"
+    assert _export(str(run_folder), str(local), "-f", "webdataset", "--shard-size", "4").exit_code == 0
+    for name in ("00000.tar", "00001.parquet", "sizes.json"):
+        assert fs.cat_file(f"{s3}/out-webdataset/{name}") == (local / name).read_bytes()
+    again = _export(f"{s3}/run", f"{s3}/out-webdataset", "-f", "webdataset", "--shard-size", "4")
+    assert again.exit_code == 0 and "(0 written, 3 already complete)" in again.output
+    fs.pipe(f"{s3}/theirs/00000.tar", b"their tar")
+    assert "not empty" in _one_line_error(_export(f"{s3}/run", f"{s3}/theirs", "-f", "webdataset"))

@@ -139,7 +139,7 @@ def test_captions_are_escaped_and_only_the_page_script_runs(run: Path) -> None:
 def test_an_image_shows_its_other_captions_side_by_side(run: Path) -> None:
     page = build_gallery(run, "SELECT * FROM scored WHERE key = 'w1'").html
     cards = re.findall(r'<div class="cap (\w+)"><b>\w+</b> ([\d.]+) <span class="v (\w+)">', page)
-    assert cards == [("synthetic", "0.830", "kept"), ("synthetic", "0.440", "rejected")]  # not w1 itself
+    assert cards == [("synthetic", "0.8300", "kept"), ("synthetic", "0.4400", "rejected")]  # not w1 itself
     assert "other captions of this image" in page and "rejected: itm_below_threshold" in page
     keyless = build_gallery(run, "SELECT image_id, source, caption FROM scored WHERE key = 's1a'").html
     assert re.findall(r'<div class="cap (\w+)">', keyless) == ["web", "synthetic"]  # w1 and s1b, not s1a itself
@@ -300,3 +300,85 @@ def test_the_page_renders_in_headless_chromium(run: Path, tmp_path: Path) -> Non
     print(f"browser: {len(widths)} images rendered, {len(scores)} scores sorted, {distinct} colours")
     if os.environ.get("CAPFILT_BROWSE_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["CAPFILT_BROWSE_SCREENSHOT"])
+
+
+# ----------------------------------------------------------------------------- hostile callers (issue 23)
+
+
+@pytest.mark.parametrize(("host", "status"), [("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("LOCALHOST:{port}", 200),
+                                              ("evil.example:{port}", 421), ("evil.example", 421), ("127.0.0.1:1", 421),
+                                              ("127.0.0.1.evil.example:{port}", 421), (None, 421)])  # fmt: skip
+def test_the_served_page_answers_only_to_its_own_host_name(run: Path, host: str | None, status: int) -> None:
+    import http.client
+
+    server = page_server(build_gallery(run, ALL_SCORED, limit=1).html)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", "/", skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host.format(port=port))
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == status  # DNS rebinding: a re-pointed domain reads nothing
+        assert (b'data-key="' in body) == (status == 200)
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_browse_and_query_take_an_s3_run_folder(run: Path, tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    fs.put(str(run), f"{s3}/run", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["browse", f"{s3}/run", ALL_SCORED, "--out", f"{s3}/pages/page.html"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {s3}/pages/page.html (10 rows)" in result.output
+    assert CliRunner().invoke(app, ["browse", str(run), ALL_SCORED, "--out", str(local)]).exit_code == 0
+    assert _keys(fs.cat_file(f"{s3}/pages/page.html").decode()) == _keys(local.read_text())
+    query = CliRunner().invoke(app, ["query", f"{s3}/run", "SELECT key FROM scored ORDER BY key", "-f", "csv",
+                                     "--output", f"{s3}/q/keys.csv"])  # fmt: skip
+    assert query.exit_code == 0, query.output
+    assert fs.cat_file(f"{s3}/q/keys.csv").decode().split() == ['"key"', *sorted(f'"{r[0]}"' for r in SCORED_ROWS)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no local ./s3:/ folder
+
+
+def test_browse_stops_a_runaway_query_at_its_timeout(run: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["browse", str(run), "SELECT count(*) FROM range(100000000000) a",
+                                      "--out", str(tmp_path / "p.html"), "--timeout", "1"])  # fmt: skip
+    assert result.exit_code == 1 and "time limit of 1 s" in result.output and not (tmp_path / "p.html").exists()
+
+
+def test_browse_shows_the_verdicts_of_a_dprime_decided_again_and_scores_to_4_decimals(run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from data.layout import RunLayout
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # `capfilt assemble --threshold 0.45` after a filter at 0.5: w2 (0.47) joins D', w3 (0.52) and s1a stay
+    dprime = [r for r in SCORED_ROWS if r[5] != "failed" and (r[4] or 0) >= 0.45]
+    table = _table(dprime, scored=True).drop_columns(["keep", "reject_reason", "error"])
+    table = table.set_column(table.column_names.index("threshold"), "threshold", pa.array([0.45] * len(dprime), pa.float32()))
+    table = table.append_column("judge", pa.array(["j"] * len(dprime))).append_column("producer", pa.nulls(len(dprime), pa.string()))
+    write_shard(table, copy / "assemble/asm000000000" / shard_name(0), "dataset")
+    RunLayout(copy).mark_current("assemble", copy / "assemble/asm000000000")
+    out = tmp_path / "page.html"
+    sql = "SELECT key, image_id, source, caption, itm_score, keep, outcome, reject_reason, threshold FROM scored ORDER BY key"
+    result = CliRunner().invoke(app, ["browse", str(copy), sql, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    verdicts = dict(re.findall(r'<tr class="row" data-key="(\w+)">.*?<span class="v (\w+)">', page))
+    assert verdicts["w2"] == "kept" and verdicts["w0"] == "kept" and verdicts["w4"] == "rejected"  # as D' has them
+    assert verdicts["w5"] == "failed"
+    assert 'title="threshold 0.4500">0.4700<' in page  # the D' threshold, and 4 decimals
+    # the w2 card beside s2a's row says kept too
+    s2a = page.split('data-key="s2a"', 1)[1].split("</tr>", 1)[0]
+    assert re.findall(r'<div class="cap web"><b>web</b> ([\d.]+) <span class="v (\w+)">', s2a) == [("0.4700", "kept")]

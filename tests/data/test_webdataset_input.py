@@ -17,7 +17,7 @@ from data.ingest import failure_kind
 from data.ingest_web import ImportConfig, import_img2dataset
 from data.inputs import expand_inputs, expand_item, input_fingerprint, output_name, plan_outputs, read_pairs
 from data.shards import read_table
-from data.tar_stream import TarCutError, iter_members
+from data.tar_stream import NotHeld, TarCutError, iter_members
 from data.webdataset_input import MISSING_FROM_TAR, NOT_IN_SIDECAR, TRUNCATED_TAR, read_samples, read_webdataset_pairs
 
 ROWS = samples(0, 6, failed=(1,), garbage=(4,))  # ok, 404, ok, ok, html, ok
@@ -150,7 +150,8 @@ def test_members_that_are_no_sample_part_are_read_through_without_being_held(tmp
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert got.cut is None and got.samples == {"000000000": {"jpg": jpeg(0), "txt": b"photo number 0"}}
+    # seg.png is the sample's (webdataset: key up to the first dot); jpg stays its image
+    assert got.cut is None and got.samples == {"000000000": {"jpg": jpeg(0), "seg.png": b"mask", "txt": b"photo number 0"}}
     assert peak < big // 2  # the 8 MiB member went by in 1 MiB chunks
     assert _kind(_by_key(read_pairs(folder / "00000.tar"))["000000000"]) == "ok"
 
@@ -254,3 +255,151 @@ def test_a_webdataset_shard_on_s3_is_read_in_place(tmp_path: Path, s3: str) -> N
     fs.pipe(f"{bucket}/i2d/00000.tar", tar)
     fs.invalidate_cache()
     assert read_pairs(f"{s3}/i2d/00000.tar").to_pylist() == read_pairs(local).to_pylist()  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- hostile tars, no sidecar (issue 23)
+
+
+def _raw_tar(members: list[tuple[bytes | str, bytes]], end: bool = True) -> bytes:
+    """A tar of `members` ((name, data); a bytes name is written as is, even if not UTF-8),
+    with its end-of-archive blocks unless `end` is False."""
+    import tarfile
+
+    out = []
+    for name, data in members:
+        info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name)
+        info.size = len(data)
+        out += [info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"), data, bytes(-len(data) % 512)]
+    return b"".join(out) + (bytes(1024) if end else b"")
+
+
+def _link_member(name: str, target: str) -> bytes:
+    """A symbolic-link member's header (no data)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def _forged_size(name: str, size: int) -> bytes:
+    """A pax header + ustar header declaring a member of `size` bytes, and 1 KiB of its data."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(format=tarfile.PAX_FORMAT) + bytes(1024)
+
+
+def _hostile(kind: str) -> bytes:
+    import gzip
+
+    whole = tar_bytes(ROWS)
+    two = [("000000000.jpg", jpeg(0)), ("000000000.txt", b"zero"), ("000000002.jpg", jpeg(2)), ("000000002.txt", b"two")]
+    return {
+        "gzip": lambda: gzip.compress(whole, mtime=0),
+        "not a tar": lambda: HTML * 20,
+        "empty": lambda: b"",
+        "cut mid-member": lambda: whole[: _member_offsets(whole)["000000003.jpg"][1] - 100],
+        "repeated key": lambda: _raw_tar(two + [("000000000.jpg", jpeg(5)), ("000000000.txt", b"again")]),
+        "two dots": lambda: _raw_tar([("000000000.v2.jpg", jpeg(0)), ("000000000.txt", b"zero"), *two[2:]]),
+        "name not UTF-8": lambda: _raw_tar([*two[:2], (b"\xff\xfe.jpg", jpeg(9)), *two[2:]]),
+        "huge declared size": lambda: _raw_tar(two, end=False) + _forged_size("000000007.jpg", 1 << 40),
+        "symbolic link member": lambda: _raw_tar(two, end=False) + _link_member("000000009.jpg", "/etc/passwd") + bytes(1024),
+        "JSON not UTF-8": lambda: _raw_tar([*two, ("000000002.json", b'{"url": "\\udcff\\ud800", "key": "\\udcff"}')]),
+    }[kind]()
+
+
+# kind -> the rows `capfilt ingest img2dataset` must write: key -> failure kind ("ok" for a kept sample)
+HOSTILE = {
+    "gzip": {"000000000": "ok", "000000002": "ok", "000000003": "ok", "000000004": "undecodable", "000000005": "ok"},
+    "not a tar": {"00000.tar": TRUNCATED_TAR},
+    "empty": {"00000.tar": TRUNCATED_TAR},
+    "cut mid-member": {"000000000": "ok", "000000002": "ok", "000000003": TRUNCATED_TAR},
+    "repeated key": {"000000000": "ok", "000000002": "ok", "000000000#2": "duplicate_key"},
+    "two dots": {"000000000": "ok", "000000002": "ok"},
+    "name not UTF-8": {"000000000": "ok", "000000002": "ok", "\\xff\\xfe": "bad_member"},
+    "huge declared size": {"000000000": "ok", "000000002": "ok", "000000007": TRUNCATED_TAR},
+    "JSON not UTF-8": {"000000000": "ok", "000000002": "ok"},
+    "symbolic link member": {"000000000": "ok", "000000002": "ok", "000000009": "bad_member"},
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_a_hostile_tar_without_a_sidecar_ends_every_sample_or_its_damage_as_a_row(tmp_path: Path, kind: str) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    (folder / "00000.tar").write_bytes(_hostile(kind))
+    result = CliRunner().invoke(app, ["ingest", "img2dataset", str(folder), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = _by_key(read_table(tmp_path / "out" / "part-00000.parquet", "pairs"))
+    assert {key: _kind(row) for key, row in rows.items()} == HOSTILE[kind]
+    for key, row in rows.items():
+        if _kind(row) not in ("ok", "undecodable"):
+            assert "00000.tar" in row["error"] and row["jpg"] is None, row["error"]
+    if kind == "JSON not UTF-8":
+        assert rows["000000002"]["url"] == "\\udcff\\ud800"  # escaped, not a crash of the whole tar
+    if kind == "two dots":
+        assert rows["000000000"]["jpg"] == jpeg(0) and rows["000000000"]["caption"] == "zero"
+    if kind == "repeated key":
+        assert rows["000000000"]["jpg"] == jpeg(0) and "'000000000' more than once (repeated jpg, txt)" in rows["000000000#2"]["error"]
+
+
+def test_a_forged_member_size_is_never_allocated_and_an_oversized_member_fails_alone(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import tracemalloc
+
+    forged = _forged_size("000000001.jpg", 1 << 40)  # 1 TiB declared, 1 KiB there
+    tracemalloc.start()
+    try:
+        with pytest.raises(TarCutError, match=r"inside the data of '000000001\.jpg'") as cut:
+            list(iter_members(io.BytesIO(forged)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20 and cut.value.member == "000000001.jpg"
+    members = [("000000000.jpg", jpeg(0)), ("000000000.txt", b"zero"), ("000000001.jpg", jpeg(1) * 40), ("000000001.txt", b"big")]
+    assert [(n, isinstance(d, NotHeld)) for n, d in iter_members(io.BytesIO(_raw_tar(members)), max_bytes=len(jpeg(0)) * 2)] == [
+        ("000000000.jpg", False), ("000000000.txt", False), ("000000001.jpg", True), ("000000001.txt", False)]
+    import data.webdataset_input as wi
+
+    monkeypatch.setattr(wi, "MAX_MEMBER_BYTES", len(jpeg(0)) * 2)
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes(_raw_tar(members))
+    rows = _by_key(read_pairs(tar))
+    assert _kind(rows["000000000"]) == "ok" and _kind(rows["000000001"]) == "bad_member"
+    assert "member '000000001.jpg' is over" in rows["000000001"]["error"]
+
+
+def test_the_sidecar_path_gives_the_same_accounting_for_repeats_two_dots_and_bad_names(tmp_path: Path) -> None:
+    folder = tmp_path / "wds"
+    listed = samples(0, 3)
+    write_webdataset_format(folder, 0, listed)
+    (folder / "00000.tar").write_bytes(_raw_tar([
+        ("000000000.v2.jpg", jpeg(0)), ("000000001.jpg", jpeg(1)), (b"\xff.jpg", jpeg(7)),
+        ("000000002.jpg", jpeg(2)), ("000000002.jpg", jpeg(3))]))  # fmt: skip
+    rows = _by_key(read_pairs(folder / "00000.tar"))
+    assert {k: _kind(r) for k, r in rows.items()} == {
+        "000000000": "ok", "000000001": "ok", "000000002": "ok", "000000002#2": "duplicate_key", "\\xff": "bad_member"}
+    assert rows["000000000"]["caption"] == "photo number 0"  # from the sidecar
+
+
+def test_ingest_img2dataset_takes_urls_for_its_folder_and_out(tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    local = write_webdataset_format(tmp_path / "wds", 0, ROWS)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for name in ("00000.tar", "00000.parquet"):
+        fs.pipe(f"{s3.removeprefix('s3://')}/i2d/{name}", (local.parent / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ingest", "img2dataset", f"{s3}/i2d", f"{s3}/imported"])
+    assert result.exit_code == 0, result.output
+    assert read_table(f"{s3}/imported/part-00000.parquet", "pairs").to_pylist() == read_pairs(local).to_pylist()  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wds"]  # nothing written to a local ./s3:/

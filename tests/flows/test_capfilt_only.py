@@ -73,3 +73,13 @@ def test_caption_and_filter_on_img2dataset_shards(tmp_path: Path, prefect_harnes
     assert filt["kept"] + filt["rejected"] + filt["failed"] == filt["input"]
     assert sorted(p.name for p in (Path(summary["filter_dir"]) / "kept").glob("*.parquet")) == [
         "part-00000.parquet", "part-00001.parquet"]
+    # web data read in place still has its `web` view (issue 23): the rows as the filter read them
+    from data.catalog import open_catalog
+    from data.inputs import read_pairs
+
+    con = open_catalog(tmp_path / "run")
+    web = con.execute("SELECT key, status FROM web ORDER BY key").fetchall()
+    con.close()
+    expected = sorted((r["key"], r["status"]) for p in sorted(shards.glob("*.tar" if fmt == "webdataset" else "*.parquet"))
+                      for r in read_pairs(p, columns=["key", "status"]).to_pylist())  # fmt: skip
+    assert web == expected and len(web) == rows

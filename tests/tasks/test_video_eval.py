@@ -127,3 +127,15 @@ def test_a_static_clip_on_disk_scores_as_its_image(model_dir, tmp_path):
         features, _ = embed_video_set(loaded.model, videos, batch_size=2)
         expected = loaded.model.image_features(loaded.model.encode_image(pixels))
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
+
+
+def test_cli_evaluate_videos_refuses_a_url_in_one_line_and_writes_no_local_s3_folder(tmp_path, monkeypatch):
+    from flows.commands.evaluate import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--videos", "s3://bucket/clips", "--model", "m"])
+    assert result.exit_code == 2 and "s3://bucket/clips is a URL" in result.output  # issue 23: never ./s3:/bucket
+    assert list(tmp_path.iterdir()) == []
