@@ -31,7 +31,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("part-*")}
 
 
-@pytest.mark.timeout(1200)  # about 2-4 min once orchestration no longer grows with shards; 2 cores shared
+@pytest.mark.timeout(2700)  # 832 s at load 5-12 on the 2 cores (torch's threads contend), a few minutes idle
 def test_flow_over_2000_shards(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
     """Every web row of 2,000 shards is captioned and judged, each shard leaves its kept /
     rejected / failed triple with records, and a second run does no shard work."""
@@ -42,7 +42,7 @@ def test_flow_over_2000_shards(tmp_path: Path, prefect_harness, random_tiny_mode
     cfg = load_config({
         "run_dir": str(tmp_path / "run"), "data": {"web": [str(tmp_path / "web")]},
         "model": {"filter": str(random_tiny_model), "captioner": str(random_tiny_model)},
-        "stages": {"stop_after": "filter"}, "runner": {"kind": "threads"},
+        "caption": {"max_length": 8}, "stages": {"stop_after": "filter"}, "runner": {"kind": "threads"},
     })  # fmt: skip
     summary = bootstrap(config=cfg)
 
