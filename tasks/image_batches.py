@@ -24,6 +24,8 @@ model's size) before the exact resize; ``"exact"`` decodes every pixel first.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -111,17 +113,27 @@ class _Tags:
                 yield (i, b), [jpg[r].as_py() for r in rows]
 
 
-def start_method() -> str:
-    """How decoding workers start: ``forkserver`` (a clean process forks them), else ``spawn``."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def start_method(temp_dir: str | None = None) -> str:
+    """How decoding workers start: ``forkserver`` (a clean process forks them), else ``spawn``:
+    where there is none, or where the temporary folder's path is too long for the fork
+    server's socket (an AF_UNIX path, 107 bytes, made under `temp_dir`: the process's
+    temporary folder, often long on a Dask worker or a test)."""
+    folder = tempfile.gettempdir() if temp_dir is None else temp_dir
+    fits = len(os.fsencode(folder)) + _LISTENER_PATH_BYTES <= _AF_UNIX_PATH_BYTES
+    return "forkserver" if fits and "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+_AF_UNIX_PATH_BYTES = 107
+_LISTENER_PATH_BYTES = len("/pymp-12345678/listener-12345678")  # multiprocessing's folder and socket names under it
 
 
 def _context() -> Any:
     """The workers' multiprocessing context; the fork server imports this module (torch, PIL)
     once, so each worker it forks starts warm. As with any spawn-started worker, a script
     that runs a stage with workers must guard its entry point with ``if __name__ == "__main__":``."""
-    context = multiprocessing.get_context(start_method())
-    if start_method() == "forkserver":
+    method = start_method()
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
         context.set_forkserver_preload([__name__])
     return context
 

@@ -159,3 +159,12 @@ def test_cuda_options_pin_and_start_workers_safely_and_cpu_falls_back() -> None:
     assert loader_options(0, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
     cpu = loader_options(2, torch.device("cpu"))
     assert cpu["pin_memory"] is False and cpu["multiprocessing_context"].get_start_method() != "fork"
+
+
+def test_a_temporary_folder_too_long_for_the_fork_servers_socket_uses_spawn() -> None:
+    """The fork server listens on an AF_UNIX socket under the temporary folder (107 bytes at
+    most): a long TMPDIR, as a Dask worker's or a test's can be, must not fail every shard."""
+    from tasks.image_batches import start_method
+
+    assert start_method("/tmp") in ("forkserver", "spawn")
+    assert start_method("/tmp/" + "x" * 90) == "spawn"
