@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from data.defaults import DEFAULT_SHARD_ROWS
 from data.layout import RunLayout
 from data.schema import DATASET, SOURCES
 from data.shards import (
@@ -68,7 +69,6 @@ from data.shards import (
 )
 
 FORMATS = ("webdataset", "blip-json", "parquet")
-DEFAULT_SHARD_ROWS = 10_000  # img2dataset's default samples per shard
 RECORDS_DIR = ".capfilt"  # completion records and the manifest; hidden from consumers' globs
 MANIFEST = "export.json"
 ANNOTATIONS = "annotations.json"

@@ -2,8 +2,8 @@
 
 `RunConfig` is the flow's only parameter, so Prefect validates it (and shows it in the
 UI); the CLI and YAML files build the same model. Sub-models hold one component each,
-and a stage's block is that stage's own config class (`tasks.caption.CaptionConfig`,
-`tasks.filter.FilterConfig`, `tasks.assemble.AssembleConfig`), so a field added there is
+and a stage's block is that stage's own config class (`tasks.stage_config`: `CaptionConfig`,
+`FilterConfig`, `AssembleConfig`), so a field added there is
 settable here, from YAML and from `capfilt run --set caption.top_k=50`, with no copy.
 A config may name a `preset` ("demo", "demo-quick", "gpu"): the preset fills in every
 field the config does not set, so a YAML file or a deployment lists only what differs.
@@ -21,12 +21,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.assemble import AssembleConfig
 from data.storage import StorageConfig
 from data.synth_video import VideoWorldConfig
-from tasks.caption import CaptionConfig
 from tasks.evaluate.config import EvalConfig
-from tasks.filter import FilterConfig
+from tasks.stage_config import AssembleConfig, CaptionConfig, FilterConfig
 from tasks.train import TrainStageConfig
 from tasks.video_eval import VideoEvalConfig
 

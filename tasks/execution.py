@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 from data.storage import RemotePath
+from tasks.stage_config import ExecutionConfig, require
+
+# ExecutionConfig and require are defined in tasks.stage_config (torch-free) and imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -27,34 +30,6 @@ _CPU_BATCH = 32  # images per model call on CPU: throughput is flat from ~16 up
 _GPU_BATCH_RANGE = (16, 1024)
 _GPU_MEMORY_SHARE = 0.5  # of the device's free memory, for one batch's activations
 _BYTES_PER_VALUE = 2  # bf16 activations
-
-
-@dataclass
-class ExecutionConfig:
-    """How a stage runs; never part of the settings hash (results do not depend on it).
-
-    In a run config, a stage's `device` left at ``auto`` and `num_workers` left at -1
-    follow the run's own `device` and `loader_workers` (see `flows.steps.stage_config`).
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
-
-    batch_size: int = 0  # images per model call; 0 = auto: 32 on CPU, from free device memory on CUDA (see `resolve_batch_size`)
-    num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto from this process's cores (see `resolve_workers`)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16; enters the hash resolved
-    progress: bool = True  # a bar with images/s on a terminal, plain lines every ~10 s or 5 % otherwise
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 0, f"batch_size must be 0 (auto) or more, got {self.batch_size}")
-        require(self.num_workers >= -1, f"num_workers must be -1 (auto), 0 (in-process) or more, got {self.num_workers}")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ValueError(`message`) unless `condition`: a stage config's field check (pydantic
-    reports it against the config's block in a run config)."""
-    if not condition:
-        raise ValueError(message)
 
 
 def semantic_settings(cfg: Any) -> dict[str, Any]:

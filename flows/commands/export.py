@@ -13,11 +13,7 @@ from pathlib import Path
 
 import typer
 
-from blip_core.progress import Advance
-from data.export import DEFAULT_SHARD_ROWS, ExportError, dataset_shards, export
-from data.inputs import expand_inputs
-from data.layout import LayoutError
-from data.schema import SchemaError
+from data.defaults import DEFAULT_SHARD_ROWS
 from flows.commands.query import resolve_run
 
 EXIT_ERROR = 1
@@ -31,6 +27,9 @@ class ExportFormat(str, enum.Enum):
 
 def _sources(args: list[Path], inputs: list[Path] | None) -> tuple[list[Path], Path]:
     """(D' shards, OUT) from ``RUN OUT`` or ``--input ... OUT``."""
+    from data.export import dataset_shards
+    from data.inputs import expand_inputs
+
     if inputs:
         if len(args) != 1:
             raise typer.BadParameter("with --input give only OUT", param_hint="ARGS")
@@ -52,6 +51,11 @@ def export_command(
 ) -> None:
     """Export D' for open_clip / img2dataset (webdataset), BLIP / LAVIS (blip-json) or
     Hugging Face datasets / duckdb (parquet)."""
+    from blip_core.progress import Advance
+    from data.export import ExportError, export
+    from data.layout import LayoutError
+    from data.schema import SchemaError
+
     try:
         shards, out = _sources(args, inputs)
         with Advance("export", unit="row") as advance:

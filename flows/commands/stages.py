@@ -12,12 +12,14 @@ import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from flows.commands.config_options import config_command
-from tasks.lifecycle import StageStats
+
+if TYPE_CHECKING:
+    from tasks.lifecycle import StageStats
 
 # Extra positional words after `--input A` are more inputs (`--input web/*.parquet`).
 _MANY_INPUTS = {"allow_extra_args": True}
@@ -116,9 +118,7 @@ _WEB_INPUT = "Web pair shards, or img2dataset output in parquet or webdataset fo
 
 def _commands() -> dict[str, Any]:
     """`caption`, `filter`, `assemble`: their options are their config classes' fields."""
-    from tasks.assemble import AssembleConfig
-    from tasks.caption import CaptionConfig
-    from tasks.filter import FilterConfig
+    from tasks.stage_config import AssembleConfig, CaptionConfig, FilterConfig  # torch-free: help stays fast
 
     caption = config_command(
         CaptionConfig,
