@@ -127,7 +127,8 @@ class RunConfig(_Model):
     preset: PresetName | None = Field(None, description="fill unset fields from this preset")
     run_dir: str = Field("runs/demo", description="the run folder: all outputs and resume state")
     rounds: int = Field(1, ge=1, le=10, description="bootstrap rounds (the final model seeds the next)")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto: cuda when this machine has one, else cpu (resolved before the run starts)")
     loader_workers: int = Field(-1, ge=-1, description="DataLoader processes decoding images for the model stages and "
                                 "training; -1 = auto from this process's cores and the device (tasks.execution.resolve_workers)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -223,6 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: the whole bootstrap on the synthetic world, tiny MED, CPU.
     "demo": {
         "run_dir": "runs/demo",
+        "device": "cpu",  # the tiny MED: the same numbers on any machine
         "data": {"world": {"n_human": 1000, "n_web": 4000, "n_test": 500, "shard_rows": 1000}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
@@ -233,6 +235,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
         "run_dir": "runs/demo-quick",
+        "device": "cpu",
         "data": {"world": {"n_human": 200, "n_web": 300, "n_test": 60, "shard_rows": 100}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=20, finetune_steps=10, batch=32),

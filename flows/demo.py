@@ -48,9 +48,10 @@ def demo_config(quick: bool = False, out: str | Path | None = None) -> RunConfig
 def run_demo(quick: bool = False, out: str | Path | None = None) -> DemoResult:
     """Run (or resume) the demo flow and return what it wrote; a finished, unchanged run
     folder is returned as it is, without starting Prefect."""
+    from flows.preflight import preflight
     from flows.run_record import finished_summary
 
-    config = demo_config(quick, out)
+    config = preflight(demo_config(quick, out))
     summary = finished_summary(config)
     reused = summary is not None
     if summary is None:

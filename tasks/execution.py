@@ -40,10 +40,26 @@ def semantic_settings(cfg: Any) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu; a device this machine lacks is a ValueError
+    naming it and the fix (see `available_device`)."""
+    return torch.device(available_device(name))
+
+
+def available_device(name: str) -> str:
+    """`name` (auto | cpu | cuda | cuda:N | mps) made concrete for this machine: ``auto`` is
+    cuda when available, else cpu. A device that is not here raises ValueError in one line."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine has no CUDA GPU; use device auto (cuda when there is one, else cpu) or cpu")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple's MPS is not available here; use device auto or cpu")
+    return name
 
 
 def usable_cores() -> int:

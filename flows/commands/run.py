@@ -112,12 +112,14 @@ def run(
     """Run (or resume) the bootstrap described by a YAML run config, in this process."""
     _offline_env(verbose)
     from flows.config import ConfigError, load_yaml
+    from flows.preflight import preflight
     from flows.run_record import finished_summary
 
     try:
         cfg = load_yaml(config, sets=sets, run_dir=run_dir)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
+    cfg = preflight(cfg)
     summary = finished_summary(cfg)
     if summary is None:
         from flows.bootstrap import run_bootstrap

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -42,10 +42,13 @@ def _one_writer(output: str) -> Iterator[None]:
     shards' temporary file names). A refusal, or a stage whose failed shards are listed
     (the others completed), exits 1 with the message."""
     from data.run_lock import RunLockedError, lock_scope, run_lock
+    from flows.commands.errors import naming
     from tasks.lifecycle import StageIncompleteError
 
     try:
-        with run_lock(lock_scope(output)):
+        with ExitStack() as held:
+            with naming(output):  # the first touch of OUTPUT: a missing bucket names it
+                held.enter_context(run_lock(lock_scope(output)))
             yield
     except (RunLockedError, StageIncompleteError) as exc:
         typer.echo(f"error: {exc}", err=True)
