@@ -23,7 +23,7 @@ from typer.exceptions import TyperException
 EXIT_FAILED = 1
 VERBOSE_ENV = "CAPFILT_VERBOSE"  # set while a command runs with --verbose (its child processes see it too)
 VERBOSE_HELP = "Show the full traceback of an error (run and demo: also Prefect's own log lines)."
-_MAX_CHARS = 400  # an error line longer than this is cut (a server's whole XML answer, a huge repr)
+_MAX_CHARS = 1000  # an error line longer than this is cut (a server's whole XML answer, a huge repr)
 
 # What to do about an OS error, by errno.
 _OS_FIXES = {
