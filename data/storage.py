@@ -40,7 +40,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec storage options (
 _DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
 
 
-_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME}: an environment variable's value
 _SECRET_WORDS = ("secret", "password", "token", "key", "credential", "sas", "signature")
 _NOT_SECRET = {"use_listings_cache", "listings_expiry_time", "default_block_size", "default_cache_type",
                "signature_version"}  # fmt: skip
@@ -60,12 +60,6 @@ def is_secret_value(text: str) -> bool:
     return bool(_SECRET_VALUES.search(text))
 
 
-def env_reference(text: str) -> str | None:
-    """The variable name when `text` is a whole ``${NAME}`` reference, else None."""
-    match = _ENV_REF.match(text)
-    return match.group(1) if match else None
-
-
 def literal_secrets(value: Any, where: str) -> Iterator[str]:
     """The dotted places under `value` (dicts and lists, at any depth) that hold a literal
     secret: a secret-like option name (key, secret, token, password, ...) whose value is not
@@ -75,7 +69,7 @@ def literal_secrets(value: Any, where: str) -> Iterator[str]:
         for name, item in value.items():
             place = f"{where}.{name}"
             literal = isinstance(item, (str, bytes, int)) and not isinstance(item, bool)
-            if _is_secret_name(str(name)) and literal and not (isinstance(item, str) and _ENV_REF.match(item)):
+            if _is_secret_name(str(name)) and literal and not (isinstance(item, str) and ENV_REFERENCE.fullmatch(item)):
                 yield place
             else:
                 yield from literal_secrets(item, place)
@@ -91,8 +85,9 @@ class StorageConfig:
     """fsspec storage options per protocol, for run folders and inputs given as URLs (the
     run config's ``storage:`` block), e.g. ``{"s3": {"endpoint_url": "http://127.0.0.1:9000",
     "key": "${MY_KEY}", "secret": "${MY_SECRET}"}}``. A secret-like option (key, secret,
-    token, password, ...) must be a ``${ENV_VAR}`` reference, resolved from the environment
-    when used: the config is stored with the run (Prefect parameters, results), so it never
+    token, password, ...), at any depth (``client_kwargs``, lists), must be a ``${ENV_VAR}``
+    reference, resolved from the environment when used, and no value may be an access key
+    id or a URL with a password (`literal_secrets`): the config is stored with the run (Prefect parameters, results), so it never
     holds a secret. With no options the backends' own environment applies (``AWS_*``)."""
 
     __pydantic_config__ = {"extra": "forbid"}
@@ -118,7 +113,7 @@ def _resolve(value: Any, where: str) -> Any:
         return {k: _resolve(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):
         return [_resolve(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    match = _ENV_REF.match(value) if isinstance(value, str) else None
+    match = ENV_REFERENCE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         return value
     if match.group(1) not in os.environ:

@@ -16,14 +16,13 @@ settings hash, so changing a batch size never invalidates finished shards.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from data.storage import StorageConfig, is_secret_value
+from data.storage import ENV_REFERENCE, StorageConfig, is_secret_value
 from data.synth_video import VideoWorldConfig
 from tasks.evaluate.config import EvalConfig
 from tasks.stage_config import AssembleConfig, CaptionConfig, FilterConfig
@@ -35,7 +34,6 @@ Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble
 STAGES: tuple[str, ...] = get_args(Stage)
 PresetName = Literal["demo", "demo-quick", "gpu"]
 PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"  # YAML presets, named by stem (`--config NAME`)
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KEEP_REFERENCES = ("storage",)  # blocks whose ${VAR}s stay references, resolved when used (secrets)
 
 
@@ -217,7 +215,7 @@ def _environment(value: Any, where: str, keep: bool) -> Any:
         return [_environment(v, f"{where}[{i}]", keep) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
-    for name in _ENV_REFERENCE.findall(value):
+    for name in ENV_REFERENCE.findall(value):
         if name not in os.environ:
             raise ValueError(f"{where}: environment variable {name} is not set (set it, or write the value out)")
     if keep:
@@ -225,7 +223,7 @@ def _environment(value: Any, where: str, keep: bool) -> Any:
     if is_secret_value(value):
         raise ValueError(f"{where}: holds a secret (an access key id or a password in a URL); give credentials "
                          "through the environment (AWS_ACCESS_KEY_ID, ...) or storage.options as ${VAR}")  # fmt: skip
-    return _ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], value)
+    return ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], value)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
