@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,6 +81,31 @@ def naming(thing: str) -> Iterator[None]:
         raise
 
 
+def console_logs_without_tracebacks() -> None:
+    """Unless --verbose, the console's log lines (the root logger's stream handlers: Prefect's
+    flow and task runs log there) keep their one-line message but drop the traceback, which
+    the command's own error line replaces; other handlers (Prefect's API, so its UI) keep
+    it. Call after the library that sets the handlers up (Prefect) is imported."""
+    if is_verbose():
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not getattr(handler, "_capfilt_short", False):
+            handler.format = _without_traceback(handler.format)  # type: ignore[method-assign]
+            handler._capfilt_short = True  # type: ignore[attr-defined]
+
+
+def _without_traceback(format_record: Callable[[logging.LogRecord], str]) -> Callable[[logging.LogRecord], str]:
+    def short(record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return format_record(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+    return short
+
+
 def _verbose_parameter() -> inspect.Parameter:
     return inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                              default=typer.Option(False, "--verbose", help=VERBOSE_HELP))  # fmt: skip
@@ -95,6 +121,7 @@ def one_line_errors(name: str, command: Callable[..., Any]) -> Callable[..., Any
     @functools.wraps(command)
     def wrapper(**values: Any) -> Any:
         verbose = values["verbose"] if own else values.pop("verbose")
+        before = os.environ.pop(VERBOSE_ENV, None)
         if verbose:
             os.environ[VERBOSE_ENV] = "1"
         try:
@@ -106,6 +133,10 @@ def one_line_errors(name: str, command: Callable[..., Any]) -> Callable[..., Any
                 raise
             typer.echo(f"capfilt {name}: error: {one_line(exc)}  [--verbose shows the traceback]", err=True)
             raise typer.Exit(EXIT_FAILED) from None
+        finally:
+            os.environ.pop(VERBOSE_ENV, None)
+            if before is not None:
+                os.environ[VERBOSE_ENV] = before
 
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}

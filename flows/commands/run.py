@@ -34,6 +34,15 @@ def _offline_env(verbose: bool = True) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a Dask run's ~60 INFO lines (workers inherit it)
 
 
+def _start_flow(command: str, run_dir: str | Path) -> None:
+    """Before the flow starts (Prefect imported): its failure lines without tracebacks (unless
+    --verbose; the command's own error line names the failure), and one line saying it starts."""
+    from flows.commands.errors import console_logs_without_tracebacks
+
+    console_logs_without_tracebacks()
+    _starting(command, run_dir)
+
+
 def _starting(command: str, run_dir: str | Path) -> None:
     """One line on stderr before the flow starts: Prefect's temporary server and the first
     stage take a while, and a log (stderr not a terminal) would show nothing until then."""
@@ -82,7 +91,7 @@ def demo(
     _offline_env(verbose)
     from flows.demo import run_demo
 
-    result = run_demo(quick=quick, out=out, on_start=lambda run_dir: _starting("demo", run_dir))
+    result = run_demo(quick=quick, out=out, on_start=lambda run_dir: _start_flow("demo", run_dir))
     if result.reused:
         typer.echo(_NOTHING_TO_DO.format(record=result.run_dir / "run.json"), err=True)
     typer.echo(f"\nrun folder: {result.run_dir}")
@@ -130,7 +139,7 @@ def run(
     if summary is None:
         from flows.bootstrap import run_bootstrap
 
-        _starting("run", cfg.run_dir)
+        _start_flow("run", cfg.run_dir)
         summary = run_bootstrap(cfg)
     else:
         typer.echo(_NOTHING_TO_DO.format(record=Path(cfg.run_dir) / "run.json"), err=True)

@@ -150,3 +150,15 @@ def test_a_device_that_is_not_there_is_refused_before_prefect_starts(tmp_path: P
     outcome, stderr = _run(_run_config(tmp_path, web, model, device="cuda"))
     assert outcome == {"code": 1, "prefect": False}, stderr
     assert len(stderr.strip().splitlines()) == 1 and "device 'cuda': this machine has no CUDA GPU" in stderr, stderr
+
+
+@pytest.mark.slow
+def test_a_run_failing_inside_the_flow_prints_no_traceback(tmp_path: Path, model: Path) -> None:
+    """An input missing when the flow reads it: Prefect's own failure line keeps its message
+    but not its traceback, and the command ends with its one error line."""
+    config = _run_config(tmp_path, tmp_path / "no-web", model)
+    outcome, stderr = _run(config)
+    assert outcome == {"code": 1, "prefect": True}, stderr
+    assert "Traceback" not in stderr and 'File "' not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("capfilt run: error: input ") and "no-web" in stderr
+    assert len(stderr.strip().splitlines()) <= 4, stderr  # the start line, Prefect's failure line(s), ours
