@@ -24,6 +24,7 @@ from typer.exceptions import TyperException
 EXIT_FAILED = 1
 VERBOSE_ENV = "CAPFILT_VERBOSE"  # set while a command runs with --verbose (its child processes see it too)
 VERBOSE_HELP = "Show the full traceback of an error (run and demo: also Prefect's own log lines)."
+_ABOUT = "capfilt: while opening "  # the note `naming` adds to an error that names no file
 _MAX_CHARS = 1000  # an error line longer than this is cut (a server's whole XML answer, a huge repr)
 
 # What to do about an OS error, by errno.
@@ -61,6 +62,8 @@ def one_line(exc: BaseException) -> str:
         fix = _OS_FIXES.get(exc.errno or 0, fix)
     else:
         what = " ".join(str(exc).split()) or type(exc).__name__
+        about = [note[len(_ABOUT) :] for note in getattr(exc, "__notes__", ()) if note.startswith(_ABOUT)]
+        what = f"{about[0]}: {what}" if about else what
         if isinstance(exc, PermissionError) and fix is None:
             fix = "check the credentials and that they may use this place"
     if len(what) > _MAX_CHARS:
@@ -70,14 +73,17 @@ def one_line(exc: BaseException) -> str:
 
 @contextmanager
 def naming(thing: str) -> Iterator[None]:
-    """An OS error raised inside that names no file (an object store's "The specified bucket
-    does not exist", "Forbidden") is about `thing`: the message names it. For the first
-    touch of an output or run folder."""
+    """An error raised inside that names no file (an object store's "The specified bucket does
+    not exist", "Forbidden", absent credentials) is about `thing`: its line names it. For the
+    first touch of an output or run folder."""
     try:
         yield
     except OSError as exc:
         if exc.filename is None:
             exc.filename = thing
+        raise
+    except Exception as exc:
+        exc.add_note(f"{_ABOUT}{thing}")
         raise
 
 

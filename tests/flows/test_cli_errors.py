@@ -162,3 +162,16 @@ def test_a_run_failing_inside_the_flow_prints_no_traceback(tmp_path: Path, model
     assert "Traceback" not in stderr and 'File "' not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("capfilt run: error: input ") and "no-web" in stderr
     assert len(stderr.strip().splitlines()) <= 4, stderr  # the start line, Prefect's failure line(s), ours
+
+
+def test_absent_credentials(s3: str, web: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    line = _fails_in_one_line(["caption", "--input", str(web), "--output", f"{s3}/out", "--model", str(model)], s3)
+    assert "credentials" in line.lower(), line
