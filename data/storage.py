@@ -46,8 +46,11 @@ _NOT_SECRET = {"use_listings_cache", "listings_expiry_time", "default_block_size
                "signature_version"}  # fmt: skip
 
 
-# Values that are secrets whatever their option's name: an AWS access key id, a URL with a password.
-_SECRET_VALUES = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|://[^/\s:@]+:[^/\s@]+@")
+# Values that are secrets whatever their option's name: an AWS access key id, a URL with a
+# password, a signed URL's signature or token (S3 presigned, Azure SAS, GCS signed).
+_SECRET_VALUES = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|://[^/\s:@]+:[^/\s@]+@"
+                            r"|[?&](X-Amz-Signature|X-Amz-Security-Token|X-Goog-Signature|sig|token|access_token)=",
+                            re.IGNORECASE)  # fmt: skip
 
 
 def _is_secret_name(name: str) -> bool:

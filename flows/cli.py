@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # an error is one line (flows.commands.errors); --verbose: Python's traceback
+    callback=errors.global_verbose,  # `capfilt --verbose COMMAND`
 )
 
 for area in (run_commands, data_commands, train_commands, stage_commands, evaluate_commands, query_commands,

@@ -22,7 +22,7 @@ import typer
 from typer.exceptions import TyperException
 
 EXIT_FAILED = 1
-VERBOSE_ENV = "CAPFILT_VERBOSE"  # set while a command runs with --verbose (its child processes see it too)
+VERBOSE_ENV = "CAPFILT_VERBOSE"  # "1" while a command runs with --verbose (its child processes inherit it, and a command run with it set is verbose)
 VERBOSE_HELP = "Show the full traceback of an error (run and demo: also Prefect's own log lines)."
 _ABOUT = "capfilt: while opening "  # the note `naming` adds to an error that names no file
 _MAX_CHARS = 1000  # an error line longer than this is cut (a server's whole XML answer, a huge repr)
@@ -126,7 +126,9 @@ def one_line_errors(name: str, command: Callable[..., Any]) -> Callable[..., Any
 
     @functools.wraps(command)
     def wrapper(**values: Any) -> Any:
-        verbose = values["verbose"] if own else values.pop("verbose")
+        verbose = bool(values["verbose"] if own else values.pop("verbose")) or is_verbose()  # or `capfilt --verbose CMD`
+        if own:
+            values["verbose"] = verbose
         before = os.environ.pop(VERBOSE_ENV, None)
         if verbose:
             os.environ[VERBOSE_ENV] = "1"
@@ -148,6 +150,15 @@ def one_line_errors(name: str, command: Callable[..., Any]) -> Callable[..., Any
     wrapper.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
     del wrapper.__wrapped__  # typer reads the signature above, not the command's own
     return wrapper
+
+
+def global_verbose(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP)) -> None:
+    """The app's callback: ``capfilt --verbose COMMAND ...`` is ``capfilt COMMAND ... --verbose``."""
+    if not verbose:
+        return
+    before = os.environ.get(VERBOSE_ENV)
+    os.environ[VERBOSE_ENV] = "1"
+    ctx.call_on_close(lambda: os.environ.pop(VERBOSE_ENV, None) if before is None else os.environ.update({VERBOSE_ENV: before}))
 
 
 def apply(app: typer.Typer, prefix: str = "") -> None:

@@ -93,6 +93,15 @@ def test_verbose_shows_the_traceback(tmp_path: Path, web: Path) -> None:
     assert isinstance(result.exception, FileNotFoundError) and "no such folder" in str(result.exception)
 
 
+def test_verbose_before_the_command_too(tmp_path: Path, web: Path) -> None:
+    result = CliRunner().invoke(app, ["--verbose", "caption", "--input", str(web), "--output", str(tmp_path / "out"),
+                                      "--model", str(tmp_path / "no-model")])  # fmt: skip
+    assert result.exit_code == 1 and isinstance(result.exception, FileNotFoundError)
+    again = CliRunner().invoke(app, ["caption", "--input", str(web), "--output", str(tmp_path / "out"),
+                                     "--model", str(tmp_path / "no-model")])  # fmt: skip
+    assert again.exit_code == 1 and not isinstance(again.exception, FileNotFoundError)  # --verbose did not stick
+
+
 @pytest.mark.parametrize(("exc", "expected"), [
     (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), "/mnt/ro/out: read-only file system (the file system is read-only"),
     (PermissionError(errno.EACCES, "Permission denied", "/srv/out"), "/srv/out: permission denied (choose a place you may write to"),

@@ -38,7 +38,8 @@ def _probe(args: list[str]) -> tuple[int, list[str], str]:
     ["--help"], ["caption", "--help"], ["filter", "--help"], ["assemble", "--help"], ["run", "--help"],
     ["demo", "--help"], ["train", "--help"], ["ingest", "web", "--help"], ["ingest", "img2dataset", "--help"],
     ["synth", "--help"], ["query", "--help"], ["browse", "--help"], ["export", "--help"], ["evaluate", "--help"],
-    ["ablation", "--help"],
+    ["ablation", "--help"], ["report", "--help"], ["serve", "--help"], ["ingest", "human", "--help"],
+    ["ingest", "videos", "--help"], ["--verbose", "caption", "--help"],
 ])  # fmt: skip
 def test_help_loads_no_heavy_library(args: list[str]) -> None:
     code, loaded, output = _probe(args)

@@ -53,9 +53,14 @@ def test_a_literal_secret_at_any_depth_is_refused(tmp_path: Path, storage: dict,
     assert not (tmp_path / "r").exists()
 
 
-def test_a_secret_in_another_field_is_refused(tmp_path: Path) -> None:
-    text = f"run_dir: {tmp_path / 'r'}\ndata:\n  web: ['s3://AKIAIOSFODNN7EXAMPLE:{SECRET.replace('/', '')}@bucket/web']\n"
-    _refused(tmp_path, text, "data.web[0]", "secret")
+@pytest.mark.parametrize("url", [
+    f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET.replace('/', '')}@bucket/web",
+    "https://bucket.s3.amazonaws.com/web/00000.parquet?X-Amz-Credential=x&X-Amz-Signature=0123abcd",
+    "https://account.blob.core.windows.net/web/00000.parquet?sv=2024-01-01&sig=AbC%2Fdef",
+])  # fmt: skip
+def test_a_secret_in_another_field_is_refused(tmp_path: Path, url: str) -> None:
+    line = _refused(tmp_path, f"run_dir: {tmp_path / 'r'}\ndata:\n  web: ['{url}']\n", "data.web[0]", "secret")
+    assert "0123abcd" not in line and "AbC" not in line
 
 
 def test_secret_references_are_kept_as_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
