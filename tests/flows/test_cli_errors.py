@@ -86,6 +86,11 @@ def test_missing_bucket(s3: str, web: Path, model: Path) -> None:
                         "--model", str(model)], "capfilt-no-such-bucket-23")  # fmt: skip
 
 
+def test_missing_model_folder_on_object_storage(s3: str, tmp_path: Path, web: Path) -> None:
+    _fails_in_one_line(["filter", "--input", str(web), "--output", str(tmp_path / "out"), "--model", f"{s3}/no-model"],
+                       f"{s3}/no-model: no such folder")  # fmt: skip
+
+
 def test_verbose_shows_the_traceback(tmp_path: Path, web: Path) -> None:
     result = CliRunner().invoke(app, ["caption", "--input", str(web), "--output", str(tmp_path / "out"),
                                       "--model", str(tmp_path / "no-model"), "--verbose"])  # fmt: skip
