@@ -140,6 +140,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu", image_size: int
 
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise FileNotFoundError(f"{folder}: {what}; give a model folder (ours, or a transformers BLIP folder)")
     if not config_path.exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; not a checkpoint folder")
     raw = json.loads(config_path.read_text())

@@ -5,8 +5,9 @@
 stdout (JSON summaries, query results) stays clean, and stderr decides which form:
 
 - stderr is a terminal: a live tqdm bar (done/total, rate, ETA, postfix such as loss);
-- otherwise (CI, log files, Prefect or Dask workers): the same text, tqdm's own meter, as a
-  plain line every ~10 s or 5 % of the total (and once at the end), with no carriage returns.
+- otherwise (CI, log files, Prefect or Dask workers): a line when the loop starts, then the
+  same text, tqdm's own meter, as a plain line every ~10 s or 5 % of the total (and once at
+  the end), with no carriage returns; so a log shows each stage as it begins.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _terminal_sized() -> bool:
 
 
 class PlainProgress:
-    """tqdm's meter as plain lines: every ~10 s or 5 %, and a last one on close (thread-safe)."""
+    """tqdm's meter as plain lines: ``desc: started`` at once, then every ~10 s or 5 %, and a
+    last one on close (thread-safe). `total` may be None until known (set it before updates)."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0,
                  file: TextIO | None = None) -> None:  # fmt: skip
@@ -71,6 +73,7 @@ class PlainProgress:
         self._initial = initial
         self._lock = threading.Lock()
         self._closed = False
+        self._print(f"{desc}: started" + (f" ({total} {unit})" if total else ""))
 
     def update(self, n: int = 1) -> None:
         with self._lock:
@@ -107,16 +110,19 @@ class PlainProgress:
                                  rate=rate, postfix=self.postfix or None)  # fmt: skip
 
     def _write(self, now: float) -> None:
-        file = sys.stderr if self.file is None else self.file
-        file.write(self.line(now) + "\n")
-        file.flush()
+        self._print(self.line(now))
         self._last_time, self._last_n = now, self.n
+
+    def _print(self, text: str) -> None:
+        file = sys.stderr if self.file is None else self.file
+        file.write(text + "\n")
+        file.flush()
 
 
 class Advance:
     """A callback ``advance(n, total)`` for code that knows its total only once it runs
     (``with Advance("export", "row") as advance: export(..., on_shard=advance)``): the bar
-    opens at the first call."""
+    opens at the first call; plain lines (no terminal) say at once, on entering, that it started."""
 
     def __init__(self, desc: str, unit: str = "it", enabled: bool = True) -> None:
         self.desc, self.unit, self.enabled = desc, unit, enabled
@@ -125,9 +131,13 @@ class Advance:
     def __call__(self, n: int, total: int | None) -> None:
         if self.bar is None:
             self.bar = progress_bar(total, self.desc, self.unit, self.enabled)
+        elif isinstance(self.bar, PlainProgress) and self.bar.total is None:
+            self.bar.total = total
         self.bar.update(n)
 
     def __enter__(self) -> Advance:
+        if self.enabled and not is_terminal():
+            self.bar = PlainProgress(None, self.desc, self.unit)  # its start line now; the total at the first call
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
+from data.defaults import DEFAULT_TIMEOUT_S
 from data.layout import FILTER_OUTCOMES, INGEST_SPLITS, RunLayout
 from data.schema import check_schema, schema_for
 from data.shards import DONE_SUFFIX, SHARD_GLOB, parquet_schema, read_completion
@@ -114,7 +115,6 @@ class QueryTimeout(ValueError):
     """A query stopped by `time_limit`; the message says how to run it anyway."""
 
 
-DEFAULT_TIMEOUT_S = 60.0  # `capfilt query --timeout`: a runaway query is stopped, not left running
 
 
 @contextmanager

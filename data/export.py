@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from data.defaults import DEFAULT_SHARD_ROWS
 from data.layout import RunLayout
 from data.schema import DATASET, SOURCES
 from data.shards import (
@@ -77,7 +78,6 @@ from data.shards import (
 from data.storage import Location, RemotePath, is_inside, location
 
 FORMATS = ("webdataset", "blip-json", "parquet")
-DEFAULT_SHARD_ROWS = 10_000  # img2dataset's default samples per shard
 RECORDS_DIR = ".capfilt"  # completion records and the manifest; hidden from consumers' globs
 MANIFEST = "export.json"
 KIND_FILE = "kind.json"  # {"format": ...}: written first, marks OUT as this kind of capfilt export

@@ -29,13 +29,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from data.catalog import DEFAULT_TIMEOUT_S, open_catalog, run_query, time_limit, view_names
+from data.catalog import open_catalog, run_query, time_limit, view_names
+from data.defaults import DEFAULT_LIMIT, DEFAULT_TIMEOUT_S
 from data.images import decode_image
 from data.layout import RunLayout
 from data.shards import write_atomic
 from data.storage import location
 
-DEFAULT_LIMIT = 200
 THUMB_PX = 128
 _PNG_MAX_PIXELS = 64 * 64  # small thumbnails stay PNG (crisp); larger ones JPEG
 _JPEG_QUALITY = 85

@@ -24,7 +24,7 @@ from pathlib import Path
 from data.lease import LOCK_NAME, RunLockedError, hold_lease, holder_record
 from data.storage import Location, RemotePath, location
 
-__all__ = ["LOCK_NAME", "RunLockedError", "lock_scope", "run_lock"]
+__all__ = ["LOCK_NAME", "RunLockedError", "ensure_free", "lock_scope", "run_lock"]
 
 
 @contextmanager
@@ -84,3 +84,12 @@ def _read_holder(fd: int) -> str:
 def _holder(raw: bytes) -> dict | None:
     """The holder record `run_lock` writes ({pid, host, since}), or None for anything else."""
     return holder_record(raw)
+
+
+def ensure_free(run_dir: str | Path | RemotePath) -> None:
+    """Refuse at once (`RunLockedError`, naming the holder) when another process is writing
+    `run_dir`; nothing is held afterwards. A check before a slow start-up (Prefect's
+    temporary server), so a second run is turned away in a moment; the run then takes the
+    lock itself."""
+    with run_lock(run_dir):
+        pass

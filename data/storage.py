@@ -40,9 +40,17 @@ _OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec storage options (
 _DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
 
 
-_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME}: an environment variable's value
 _SECRET_WORDS = ("secret", "password", "token", "key", "credential", "sas", "signature")
-_NOT_SECRET = {"use_listings_cache", "listings_expiry_time", "default_block_size", "default_cache_type"}
+_NOT_SECRET = {"use_listings_cache", "listings_expiry_time", "default_block_size", "default_cache_type",
+               "signature_version"}  # fmt: skip
+
+
+# Values that are secrets whatever their option's name: an AWS access key id, a URL with a
+# password, a signed URL's signature or token (S3 presigned, Azure SAS, GCS signed).
+_SECRET_VALUES = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|://[^/\s:@]+:[^/\s@]+@"
+                            r"|[?&](X-Amz-Signature|X-Amz-Security-Token|X-Goog-Signature|sig|token|access_token)=",
+                            re.IGNORECASE)  # fmt: skip
 
 
 def _is_secret_name(name: str) -> bool:
@@ -50,13 +58,39 @@ def _is_secret_name(name: str) -> bool:
     return name not in _NOT_SECRET and any(word in name for word in _SECRET_WORDS)
 
 
+def is_secret_value(text: str) -> bool:
+    """True for text that is a secret whatever field holds it (an AWS access key id, a URL with a password)."""
+    return bool(_SECRET_VALUES.search(text))
+
+
+def literal_secrets(value: Any, where: str) -> Iterator[str]:
+    """The dotted places under `value` (dicts and lists, at any depth) that hold a literal
+    secret: a secret-like option name (key, secret, token, password, ...) whose value is not
+    a ``${ENV_VAR}`` reference, or a value that is a secret whatever its name (an AWS access
+    key id, a URL with a password)."""
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            place = f"{where}.{name}"
+            literal = isinstance(item, (str, bytes, int)) and not isinstance(item, bool)
+            if _is_secret_name(str(name)) and literal and not (isinstance(item, str) and ENV_REFERENCE.fullmatch(item)):
+                yield place
+            else:
+                yield from literal_secrets(item, place)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from literal_secrets(item, f"{where}[{index}]")
+    elif isinstance(value, str) and is_secret_value(value):
+        yield where
+
+
 @dataclass
 class StorageConfig:
     """fsspec storage options per protocol, for run folders and inputs given as URLs (the
     run config's ``storage:`` block), e.g. ``{"s3": {"endpoint_url": "http://127.0.0.1:9000",
     "key": "${MY_KEY}", "secret": "${MY_SECRET}"}}``. A secret-like option (key, secret,
-    token, password, ...) must be a ``${ENV_VAR}`` reference, resolved from the environment
-    when used: the config is stored with the run (Prefect parameters, results), so it never
+    token, password, ...), at any depth (``client_kwargs``, lists), must be a ``${ENV_VAR}``
+    reference, resolved from the environment when used, and no value may be an access key
+    id or a URL with a password (`literal_secrets`): the config is stored with the run (Prefect parameters, results), so it never
     holds a secret. With no options the backends' own environment applies (``AWS_*``)."""
 
     __pydantic_config__ = {"extra": "forbid"}
@@ -64,14 +98,12 @@ class StorageConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # protocol -> fsspec storage options; secrets as ${ENV_VAR}
 
     def __post_init__(self) -> None:
-        for protocol, opts in self.options.items():
-            for name, value in opts.items():
-                if _is_secret_name(name) and not (isinstance(value, str) and _ENV_REF.match(value)):
-                    raise ValueError(
-                        f"storage.options.{protocol}.{name}: give a secret as an environment reference "
-                        f"(\"${{MY_VAR}}\") or through the backend's own variables (AWS_SECRET_ACCESS_KEY, ...), "
-                        "not its value: the run config is stored with the run"
-                    )
+        for place in literal_secrets(self.options, "storage.options"):
+            raise ValueError(
+                f"{place}: give a secret as an environment reference (\"${{MY_VAR}}\") or through the "
+                "backend's own variables (AWS_SECRET_ACCESS_KEY, ...), not its value: the run config is "
+                "stored with the run (Prefect's database, run records)"
+            )
 
     def resolved(self) -> dict[str, dict[str, Any]]:
         """The options with every ``${VAR}`` replaced by its value (KeyError naming a missing one)."""
@@ -82,7 +114,9 @@ class StorageConfig:
 def _resolve(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         return {k: _resolve(v, f"{where}.{k}") for k, v in value.items()}
-    match = _ENV_REF.match(value) if isinstance(value, str) else None
+    if isinstance(value, list):
+        return [_resolve(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    match = ENV_REFERENCE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         return value
     if match.group(1) not in os.environ:

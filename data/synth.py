@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data.defaults import DEFAULT_BASE_URL
 from data.shards import (
     CompletionRecord,
     is_complete,
@@ -54,7 +55,6 @@ from data.synth_world import (
 
 SPLITS = ("human", "web", "test")
 _SPLIT_CODE = {"human": 1, "web": 2, "test": 3, "kinds": 4, "captions": 5, "extras": 6}
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 URL_LIST_NAME = "web_urls.parquet"
 # Kinds of the extra URL-list rows that cannot yield an image (with as_urls).
 BROKEN_KINDS = ("missing", "corrupt", "html")

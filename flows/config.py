@@ -2,8 +2,8 @@
 
 `RunConfig` is the flow's only parameter, so Prefect validates it (and shows it in the
 UI); the CLI and YAML files build the same model. Sub-models hold one component each,
-and a stage's block is that stage's own config class (`tasks.caption.CaptionConfig`,
-`tasks.filter.FilterConfig`, `tasks.assemble.AssembleConfig`), so a field added there is
+and a stage's block is that stage's own config class (`tasks.stage_config`: `CaptionConfig`,
+`FilterConfig`, `AssembleConfig`), so a field added there is
 settable here, from YAML and from `capfilt run --set caption.top_k=50`, with no copy.
 A config may name a `preset` ("demo", "demo-quick", "gpu"): the preset fills in every
 field the config does not set, so a YAML file or a deployment lists only what differs.
@@ -15,18 +15,17 @@ settings hash, so changing a batch size never invalidates finished shards.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.assemble import AssembleConfig
-from data.storage import StorageConfig
+from data.storage import ENV_REFERENCE, StorageConfig, is_secret_value
 from data.synth_video import VideoWorldConfig
-from tasks.caption import CaptionConfig
 from tasks.evaluate.config import EvalConfig
-from tasks.filter import FilterConfig
+from tasks.stage_config import AssembleConfig, CaptionConfig, FilterConfig
 from tasks.train import TrainStageConfig
 from tasks.video_eval import VideoEvalConfig
 
@@ -34,6 +33,8 @@ from tasks.video_eval import VideoEvalConfig
 Stage = Literal["ingest", "pretrain", "finetune", "caption", "filter", "assemble", "final", "evaluate"]
 STAGES: tuple[str, ...] = get_args(Stage)
 PresetName = Literal["demo", "demo-quick", "gpu"]
+PRESET_FOLDER = Path(__file__).resolve().parents[1] / "presets"  # YAML presets, named by stem (`--config NAME`)
+_KEEP_REFERENCES = ("storage",)  # blocks whose ${VAR}s stay references, resolved when used (secrets)
 
 
 class ConfigError(ValueError):
@@ -131,7 +132,8 @@ class RunConfig(_Model):
     preset: PresetName | None = Field(None, description="fill unset fields from this preset")
     run_dir: str = Field("runs/demo", description="the run folder: all outputs and resume state")
     rounds: int = Field(1, ge=1, le=10, description="bootstrap rounds (the final model seeds the next)")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto: cuda when this machine has one, else cpu (resolved before the run starts)")
     loader_workers: int = Field(-1, ge=-1, description="DataLoader processes decoding images for the model stages and "
                                 "training; -1 = auto from this process's cores and the device (tasks.execution.resolve_workers)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -150,13 +152,14 @@ class RunConfig(_Model):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, values: Any) -> Any:
-        """Deep-merge the named preset under the given values (given values win)."""
-        if isinstance(values, dict) and values.get("preset") is not None:
-            name = values["preset"]
-            if name not in PRESETS:
-                return values  # the Literal check reports the allowed names
-            return _deep_merge(PRESETS[name], values)
-        return values
+        """Deep-merge the named preset under the given values (given values win; an unknown
+        name is left to the Literal check, which lists the allowed ones), then check every
+        ``${VAR}`` and literal secret (`_environment`)."""
+        if not isinstance(values, dict):
+            return values
+        if values.get("preset") in PRESETS:
+            values = _deep_merge(PRESETS[values["preset"]], values)
+        return {key: _environment(value, key, keep=key in _KEEP_REFERENCES) for key, value in values.items()}
 
     @model_validator(mode="after")
     def _check_sources(self) -> RunConfig:
@@ -202,6 +205,29 @@ class RunConfig(_Model):
         return STAGES.index(stage) <= STAGES.index(self.stages.stop_after)
 
 
+def _environment(value: Any, where: str, keep: bool) -> Any:
+    """`value` with each ``${VAR}`` in its text replaced by the variable's value (`keep`: left
+    as a reference, for `storage`, whose secrets are resolved only when used). An unset
+    variable, or a literal secret (an access key id, a URL with a password) outside
+    `storage` (whose own check names them), is refused naming the field: the config is
+    stored in Prefect's database and the run record."""
+    if isinstance(value, dict):
+        return {k: _environment(v, f"{where}.{k}", keep) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_environment(v, f"{where}[{i}]", keep) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    for name in ENV_REFERENCE.findall(value):
+        if name not in os.environ:
+            raise ValueError(f"{where}: environment variable {name} is not set (set it, or write the value out)")
+    if keep:
+        return value
+    if is_secret_value(value):
+        raise ValueError(f"{where}: holds a secret (an access key id or a password in a URL); give credentials "
+                         "through the environment (AWS_ACCESS_KEY_ID, ...) or storage.options as ${VAR}")  # fmt: skip
+    return ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], value)
+
+
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` on top of `base`, recursing into nested dicts."""
     merged = dict(base)
@@ -227,6 +253,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: the whole bootstrap on the synthetic world, tiny MED, CPU.
     "demo": {
         "run_dir": "runs/demo",
+        "device": "cpu",  # the tiny MED: the same numbers on any machine
         "data": {"world": {"n_human": 1000, "n_web": 4000, "n_test": 500, "shard_rows": 1000}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=600, finetune_steps=200, batch=128),
@@ -237,6 +264,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same, small enough for tests: fewer images and steps.
     "demo-quick": {
         "run_dir": "runs/demo-quick",
+        "device": "cpu",
         "data": {"world": {"n_human": 200, "n_web": 300, "n_test": 60, "shard_rows": 100}},
         "model": {"preset": "tiny"},
         "train": _tiny_train(steps=20, finetune_steps=10, batch=32),
@@ -280,7 +308,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        if not where:  # a whole-config check: its message starts with the field it is about
+        if not where or message.startswith(where + "."):  # the message starts with the field it is about
             where, _, message = message.partition(": ")
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown field (check the spelling; see `capfilt run --help` or flows/config.py)"
@@ -332,14 +360,58 @@ def dotted_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path, sets: list[str] | None = None, **overrides: Any) -> RunConfig:
-    """Read a YAML run config (it may name a `preset`), apply `sets` (``FIELD=VALUE``, see
-    `dotted_overrides`) and top-level `overrides`, and validate it."""
-    path = Path(path)
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (the plain loader
+    keeps the last value silently: a second `run_dir` would redirect the run)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines and key != "<<":
+                raise ConfigError(f"{self.name}: key {key!r} is given twice (lines {lines[key]} and {line}); "
+                                  "keep one")  # fmt: skip
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML run config file as a mapping (ConfigError: unreadable, not a mapping, a key twice)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        loader = _UniqueKeys(path.read_text())
+        loader.name = str(path)
+        try:
+            raw = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the run config ({exc})") from exc
+        raise ConfigError(f"{path}: cannot read the run config ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def config_source(name: str | Path) -> dict[str, Any]:
+    """The values `--config NAME` stands for: a YAML file; else a preset's, by the stem of a
+    file in `presets/` (``capfilt-on-img2dataset``) or a built-in name (``demo-quick``).
+    ConfigError naming every choice when it is none of them."""
+    path = Path(name)
+    if path.is_file():
+        return read_yaml(path)
+    if str(name) in PRESETS:
+        return {"preset": str(name)}
+    shipped = PRESET_FOLDER / f"{name}.yaml"
+    if path.name == str(name) and shipped.is_file():
+        return read_yaml(shipped)
+    choices = sorted(set(PRESETS) | {p.stem for p in PRESET_FOLDER.glob("*.yaml")})
+    what = "is a folder, not a YAML file" if path.is_dir() else "no such file"
+    raise ConfigError(f"{name}: {what}, and no preset has that name; presets: {', '.join(choices)}")
+
+
+def load_yaml(path: str | Path, sets: list[str] | None = None, **overrides: Any) -> RunConfig:
+    """Read a YAML run config, or the preset `path` names (`config_source`; a file may name a
+    `preset` too), apply `sets` (``FIELD=VALUE``, see `dotted_overrides`) and top-level
+    `overrides`, and validate it."""
+    raw = config_source(path)
     return load_config(_deep_merge(raw, dotted_overrides(sets or [])), source=str(path), **overrides)

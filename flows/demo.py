@@ -11,6 +11,7 @@ The server port is remembered in ``RUN/world/www.port`` and reused (see `flows.i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,22 @@ def demo_config(quick: bool = False, out: str | Path | None = None) -> RunConfig
     return preset(name, run_dir=str(out) if out is not None else None)
 
 
-def run_demo(quick: bool = False, out: str | Path | None = None) -> DemoResult:
+def run_demo(quick: bool = False, out: str | Path | None = None,
+             on_start: Callable[[str], None] | None = None) -> DemoResult:  # fmt: skip
     """Run (or resume) the demo flow and return what it wrote; a finished, unchanged run
-    folder is returned as it is, without starting Prefect."""
+    folder is returned as it is, without starting Prefect. `on_start(run_dir)` is called
+    just before the flow starts (not for a finished run)."""
+    from flows.preflight import preflight
     from flows.run_record import finished_summary
 
-    config = demo_config(quick, out)
+    config = preflight(demo_config(quick, out))
     summary = finished_summary(config)
     reused = summary is not None
     if summary is None:
         from flows.bootstrap import run_bootstrap
 
+        if on_start is not None:
+            on_start(config.run_dir)
         summary = run_bootstrap(config)
     root = Path(config.run_dir).resolve()
     report = root / "report.md"

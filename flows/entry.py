@@ -20,6 +20,9 @@ RESUMABLE = frozenset({"demo", "run", "train", "caption", "filter", "assemble", 
 def main() -> None:
     """`capfilt ...`: the typer app, with the first Ctrl-C ending it at once."""
     args = sys.argv[1:]
+    long_running = bool(args) and args[0] in RESUMABLE and "--help" not in args
+    if long_running:
+        interrupt.start_guardian()  # a kill -9 of this process stops its children too
     interrupt.install(shlex.join(["capfilt", *args]) if args and args[0] in RESUMABLE else None)
     from flows.cli import app
 

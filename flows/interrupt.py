@@ -19,6 +19,11 @@ the first SIGINT do three things, wherever the process is:
 It is noticed twice over: by the Python-level handler (main thread, between bytecodes) and by
 a watcher thread reading the signal wake-up pipe, which the C-level handler writes at once
 even while the main thread is blocked; whichever comes first acts.
+
+A SIGKILL (`kill -9`, the OOM killer) runs no handler: the children would be orphaned and go
+on (Prefect's temporary server for minutes, Dask workers, img2dataset). `start_guardian`
+forks, before anything else starts, a small process that notes this one's descendants every
+half second and, once this one is gone, stops the ones it last saw (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 CHILD_GRACE_S = 3.0  # how long children get to exit on SIGTERM before SIGKILL
+GUARD_EVERY_S = 0.5  # how often the guardian notes the command's descendants
 
 _stopping = threading.Lock()  # taken once, by whichever path notices the signal first; never released
 
@@ -84,14 +91,58 @@ def stop_children(grace_s: float = CHILD_GRACE_S) -> None:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
-    for child in children:
+    _stop(children, grace_s)
+
+
+def start_guardian() -> int | None:
+    """Fork the guardian of this process's children (see the module doc); returns its pid (None
+    where there is no fork). Call before any thread starts. The guardian ignores Ctrl-C (the
+    command handles it), holds none of the command's pipes, and exits with the command."""
+    if not hasattr(os, "fork"):
+        return None
+    import psutil  # noqa: F401  (imported before the fork: the guardian imports nothing)
+
+    command = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        _guard(command)
+    finally:
+        os._exit(0)
+
+
+def _guard(command: int) -> None:
+    """Note `command`'s descendants until it is gone (this process is then re-parented), then
+    stop the ones last seen. psutil checks each one's start time, so a reused pid is spared."""
+    import psutil
+
+    me, seen = os.getpid(), []
+    while os.getppid() == command:
         try:
-            child.terminate()
+            seen = [p for p in psutil.Process(command).children(recursive=True) if p.pid != me]
+        except psutil.Error:
+            pass  # exiting: keep the last list
+        time.sleep(GUARD_EVERY_S)
+    _stop(seen, CHILD_GRACE_S)
+
+
+def _stop(processes: list, grace_s: float) -> None:
+    """SIGTERM `processes` (psutil), then SIGKILL those still alive after `grace_s`."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.terminate()
         except psutil.Error:
             pass  # already gone
-    _, alive = psutil.wait_procs(children, timeout=grace_s)
-    for child in alive:
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
         try:
-            child.kill()
+            process.kill()
         except psutil.Error:
             pass

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,38 +47,14 @@ from data.schema import SCORED, conform
 from data.shards import combine_fingerprints, is_complete, parquet_schema, read_completion, read_table, shard_name
 from data.storage import Location, location
 from tasks.decide import DecisionRule, decide, nonempty_captions
-from tasks.execution import ExecutionConfig, progress_bar, require, semantic_settings
+from tasks.execution import progress_bar, semantic_settings
+from tasks.stage_config import AssembleConfig
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, check_accounting, run_stage, stage_dir
 
 # Outcome codes per input row.
 KEPT, DUPLICATE, REJECTED, FAILED, EXCLUDED = 0, 1, 2, 3, 4
 _DEDUPE_READ = ["key", "status", "caption", "sha256", "jpg"]
 _DECIDE_READ = ["image_id", "source", "status", "caption", "candidate", "itm_score", "threshold"]
-
-
-@dataclass
-class AssembleConfig:
-    """Assemble settings; all but `execution` enter the output folder's hash. The run
-    config's `assemble:` block is this class (`flows.config.RunConfig`)."""
-
-    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
-
-    rows_per_shard: int = 10_000  # rows per output shard of D'
-    dedupe: bool = True  # drop exact duplicate (image sha256, normalised caption) pairs
-    sources: tuple[str, ...] = ()  # only these row sources, one after another (see module doc); () = all, in input order
-    threshold: float | None = None  # re-decide scored rows at this ITM threshold from their stored scores (no rescoring); null = the filter's verdicts
-    top_k: int | None = None  # in a re-decision, at most this many synthetic captions per image; null = no limit (a filter's top_k is not inherited)
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-
-    def __post_init__(self) -> None:
-        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
-        require(self.threshold is None or 0 <= self.threshold <= 1, f"threshold must be in [0, 1] or null, got {self.threshold}")
-        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
-
-    @property
-    def redecides(self) -> bool:
-        """Whether the scored inputs' verdicts are decided anew (threshold or top_k set)."""
-        return self.threshold is not None or self.top_k is not None
 
 
 @dataclass

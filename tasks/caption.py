@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,60 +36,22 @@ import torch
 from data.inputs import expand_inputs, input_fingerprint, ok_mask, plan_outputs, read_pairs
 from data.storage import Location, location
 from tasks.execution import (
-    ExecutionConfig,
     inference_context,
     load_stage_model,
     progress_bar,
     Resolved,
-    require,
     resolve_device,
     resolve_execution,
     resolve_precision,
     semantic_settings,
 )
-from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
+from tasks.image_batches import ImageStream, Planned, ShardImages, index_batches
 from tasks.executor import PlanItem, stream_shards
+from tasks.stage_config import STRATEGIES, CaptionConfig
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, stage_dir
 
-STRATEGIES = ("nucleus", "beam", "greedy")
 _SEED_BYTES = 8
 _SEED_MASK = (1 << 63) - 1
-
-
-@dataclass
-class CaptionConfig:
-    """Caption stage settings; all but `execution` enter the output folder's hash. The run
-    config's `caption:` block is this class (`flows.config.RunConfig`)."""
-
-    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
-
-    strategy: Literal["nucleus", "beam", "greedy"] = "nucleus"
-    num_captions: int = 1  # synthetic captions per image (the paper: 1)
-    top_p: float = 0.9  # nucleus mass (BLIP: 0.9)
-    top_k: int = 0  # 0 = off (BLIP's released code ran with transformers' default 50)
-    temperature: float = 1.0
-    num_beams: int = 3  # beam search only (BLIP: 3)
-    repetition_penalty: float = 1.0  # BLIP's released sampling code uses 1.1
-    max_length: int = 20  # decoder tokens including [DEC] and the prompt (BLIP: 20)
-    min_length: int = 5  # (BLIP: 5)
-    prompt: str = "a picture of "  # fed to the decoder after [DEC], stripped from the output
-    seed: int = 0  # run seed; each image's seed derives from (seed, web key)
-    decode: Literal["reduced", "exact"] = "reduced"  # reduced: large JPEGs decoded by libjpeg at 1/2-1/8 scale (>= model size) before the resize; exact: every pixel
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        require(self.num_captions >= 1, f"num_captions must be >= 1, got {self.num_captions}")
-        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        require(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        require(self.temperature > 0 and self.repetition_penalty > 0, "temperature and repetition_penalty must be > 0")
-        require(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
-        require(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
-        require(0 <= self.min_length <= self.max_length and self.max_length >= 2,
-                f"need 0 <= min_length <= max_length and max_length >= 2, got {self.min_length}, {self.max_length}")
-        if self.strategy == "greedy" and self.num_captions > 1:
-            raise ValueError("greedy decoding gives one caption per image; use nucleus for num_captions > 1")
 
 
 def derive_seed(seed: int, key: str) -> int:

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 from data.storage import RemotePath
+from tasks.stage_config import ExecutionConfig, require
+
+# ExecutionConfig and require are defined in tasks.stage_config (torch-free) and imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +32,6 @@ _GPU_MEMORY_SHARE = 0.5  # of the device's free memory, for one batch's activati
 _BYTES_PER_VALUE = 2  # bf16 activations
 
 
-@dataclass
-class ExecutionConfig:
-    """How a stage runs; never part of the settings hash (results do not depend on it).
-
-    In a run config, a stage's `device` left at ``auto`` and `num_workers` left at -1
-    follow the run's own `device` and `loader_workers` (see `flows.steps.stage_config`).
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
-
-    batch_size: int = 0  # images per model call; 0 = auto: 32 on CPU, from free device memory on CUDA (see `resolve_batch_size`)
-    num_workers: int = -1  # DataLoader processes decoding images; 0 = in-process, -1 = auto from this process's cores (see `resolve_workers`)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16; enters the hash resolved
-    progress: bool = True  # a bar with images/s on a terminal, plain lines every ~10 s or 5 % otherwise
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 0, f"batch_size must be 0 (auto) or more, got {self.batch_size}")
-        require(self.num_workers >= -1, f"num_workers must be -1 (auto), 0 (in-process) or more, got {self.num_workers}")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ValueError(`message`) unless `condition`: a stage config's field check (pydantic
-    reports it against the config's block in a run config)."""
-    if not condition:
-        raise ValueError(message)
-
-
 def semantic_settings(cfg: Any) -> dict[str, Any]:
     """The fields of a stage config that change results: all but the `execution` block."""
     settings = dataclasses.asdict(cfg)
@@ -65,10 +40,26 @@ def semantic_settings(cfg: Any) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu; a device this machine lacks is a ValueError
+    naming it and the fix (see `available_device`)."""
+    return torch.device(available_device(name))
+
+
+def available_device(name: str) -> str:
+    """`name` (auto | cpu | cuda | cuda:N | mps) made concrete for this machine: ``auto`` is
+    cuda when available, else cpu. A device that is not here raises ValueError in one line."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine has no CUDA GPU; use device auto (cuda when there is one, else cpu) or cpu")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple's MPS is not available here; use device auto or cpu")
+    return name
 
 
 def usable_cores() -> int:

@@ -27,9 +27,9 @@ caption so a batch pads little; bf16 autocast on CUDA.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,54 +41,22 @@ from data.schema import SchemaError
 from data.shards import combine_fingerprints, file_fingerprint, read_completion
 from data.storage import Location, location
 from tasks.execution import (
-    ExecutionConfig,
     inference_context,
     load_stage_model,
     progress_bar,
     Resolved,
-    require,
     resolve_device,
     resolve_execution,
     resolve_precision,
     semantic_settings,
 )
 from tasks.decide import DecisionRule, decide, nonempty_captions
-from tasks.image_batches import DECODE_MODES, ImageStream, Planned, ShardImages, index_batches
+from tasks.image_batches import ImageStream, Planned, ShardImages, index_batches
 from tasks.executor import PlanItem, stream_shards
+from tasks.stage_config import FilterConfig
 from tasks.lifecycle import ShardJob, ShardOutput, ShardStats, StageStats, run_shard, stage_dir
 
 _CAPTION_COLUMNS = ["key", "image_id", "source", "caption", "status", "error", "candidate", "producer"]
-
-
-@dataclass
-class FilterConfig:
-    """Filter stage settings; all but `execution` enter the output folder's hash. The run
-    config's `filter:` block is this class (`flows.config.RunConfig`).
-
-    `itm_first_token` decides which scores `threshold` is compared with. The default,
-    ``enc``, is BLIP's convention: the ITM head was trained on the `[ENC]` token, so the
-    caption starts with `[ENC]`. transformers' `BlipForImageTextRetrieval` (and tools built
-    on it, such as Data-Juicer) scores the same caption with `[CLS]` first instead
-    (transformers#25629, #22732); on the same weights the two match probabilities differ
-    (docs/BENCHMARKS.md, "ITM first token"). Set ``cls`` only when a threshold was
-    calibrated on those tools' scores; left at ``enc`` it is not in the folder's hash.
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}  # a misspelt field in a run config is an error
-
-    threshold: float = 0.5  # keep when softmax ITM P(match) >= threshold (BLIP: 0.5)
-    top_k: int | None = None  # keep at most this many synthetic captions per image (best first)
-    max_text_tokens: int = 35  # ITM text length, [ENC] and [SEP] included (BLIP: 35)
-    decode: Literal["reduced", "exact"] = "reduced"  # reduced: large JPEGs decoded by libjpeg at 1/2-1/8 scale (>= model size) before the resize; exact: every pixel
-    itm_first_token: Literal["enc", "cls"] = "enc"  # enc: [ENC] first, as BLIP trained its ITM head; cls: [CLS] first, as transformers' BlipForImageTextRetrieval scores
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-
-    def __post_init__(self) -> None:
-        require(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
-        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null (no limit), got {self.top_k}")
-        require(self.max_text_tokens >= 3, f"max_text_tokens must be >= 3 ([ENC], a word, [SEP]), got {self.max_text_tokens}")
-        require(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
-        require(self.itm_first_token in ("enc", "cls"), f"itm_first_token must be 'enc' or 'cls', got {self.itm_first_token!r}")
 
 
 @dataclass

@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from blip_core.image import ImageTransform, normalise
 from data.images import decode_image
 from tasks.execution import ExecutionConfig, resolve_workers
+from tasks.stage_config import DECODE_MODES
 
 Decode = Literal["reduced", "exact"]
-DECODE_MODES = ("reduced", "exact")
 PREFETCH_PER_WORKER = 2  # batches decoded ahead per worker: bounded memory, the model never waits on a batch boundary
 
 Tag = tuple[int, int]  # (shard position in the stage, batch number in the shard)

@@ -43,7 +43,7 @@ def _listing(folder: RemotePath) -> list[tuple[str, dict[str, Any]]]:
     base = folder.path.rstrip("/") + "/"
     files = sorted((name[len(base) :], info) for name, info in found.items() if name.startswith(base) and info.get("type") != "directory")
     if not files:
-        raise FileNotFoundError(f"{folder}: no model files there (expected config.json and weights)")
+        raise FileNotFoundError(f"{folder}: no such folder, or no model files in it (expected config.json and weights)")
     return files
 
 

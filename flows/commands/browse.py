@@ -17,9 +17,7 @@ from pathlib import Path
 
 import typer
 
-from data.catalog import DEFAULT_TIMEOUT_S
-from data.gallery import DEFAULT_LIMIT, build_gallery, write_gallery
-from data.storage import is_remote, location
+from data.defaults import DEFAULT_LIMIT, DEFAULT_TIMEOUT_S
 from flows.commands.query import query_errors, resolve_run
 
 HOST = "127.0.0.1"
@@ -68,6 +66,9 @@ def browse(
 ) -> None:
     """Show a query's rows as an HTML gallery: thumbnail, caption, source, ITM score, verdict,
     and the other captions of each image side by side; sortable by any column."""
+    from data.gallery import build_gallery, write_gallery
+    from data.storage import is_remote, location
+
     with query_errors("browse"):
         if out is not None:
             gallery = write_gallery(resolve_run(run), sql, out, limit, title, timeout)

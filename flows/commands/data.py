@@ -6,19 +6,16 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from blip_core.progress import Advance
-from data.ingest import IngestStats
-from data.ingest_human import HumanIngestConfig, ingest_human
-from data.ingest_video import VideoIngestConfig, ingest_videos
-from data.ingest_web import ImportConfig, WebIngestConfig, import_img2dataset, ingest_web, serve_folder
-from data.synth import DEFAULT_BASE_URL, SynthConfig, generate_world
-from data.synth_video import VideoWorldConfig, generate_video_world
-from data.video import CODECS, MAX_DURATION_S
-from data.synth_world import RenderConfig
+from data.defaults import DEFAULT_BASE_URL
+from data.video import CODECS, MAX_DURATION_S  # numpy and PIL only; the ingesters load pyarrow when called
 from flows.commands import local_path
+
+if TYPE_CHECKING:
+    from data.ingest import IngestStats
 
 ingest_app = typer.Typer(help="Ingest image-text pairs into pairs shards.", no_args_is_help=True)
 
@@ -48,6 +45,10 @@ def synth(
     clip_captions: int = typer.Option(5, help="--videos: correct captions per clip."),
 ) -> None:
     """Generate the synthetic shapes world, and/or (--videos) clips of it (deterministic per seed; reruns skip finished shards)."""
+    from data.synth import SynthConfig, generate_world
+    from data.synth_video import VideoWorldConfig, generate_video_world
+    from data.synth_world import RenderConfig
+
     if out is None and videos is None:
         raise typer.BadParameter("give OUT (the image world) and/or --videos OUT (the clips)")
     if videos is not None:
@@ -104,6 +105,9 @@ def ingest_web_command(
     run_timeout: float = typer.Option(0, help="Stop an img2dataset run after this many seconds (0: no limit)."),
 ) -> None:
     """Download a URL list through img2dataset into pairs shards; every URL is accounted for."""
+    from blip_core.progress import Advance
+    from data.ingest_web import WebIngestConfig, ingest_web, serve_folder
+
     cfg = WebIngestConfig(
         url_col=url_col,
         caption_col=caption_col,
@@ -139,6 +143,8 @@ def ingest_human_command(
     rows_per_shard: int = typer.Option(1000),
 ) -> None:
     """Ingest human-annotated pairs (missing images become failed rows)."""
+    from data.ingest_human import HumanIngestConfig, ingest_human
+
     cfg = HumanIngestConfig(
         image_col=image_col,
         caption_col=caption_col,
@@ -156,6 +162,8 @@ def ingest_img2dataset_command(
     source: str = typer.Option("web"),
 ) -> None:
     """Import an existing img2dataset output folder as pairs shards (keys: img2dataset's, as the stages read them)."""
+    from data.ingest_web import ImportConfig, import_img2dataset
+
     _echo_stats(import_img2dataset(folder, out, ImportConfig(source=source)), out)
 
 
@@ -171,6 +179,8 @@ def ingest_videos_command(
     max_duration: float = typer.Option(MAX_DURATION_S, help="Longer videos become failed rows (too_long)."),
 ) -> None:
     """Ingest video-text pairs into videos shards (corrupt, empty, missing or too long videos become failed rows)."""
+    from data.ingest_video import VideoIngestConfig, ingest_videos
+
     cfg = VideoIngestConfig(source=source, key_prefix=key_prefix, video_root=str(videos_root) if videos_root else None,
                             rows_per_shard=rows_per_shard, max_duration_s=max_duration)  # fmt: skip
     _echo_stats(ingest_videos(src, out, cfg), out)

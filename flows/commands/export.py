@@ -9,16 +9,15 @@ folders or files instead, and then the one argument is OUT. The layouts are desc
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import typer
 
-from blip_core.progress import Advance
-from data.export import DEFAULT_SHARD_ROWS, ExportError, dataset_shards, export
-from data.inputs import expand_inputs
-from data.layout import LayoutError
-from data.schema import SchemaError
-from data.storage import Location, location
+from data.defaults import DEFAULT_SHARD_ROWS
 from flows.commands.query import resolve_run
+
+if TYPE_CHECKING:
+    from data.storage import Location
 
 EXIT_ERROR = 1
 
@@ -31,6 +30,10 @@ class ExportFormat(str, enum.Enum):
 
 def _sources(args: list[str], inputs: list[str] | None) -> tuple[list[Location], Location]:
     """(D' shards, OUT) from ``RUN OUT`` or ``--input ... OUT``, each a path or a URL."""
+    from data.export import dataset_shards
+    from data.inputs import expand_inputs
+    from data.storage import location
+
     if inputs:
         if len(args) != 1:
             raise typer.BadParameter("with --input give only OUT", param_hint="ARGS")
@@ -53,8 +56,14 @@ def export_command(
 ) -> None:
     """Export D' for open_clip / img2dataset (webdataset), BLIP / LAVIS (blip-json) or
     Hugging Face datasets / duckdb (parquet)."""
+    from blip_core.progress import Advance
+    from data.export import ExportError, claim_out, export
+    from data.layout import LayoutError
+    from data.schema import SchemaError
+
     try:
         shards, out = _sources(args, inputs)
+        claim_out(out, fmt.value, shards)  # a refusal is the only line (export claims it again, idempotently)
         with Advance("export", unit="row") as advance:
             stats = export(shards, out, fmt.value, shard_size, on_shard=advance)
     except (ExportError, SchemaError, LayoutError, FileNotFoundError, ValueError) as exc:

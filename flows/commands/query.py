@@ -15,29 +15,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import duckdb
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import typer
 
-from data.catalog import (
-    DEFAULT_TIMEOUT_S,
-    NoSuchView,
-    QueryRefused,
-    QueryTimeout,
-    describe,
-    hide_blobs,
-    open_catalog,
-    run_query,
-    time_limit,
-)
-from data.layout import LayoutError
-from data.schema import SchemaError
-from data.shards import atomic_path
+from data.defaults import DEFAULT_TIMEOUT_S
 from data.storage import RemotePath, is_url, location
+
+if TYPE_CHECKING:  # imported where used: `capfilt --help` loads neither duckdb nor pyarrow
+    import duckdb
+    import pyarrow as pa
 
 DEFAULT_MAX_ROWS = 50
 MAX_CELL_CHARS = 60
@@ -93,6 +80,8 @@ def format_table(table: pa.Table, more: bool) -> str:
 
 def _json_ready(table: pa.Table) -> pa.Table:
     """Nested columns (maps, lists, structs) as JSON text, for CSV."""
+    import pyarrow as pa
+
     for index, field in enumerate(table.schema):
         if pa.types.is_nested(field.type):
             texts = [None if v is None else json.dumps(v, default=str) for v in table.column(index).to_pylist()]
@@ -106,6 +95,8 @@ def _json_ready(table: pa.Table) -> pa.Table:
 @contextmanager
 def _sink(output: str | None, binary: bool) -> Iterator[IO[Any]]:
     """stdout, or a temporary file renamed to `output` (a path or URL) on success."""
+    from data.shards import atomic_path
+
     if output is None:
         yield sys.stdout.buffer if binary else sys.stdout
         return
@@ -117,6 +108,12 @@ def _sink(output: str | None, binary: bool) -> Iterator[IO[Any]]:
 
 def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: str | None) -> int:
     """Stream the result to csv / json / parquet; returns the number of rows written."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from data.catalog import hide_blobs
+
     reader = relation.to_arrow_reader(BATCH_ROWS)
     rows = 0
     with _sink(output, binary=fmt != OutputFormat.json) as handle:
@@ -143,6 +140,8 @@ def _write_stream(relation: duckdb.DuckDBPyRelation, fmt: OutputFormat, output: 
 
 
 def _print_schema(con: duckdb.DuckDBPyConnection) -> str:
+    from data.catalog import describe
+
     views = describe(con)
     if not views:
         return "no datasets in this run folder yet\n"
@@ -161,6 +160,12 @@ def _print_schema(con: duckdb.DuckDBPyConnection) -> str:
 def query_errors(command: str) -> Iterator[None]:
     """Turn a refused statement into exit 2 and a failed query (bad SQL, a broken shard, a run
     folder whose current outputs cannot be told) into exit 1, each with its message."""
+    import duckdb
+
+    from data.catalog import NoSuchView, QueryRefused, QueryTimeout
+    from data.layout import LayoutError
+    from data.schema import SchemaError
+
     try:
         yield
     except (QueryRefused, duckdb.PermissionException) as exc:
@@ -182,6 +187,8 @@ def query(
 ) -> None:
     """Query a run's datasets with SQL (read-only): human, web, test, synthetic, scored,
     rejects, dataset (D'), stage_stats."""
+    from data.catalog import QueryRefused, open_catalog, time_limit
+
     with query_errors("query"):
         con = open_catalog(resolve_run(run))
         if schema:
@@ -196,6 +203,8 @@ def query(
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, fmt: OutputFormat, output: str | None, max_rows: int) -> None:
     """Run `sql` and write its rows in `fmt` to `output` (None: the terminal)."""
+    from data.catalog import QueryRefused, hide_blobs, run_query
+
     relation = run_query(con, sql)
     if fmt == OutputFormat.table:
         shown = relation.limit(max_rows + 1).to_arrow_table()

@@ -24,13 +24,31 @@ _VERBOSE_HELP = "Show Prefect's own log lines (flow and task runs, states); by d
 
 
 def _offline_env(verbose: bool = True) -> None:
-    """Set the offline defaults; unless `verbose`, Prefect logs only warnings and errors (its
-    per-task INFO lines would bury the progress). Before Prefect is imported; an explicit
-    PREFECT_LOGGING_LEVEL wins."""
+    """Set the offline defaults; unless `verbose`, Prefect and Dask's `distributed` log only
+    warnings and errors (their INFO lines would bury the progress). Before Prefect and Dask
+    are imported; an explicit PREFECT_LOGGING_LEVEL / DASK_LOGGING__DISTRIBUTED wins."""
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a Dask run's ~60 INFO lines (workers inherit it)
+
+
+def _start_flow(command: str, run_dir: str | Path) -> None:
+    """Before the flow starts (Prefect imported): its failure lines without tracebacks (unless
+    --verbose; the command's own error line names the failure), and one line saying it starts."""
+    from flows.commands.errors import console_logs_without_tracebacks
+
+    console_logs_without_tracebacks()
+    _starting(command, run_dir)
+
+
+def _starting(command: str, run_dir: str | Path) -> None:
+    """One line on stderr before the flow starts: Prefect's temporary server and the first
+    stage take a while, and a log (stderr not a terminal) would show nothing until then."""
+    server = "" if os.environ.get("PREFECT_API_URL") else " (Prefect's temporary server first, about 10 s)"
+    typer.echo(f"capfilt {command}: starting the run in {run_dir}{server}; each stage prints a line as it starts",
+               err=True)  # fmt: skip
 
 
 _NOTHING_TO_DO = ("nothing to do: this run finished and neither its settings, its files nor its inputs changed "
@@ -73,7 +91,7 @@ def demo(
     _offline_env(verbose)
     from flows.demo import run_demo
 
-    result = run_demo(quick=quick, out=out)
+    result = run_demo(quick=quick, out=out, on_start=lambda run_dir: _start_flow("demo", run_dir))
     if result.reused:
         typer.echo(_NOTHING_TO_DO.format(record=result.run_dir / "run.json"), err=True)
     typer.echo(f"\nrun folder: {result.run_dir}")
@@ -103,7 +121,8 @@ def _demo_ablation(folder: Path, quick: bool) -> None:
 
 
 def run(
-    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML run config (may name a preset)."),
+    config: str = typer.Option(..., "--config", "-c", help="YAML run config file, or a preset's name: demo, demo-quick, "
+                               "gpu, or a file of presets/ by its stem (capfilt-on-img2dataset)."),
     run_dir: str = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
     sets: list[str] = typer.Option(None, "--set", help="Override any field: FIELD=VALUE, e.g. "
                                    "--set filter.threshold=0.3 --set caption.execution.batch_size=64 (repeatable)."),
@@ -111,17 +130,16 @@ def run(
 ) -> None:
     """Run (or resume) the bootstrap described by a YAML run config, in this process."""
     _offline_env(verbose)
-    from flows.config import ConfigError, load_yaml
+    from flows.config import load_yaml
+    from flows.preflight import preflight
     from flows.run_record import finished_summary
 
-    try:
-        cfg = load_yaml(config, sets=sets, run_dir=run_dir)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    cfg = preflight(load_yaml(config, sets=sets, run_dir=run_dir))  # a bad config: one line (flows.commands.errors)
     summary = finished_summary(cfg)
     if summary is None:
         from flows.bootstrap import run_bootstrap
 
+        _start_flow("run", cfg.run_dir)
         summary = run_bootstrap(cfg)
     else:
         typer.echo(_NOTHING_TO_DO.format(record=Path(cfg.run_dir) / "run.json"), err=True)

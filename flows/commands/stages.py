@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from flows.commands.config_options import config_command
-from tasks.lifecycle import StageStats
+
+if TYPE_CHECKING:
+    from tasks.lifecycle import StageStats
 
 # Extra positional words after `--input A` are more inputs (`--input web/*.parquet`).
 _MANY_INPUTS = {"allow_extra_args": True}
@@ -40,10 +42,13 @@ def _one_writer(output: str) -> Iterator[None]:
     shards' temporary file names). A refusal, or a stage whose failed shards are listed
     (the others completed), exits 1 with the message."""
     from data.run_lock import RunLockedError, lock_scope, run_lock
+    from flows.commands.errors import naming
     from tasks.lifecycle import StageIncompleteError
 
     try:
-        with run_lock(lock_scope(output)):
+        with ExitStack() as held:
+            with naming(output):  # the first touch of OUTPUT: a missing bucket names it
+                held.enter_context(run_lock(lock_scope(output)))
             yield
     except (RunLockedError, StageIncompleteError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -116,9 +121,7 @@ _WEB_INPUT = "Web pair shards, or img2dataset output in parquet or webdataset fo
 
 def _commands() -> dict[str, Any]:
     """`caption`, `filter`, `assemble`: their options are their config classes' fields."""
-    from tasks.assemble import AssembleConfig
-    from tasks.caption import CaptionConfig
-    from tasks.filter import FilterConfig
+    from tasks.stage_config import AssembleConfig, CaptionConfig, FilterConfig  # torch-free: help stays fast
 
     caption = config_command(
         CaptionConfig,

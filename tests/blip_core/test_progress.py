@@ -16,8 +16,9 @@ def test_plain_lines_every_five_percent_and_at_close(monkeypatch) -> None:
         bar.set_postfix({"loss": "1.5"})
         for _ in range(50):
             bar.update(1)
-    lines = out.getvalue().splitlines()
+    start, *lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
+    assert start == "caption part-0: started (100 img)"  # at once: a log shows the stage begin
     assert lines[0].startswith("caption part-0:   5% 5/100 [") and "img/s" in lines[0]
     assert lines[-1].startswith("caption part-0:  50% 50/100") and lines[-1].endswith("loss=1.5]")
     assert len(lines) == 10  # 5 %, 10 %, ... 50 % (the close adds no repeat)
@@ -31,10 +32,10 @@ def test_plain_lines_are_throttled_in_time(monkeypatch) -> None:
     for _ in range(25):  # 2.5 % of the total in 25 s: lines from the 10 s rule only
         now[0] += 1.0
         bar.update(1)
-    assert len(out.getvalue().splitlines()) == 2
+    assert len(out.getvalue().splitlines()) == 1 + 2  # the start line, then the 10 s rule
     bar.close()
     bar.close()
-    assert len(out.getvalue().splitlines()) == 3
+    assert len(out.getvalue().splitlines()) == 1 + 3
 
 
 def test_form_follows_stderr(monkeypatch) -> None:
@@ -55,7 +56,7 @@ def test_advance_opens_its_bar_at_the_first_call(monkeypatch) -> None:
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
     with Advance("export", unit="row") as advance:
-        assert advance.bar is None
+        assert err.getvalue() == "export: started\n"  # on entering, before the total is known
         advance(4, 10)
         advance(6, 10)
     assert err.getvalue().splitlines()[-1].startswith("export: 100% 10/10 [") and "row/s" in err.getvalue()

@@ -177,8 +177,9 @@ def test_capfilt_run_refuses_a_locked_folder_and_writes_only_inside_its_run_fold
     finally:
         holder.kill()
         holder.wait()
-    assert refused.returncode != 0
-    assert "RunLockedError" in refused.stderr and f"pid {holder.pid}" in refused.stderr
+    assert refused.returncode != 0  # refused in one line, before Prefect starts (issue 23)
+    assert "is in use by another capfilt process" in refused.stderr and f"pid {holder.pid}" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
     start = time.time() - 1
     done = subprocess.run(command, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
