@@ -23,6 +23,7 @@ model's size) before the exact resize; ``"exact"`` decodes every pixel first.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -41,6 +42,7 @@ from tasks.execution import ExecutionConfig, resolve_workers
 from tasks.stage_config import DECODE_MODES
 
 Decode = Literal["reduced", "exact"]
+log = logging.getLogger(__name__)
 PREFETCH_PER_WORKER = 2  # batches decoded ahead per worker: bounded memory, the model never waits on a batch boundary
 
 Tag = tuple[int, int]  # (shard position in the stage, batch number in the shard)
@@ -113,27 +115,30 @@ class _Tags:
                 yield (i, b), [jpg[r].as_py() for r in rows]
 
 
-def start_method(temp_dir: str | None = None) -> str:
-    """How decoding workers start: ``forkserver`` (a clean process forks them), else ``spawn``:
-    where there is none, or where the temporary folder's path is too long for the fork
-    server's socket (an AF_UNIX path, 107 bytes, made under `temp_dir`: the process's
-    temporary folder, often long on a Dask worker or a test)."""
+def start_method() -> str:
+    """How decoding workers start: ``forkserver`` (a clean process forks them), else ``spawn``."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def sockets_fit(temp_dir: str | None = None) -> bool:
+    """Whether decoding processes can talk to this one: the fork server and torch's tensor
+    passing listen on AF_UNIX sockets under the temporary folder (`temp_dir`: the process's),
+    whose paths may be 107 bytes at most. A longer TMPDIR (a Dask worker's or a test's can
+    be) fails every shard, or worse, drops a batch without a word and the loader waits forever."""
     folder = tempfile.gettempdir() if temp_dir is None else temp_dir
-    fits = len(os.fsencode(folder)) + _LISTENER_PATH_BYTES <= _AF_UNIX_PATH_BYTES
-    return "forkserver" if fits and "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return len(os.fsencode(folder)) + _SOCKET_NAME_BYTES <= _AF_UNIX_PATH_BYTES
 
 
 _AF_UNIX_PATH_BYTES = 107
-_LISTENER_PATH_BYTES = len("/pymp-12345678/listener-12345678")  # multiprocessing's folder and socket names under it
+_SOCKET_NAME_BYTES = len("/pymp-12345678/listener-12345678")  # multiprocessing's folder and socket names under it
 
 
 def _context() -> Any:
     """The workers' multiprocessing context; the fork server imports this module (torch, PIL)
     once, so each worker it forks starts warm. As with any spawn-started worker, a script
     that runs a stage with workers must guard its entry point with ``if __name__ == "__main__":``."""
-    method = start_method()
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
+    context = multiprocessing.get_context(start_method())
+    if start_method() == "forkserver":
         context.set_forkserver_preload([__name__])
     return context
 
@@ -171,6 +176,11 @@ class ImageStream:
         self.device = device
         # a training crop may want every pixel of a small region: only eval resizes reduce
         reduce_to = transform.image_size if decode == "reduced" and not transform.train else None
+        if workers and not sockets_fit():
+            log.warning("the temporary folder %s is too long a path for the image loader's sockets (AF_UNIX, 107 bytes): "
+                        "decoding in this process; set TMPDIR to a shorter folder to decode in %d processes",
+                        tempfile.gettempdir(), workers)  # fmt: skip
+            workers = 0
         self.workers = workers
         self._loader = DataLoader(_BatchImages(transform, reduce_to), sampler=_Tags(self), batch_size=None,
                                   collate_fn=_as_is, **loader_options(self.workers, device))  # fmt: skip

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import typer
@@ -49,6 +51,25 @@ def _starting(command: str, run_dir: str | Path) -> None:
     server = "" if os.environ.get("PREFECT_API_URL") else " (Prefect's temporary server first, about 10 s)"
     typer.echo(f"capfilt {command}: starting the run in {run_dir}{server}; each stage prints a line as it starts",
                err=True)  # fmt: skip
+
+
+def _boot_temporary_server() -> threading.Thread | None:
+    """Without PREFECT_API_URL the flow runs on Prefect's temporary server, whose process
+    takes seconds to boot: start it in a thread now, so it boots while this process imports
+    the flow's modules; the flow then finds it running (Prefect keeps one per process). A
+    start that fails here is tried again, and reported, by the flow itself."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=boot, name="capfilt-prefect-server", daemon=True)
+    thread.start()
+    return thread
 
 
 _NOTHING_TO_DO = ("nothing to do: this run finished and neither its settings, its files nor its inputs changed "
@@ -137,9 +158,12 @@ def run(
     cfg = preflight(load_yaml(config, sets=sets, run_dir=run_dir))  # a bad config: one line (flows.commands.errors)
     summary = finished_summary(cfg)
     if summary is None:
-        from flows.bootstrap import run_bootstrap
+        booting = _boot_temporary_server()
+        from flows.bootstrap import run_bootstrap  # torch, transformers, the stages: while the server boots
 
         _start_flow("run", cfg.run_dir)
+        if booting is not None:
+            booting.join()
         summary = run_bootstrap(cfg)
     else:
         typer.echo(_NOTHING_TO_DO.format(record=Path(cfg.run_dir) / "run.json"), err=True)

@@ -54,14 +54,16 @@ def _assert_reported(task_runs: dict[str, list[dict]]) -> None:
 
 
 def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, random_tiny_model) -> None:
-    """One LocalCluster serves caption and filter (the same scheduler, the same workers);
-    outputs equal the threads run's; the task runs the workers ran are in the flow's API."""
+    """One LocalCluster serves caption and filter (the same scheduler, the same workers), each
+    worker decoding in a loader process of its own (the workers are not daemonic: a
+    daemonic one may have no children); outputs equal the threads run's; each stage is one
+    task run in the flow's API."""
     from distributed import Client
 
     from flows.bootstrap import bootstrap
 
     threads = bootstrap(config=small_world_config(tmp_path / "threads", random_tiny_model, stages=STOP))
-    state = bootstrap(config=small_world_config(tmp_path / "dask", random_tiny_model, stages=STOP,
+    state = bootstrap(config=small_world_config(tmp_path / "dask", random_tiny_model, stages=STOP, loader_workers=1,
                                                 runner={"kind": "dask", "dask_workers": 2}), return_state=True)  # fmt: skip
     dask = state.result()
     for stage in ("caption_dir", "filter_dir"):
@@ -73,6 +75,7 @@ def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_harness, ran
     assert caption["runner"] == filtered["runner"] == "dask" and caption["shards"] == 5 and caption["input"] == 150
     assert caption["dask_scheduler"] == filtered["dask_scheduler"]  # one cluster for the whole run
     assert caption["dask_workers"] and set(filtered["dask_workers"]) <= set(caption["dask_workers"])
+    assert "num_workers 1 (set)" in caption["execution"] and "num_workers 1 (set)" in filtered["execution"]
     _assert_reported(shard_task_runs(state.state_details.flow_run_id))
     with pytest.raises(OSError):  # the run's own cluster is closed when the flow ends
         Client(caption["dask_scheduler"], timeout=2)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +47,8 @@ def _config(run_dir: str, web: str, model: str, **runner):
 
 
 def _machine(tmp: Path, name: str, endpoint: str, **env: str) -> dict[str, str]:
-    """The environment of one 'machine': its own temporary, cache and working folders."""
+    """The environment of one 'machine': its own temporary, cache and working folders (short
+    paths: the image loader's processes talk over AF_UNIX sockets under TMPDIR)."""
     home = tmp / name
     for sub in ("tmp", "cache", "work"):
         (home / sub).mkdir(parents=True, exist_ok=True)
@@ -120,10 +123,14 @@ def test_a_lost_worker_loses_nothing(s3: str, s3_server: str, tmp_path: Path, pr
     monkeypatch.setenv(WORK_DIR_ENV, str(tmp_path / "flow-work"))
 
     threads = bootstrap(config=_config(f"{s3}/run-threads", web, model))
-    with _cluster(tmp_path / "machines", s3_server) as (address, procs, names):
-        dask = bootstrap(config=_config(f"{s3}/run-dask", web, model, kind="dask", dask_address=address))
-        doomed, steady = procs[1], procs[2]
-        assert doomed.wait(timeout=60) == -signal.SIGKILL and steady.poll() is None  # one machine lost, one left
+    machines = Path(tempfile.mkdtemp(prefix="cf-", dir="/tmp"))  # short: see `_machine`
+    try:
+        with _cluster(machines, s3_server) as (address, procs, names):
+            dask = bootstrap(config=_config(f"{s3}/run-dask", web, model, kind="dask", dask_address=address))
+            doomed, steady = procs[1], procs[2]
+            assert doomed.wait(timeout=60) == -signal.SIGKILL and steady.poll() is None  # one machine lost, one left
+    finally:
+        shutil.rmtree(machines, ignore_errors=True)
     for stage in ("caption_dir", "filter_dir"):
         assert location(dask[stage]).name == location(threads[stage]).name
         _same_rows(location(dask[stage]), location(threads[stage]))

@@ -48,19 +48,24 @@ def _capfilt(*args: str, cwd=None):
 
 @pytest.mark.slow
 def test_the_shipped_preset_runs_here_on_dask_with_one_line_per_stage_start(tmp_path, random_tiny_model) -> None:
-    """`--config capfilt-on-img2dataset` (a preset's name) on this machine (`device: auto`),
-    with its Dask runner: it finishes, says at once that it starts, and prints each shard's
-    start and end, but none of Dask's ~60 `distributed` INFO lines."""
+    """`--config capfilt-on-img2dataset` (a preset's name) as shipped, only its paths pointed
+    here, on this CPU machine (`device: auto`), with its Dask runner of 4 workers (loader
+    processes inside Dask workers: `test_dask.py::test_dask_local_cluster_matches_threads`):
+    it finishes, says at once that it starts, prints each stage's start and end, but none of
+    Dask's ~60 `distributed` INFO lines."""
     from data.synth import SynthConfig, generate_world
 
     generate_world(tmp_path / "world", SynthConfig(human_images=4, web_images=12, test_images=2, rows_per_shard=6))
     done = _capfilt("run", "--config", "capfilt-on-img2dataset", "--run-dir", str(tmp_path / "run"),
                     "--set", f"data.web=[{tmp_path / 'world' / 'web'}]", "--set", f"model.captioner={random_tiny_model}",
-                    "--set", f"model.filter={random_tiny_model}", "--set", "runner.dask_workers=1")  # fmt: skip
+                    "--set", f"model.filter={random_tiny_model}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert lines[0].startswith(f"capfilt run: starting the run in {tmp_path / 'run'}"), lines[:3]
-    assert "caption part-00000.parquet: started (6 img)" in lines and "filter part-00001.parquet: started (6 img)" in lines
+    assert "caption: started (2 shard)" in lines and "filter: started (2 shard)" in lines, lines
+    assert any(line.startswith("filter: 100% 2/2 ") for line in lines), lines
+    rows = {r["stage"]: r for r in json.loads(done.stdout)["stages"]}
+    assert rows["caption"]["runner"] == rows["filter"]["runner"] == "dask" and len(rows["caption"]["dask_workers"]) >= 1
     assert not [line for line in lines if "distributed." in line], done.stderr[-3000:]
     assert json.loads(done.stdout)["stages"] and list((tmp_path / "run" / "filter").glob("*/kept/part-*.parquet"))
 

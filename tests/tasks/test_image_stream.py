@@ -161,10 +161,21 @@ def test_cuda_options_pin_and_start_workers_safely_and_cpu_falls_back() -> None:
     assert cpu["pin_memory"] is False and cpu["multiprocessing_context"].get_start_method() != "fork"
 
 
-def test_a_temporary_folder_too_long_for_the_fork_servers_socket_uses_spawn() -> None:
-    """The fork server listens on an AF_UNIX socket under the temporary folder (107 bytes at
-    most): a long TMPDIR, as a Dask worker's or a test's can be, must not fail every shard."""
-    from tasks.image_batches import start_method
+def test_a_temporary_folder_too_long_for_the_loaders_sockets_decodes_in_process(tmp_path, monkeypatch, caplog) -> None:
+    """The loader's processes talk over AF_UNIX sockets under the temporary folder (107 bytes
+    at most): with a longer TMPDIR (a Dask worker's or a test's can be) a batch was dropped
+    and the stream waited forever; it decodes in its own process instead, and says so."""
+    import tempfile
 
-    assert start_method("/tmp") in ("forkserver", "spawn")
-    assert start_method("/tmp/" + "x" * 90) == "spawn"
+    from tasks.image_batches import sockets_fit
+
+    assert sockets_fit("/tmp") and not sockets_fit("/tmp/" + "x" * 90)
+    long_dir = tmp_path / ("x" * 90)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    jpg = pa.array([jpeg(i) for i in range(4)], pa.binary())
+    stream = ImageStream([lambda: Planned(None, ShardImages(jpg, [[0, 1], [2, 3]]))], ImageTransform(16), 2, torch.device("cpu"))
+    with caplog.at_level("WARNING"), stream:
+        assert stream.workers == 0 and "too long a path" in caplog.text
+        _, batches = stream.take(0)
+        assert [len(errors) for _, errors in batches] == [2, 2]
