@@ -86,54 +86,29 @@ def publish_report(run_name: str, markdown: str, run_dir: str) -> None:
     create_markdown_artifact(key="capfilt-report", markdown=markdown, description=f"capfilt run report {run_dir}")
 
 
-class ShardProgress:
-    """Shards done of a shard stage, on any runner: ``with ShardProgress(stage, total) as p:``
-    and `p.done(index)` (the shard's plan index) from any thread as each shard finishes (a shard counted twice, by a
-    worker run again after a crash, counts once).
+class WatchedProgress:
+    """A Prefect progress artifact that a daemon thread moves to `percent()` every `every`
+    seconds while the block runs, so the work it shows never waits on the API; leaving the
+    block sets the final figure. Outside a flow or task run it does nothing. Subclasses say
+    what the percentage is (shards done, training steps done)."""
 
-    Drawn as the stage's bar (a terminal bar, plain lines in logs: `blip_core.progress`)
-    and, in a flow run, as a Prefect progress artifact that a daemon thread moves every
-    `every` seconds, so no worker ever waits on the API.
-    """
-
-    def __init__(self, stage: str, total: int, enabled: bool = True, every: float = 2.0) -> None:
-        from blip_core.progress import progress_bar
-
-        self.total, self.every = max(total, 1), every
-        self.seen: set[int] = set()
+    def __init__(self, description: str, every: float) -> None:
+        self.every = every
         self.shown = -1.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._bar = progress_bar(total, stage, unit="shard", enabled=enabled)
         self.artifact_id: UUID | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if _in_run():
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(0.0, description=f"capfilt {stage}: shards done")
-        self._thread = threading.Thread(target=self._watch, name=f"capfilt-progress-{stage}", daemon=True)
+            self.artifact_id = create_progress_artifact(self.percent(), description=description)
 
-    def __enter__(self) -> ShardProgress:
-        if self.artifact_id is not None:
-            self._thread.start()
-        return self
+    def percent(self) -> float:
+        raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.every + 5)
-        self._bar.close()
-        self._publish()
-
-    def done(self, index: int) -> None:
-        """Shard `index` of the plan finished, or was found complete."""
-        with self._lock:
-            if index in self.seen:
-                return
-            self.seen.add(index)
-            self._bar.update(1)
-
-    def _publish(self) -> None:
-        percent = 100.0 * len(self.seen) / self.total
+    def update(self) -> None:
+        """Move the artifact to `percent()` (no call when unchanged)."""
+        percent = self.percent()
         if self.artifact_id is None or percent == self.shown:
             return
         from prefect.artifacts import update_progress_artifact
@@ -144,9 +119,53 @@ class ShardProgress:
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self._publish()
-            except Exception:  # noqa: BLE001 - a progress display must never fail the stage
+                self.update()
+            except Exception:  # noqa: BLE001 - a progress display must never fail the work it shows
                 continue
+
+    def __enter__(self) -> WatchedProgress:
+        if self.artifact_id is not None:
+            self._thread = threading.Thread(target=self._watch, name="capfilt-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.artifact_id is not None:
+            self.update()
+
+
+class ShardProgress(WatchedProgress):
+    """Shards done of a shard stage, on any runner: ``with ShardProgress(stage, total) as p:``
+    and `p.done(index)` (the shard's plan index) from any thread as each shard finishes (a
+    shard reported twice, by a worker run again after a crash, counts once). Drawn as the
+    stage's bar too (a terminal bar, plain lines in logs: `blip_core.progress`)."""
+
+    def __init__(self, stage: str, total: int, enabled: bool = True, every: float = 2.0) -> None:
+        from blip_core.progress import progress_bar
+
+        self.total = max(total, 1)
+        self.seen: set[int] = set()
+        self._lock = threading.Lock()
+        self._bar = progress_bar(total, stage, unit="shard", enabled=enabled)
+        super().__init__(f"capfilt {stage}: shards done", every)
+
+    def percent(self) -> float:
+        return 100.0 * len(self.seen) / self.total
+
+    def done(self, index: int) -> None:
+        """Shard `index` of the plan finished, or was found complete."""
+        with self._lock:
+            if index in self.seen:
+                return
+            self.seen.add(index)
+            self._bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._bar.close()
 
 
 def last_step(metrics: Path) -> int:
@@ -166,56 +185,17 @@ def last_step(metrics: Path) -> int:
     return 0
 
 
-class TrainingProgress:
+class TrainingProgress(WatchedProgress):
     """A progress artifact for a training stage: ``with TrainingProgress(label, metrics, steps):``.
 
     The trainer (in this process or under torchrun) appends a line to `metrics` every few
-    steps; a daemon thread reads the last one every `every` seconds and moves the artifact,
-    so the model code knows nothing of Prefect. Leaving the block sets the final figure.
+    steps; the watcher reads the last one, so the model code knows nothing of Prefect.
     """
 
     def __init__(self, label: str, metrics: Path, steps: int, every: float = 10.0) -> None:
-        self.metrics, self.steps, self.every = Path(metrics), max(steps, 1), every
-        self.shown = -1.0
-        self.artifact_id: UUID | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if _in_run():
-            from prefect.artifacts import create_progress_artifact
+        self.metrics, self.steps = Path(metrics), max(steps, 1)
+        super().__init__(f"capfilt {label}: training steps done", every)
 
-            self.artifact_id = create_progress_artifact(
-                self._percent(), description=f"capfilt {label}: training steps done"
-            )
-
-    def _percent(self) -> float:
+    def percent(self) -> float:
         return min(100.0, 100.0 * last_step(self.metrics) / self.steps)
 
-    def update(self) -> None:
-        """Move the artifact to the trainer's last logged step (no call when unchanged)."""
-        percent = self._percent()
-        if self.artifact_id is None or percent == self.shown:
-            return
-        from prefect.artifacts import update_progress_artifact
-
-        update_progress_artifact(self.artifact_id, percent)
-        self.shown = percent
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.update()
-            except Exception:  # noqa: BLE001 - a progress display must never fail the training
-                continue
-
-    def __enter__(self) -> TrainingProgress:
-        if self.artifact_id is not None:
-            self._thread = threading.Thread(target=self._watch, name="training-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self.artifact_id is not None:
-            self.update()
