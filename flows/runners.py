@@ -37,7 +37,8 @@ from prefect.logging import get_logger
 
 from flows.config import RunConfig, RunnerConfig
 from flows.faults import maybe_fault
-from tasks.executor import WorkerResult, WorkerSpec, run_worker
+from tasks.executor import WorkerResult, WorkerSpec
+from tasks.shard_stages import run_stage_worker
 
 logger = get_logger("capfilt.runners")
 
@@ -223,7 +224,7 @@ def stage_worker(spec: WorkerSpec, config: RunConfig, notify: Notify | None = No
     config.apply_storage()
     spec = _on_own_gpu(spec, spec.rank if slot is None else slot)
     with gpu_slot(config):
-        return run_worker(spec, before=partial(maybe_fault, spec.stage), on_done=notify)
+        return run_stage_worker(spec, before=partial(maybe_fault, spec.stage), on_done=notify)
 
 
 def pin_device(device: str, slot: int, count: int) -> str:

@@ -110,7 +110,7 @@ def stream_shards(runner: StageRunner, job: JobFactory, stats: StageStats, items
 class WorkerSpec:
     """What one worker runs: its share (`rank` of `world`) of the plan of a stage folder."""
 
-    stage: str  # a name in `STAGES`
+    stage: str  # a name in `tasks.shard_stages.STAGES`
     plan: str  # the plan file
     folder: str  # the stage's settings-hash folder
     digest: str  # the stage's settings hash
@@ -144,28 +144,13 @@ class WorkerResult:
             self.counts[name] = self.counts.get(name, 0) + int(value)
 
 
-def _stage(name: str) -> tuple[Callable[[str, Any], StageRunner], JobFactory]:
-    """A stage's runner builder and job factory, by name (imported when used)."""
-    if name == "caption":
-        from tasks.caption import Captioner, caption_job
-
-        return Captioner.build, caption_job
-    if name == "filter":
-        from tasks.filter import Judge, filter_job
-
-        return Judge.build, filter_job
-    raise ValueError(f"no shard stage named {name!r}; expected one of {STAGES}")
-
-
-STAGES = ("caption", "filter")
-
-
-def run_worker(spec: WorkerSpec, before: Callable[[int], None] | None = None,
+def run_worker(spec: WorkerSpec, build: Callable[[str, Any], StageRunner], job: JobFactory,
+               before: Callable[[int], None] | None = None,
                on_done: Callable[[int], None] | None = None) -> WorkerResult:  # fmt: skip
-    """Run worker `spec.rank`'s shards: complete ones are counted from their records, the
-    rest go through one model and one loader. Shard failures are returned, not raised,
-    so the other workers' shards and this worker's others still complete."""
-    build, job = _stage(spec.stage)
+    """Run worker `spec.rank`'s shards with the stage's runner `build(model, config)` and its
+    `job` factory (`tasks.shard_stages` finds both by name): complete shards are counted from
+    their records, the rest go through one model and one loader. Shard failures are
+    returned, not raised, so the other workers' shards and this worker's others complete."""
     folder = location(spec.folder)
     result = WorkerResult(rank=spec.rank)
     todo: dict[int, ShardJob] = {}  # plan index -> its job (inputs fingerprinted once)

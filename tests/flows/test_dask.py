@@ -138,7 +138,8 @@ def test_dask_run_on_its_own_temporary_server(tmp_path: Path, random_tiny_model)
     config_path.write_text(config.model_dump_json())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", NO_ALBUMENTATIONS_UPDATE="1")  # fmt: skip
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", NO_ALBUMENTATIONS_UPDATE="1",
+               PREFECT_LOGGING_LEVEL="INFO")  # its server's start line is counted (a CLI test may have quieted it in os.environ)
     done = subprocess.run([sys.executable, str(ROOT / "tests/flows/_dask_run.py"), str(config_path), str(out_path)],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     log = done.stdout + done.stderr

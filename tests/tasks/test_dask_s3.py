@@ -14,7 +14,8 @@ from test_stages_s3 import EXEC, _run_stages, _s3_inputs, _shard_bytes
 from data.layout import RunLayout
 from tasks.assemble import AssembleConfig, run_assemble
 from tasks.caption import CaptionConfig, plan_caption
-from tasks.executor import WorkerSpec, run_worker, write_plan
+from tasks.executor import WorkerSpec, write_plan
+from tasks.shard_stages import run_stage_worker
 from tasks.filter import FilterConfig, plan_filter
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def test_dask_workers_run_the_stages_over_s3_like_a_local_run(s3: str, local_wor
         def stage(name: str, stats, items, cfg) -> list:  # one executor worker per Dask worker, each on its own half
             plan = str(write_plan(stats.output, items))
             specs = [WorkerSpec(name, plan, str(stats.output), stats.settings_hash, str(model), cfg, rank, 2) for rank in range(2)]
-            return client.gather([spread(run_worker, spec, index=spec.rank) for spec in specs])
+            return client.gather([spread(run_stage_worker, spec, index=spec.rank) for spec in specs])
 
         stats, plan = plan_caption([web], layout.stage("caption"), str(model), cfg_c)
         done = stage("caption", stats, plan, cfg_c)

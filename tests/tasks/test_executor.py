@@ -11,7 +11,8 @@ from stage_helpers import tiny_model, web_shards
 
 from tasks.caption import CaptionConfig, plan_caption, run_caption
 from tasks.execution import ExecutionConfig
-from tasks.executor import PLAN_FILE, PlanItem, WorkerSpec, read_plan, run_worker, write_plan
+from tasks.executor import PLAN_FILE, PlanItem, WorkerSpec, read_plan, write_plan
+from tasks.shard_stages import run_stage_worker
 from tasks.filter import FilterConfig, plan_filter, run_filter
 
 SIZES = (3, 2, 4, 1, 2, 3, 2)
@@ -55,18 +56,18 @@ def test_workers_write_what_the_stage_commands_write(tmp_path: Path, world) -> N
 
     stats, items = plan_caption([world["web"]], tmp_path / "run" / "caption", world["model"], caption_cfg)
     done: list[int] = []
-    results = [run_worker(spec, on_done=done.append) for spec in _specs("caption", stats, items, world["model"], caption_cfg, 3)]
+    results = [run_stage_worker(spec, on_done=done.append) for spec in _specs("caption", stats, items, world["model"], caption_cfg, 3)]
     assert sorted(done) == list(range(len(SIZES))) and sum(r.shards for r in results) == len(SIZES)
     assert sum(r.counts["input"] for r in results) == sum(SIZES) and not any(r.failed for r in results)
     fstats, fitems = plan_filter([world["web"]], tmp_path / "run" / "filter", world["model"], filter_cfg, stats.output)
     for spec in _specs("filter", fstats, fitems, world["model"], filter_cfg, 3):
-        run_worker(spec)
+        run_stage_worker(spec)
     assert _files(stats.output) == _files(want_c.output) and _files(stats.output)
     assert _files(fstats.output) == _files(want_f.output) and _files(fstats.output)
 
     # everything complete: a worker only reads records, never the model (it is gone now)
     gone = _specs("filter", fstats, fitems, tmp_path / "no-such-model", filter_cfg, 2)
-    again = [run_worker(spec) for spec in gone]
+    again = [run_stage_worker(spec) for spec in gone]
     assert [(r.shards, r.skipped) for r in again] == [(4, 4), (3, 3)]
     assert sum(r.counts["input"] for r in again) == want_f.totals["input"]
 
@@ -82,8 +83,8 @@ def test_a_failed_shard_costs_only_itself(tmp_path: Path, world) -> None:
         if index == 2:
             raise RuntimeError("injected")
 
-    first = run_worker(spec, before=fault)
+    first = run_stage_worker(spec, before=fault)
     assert first.failed == 1 and list(first.failures) == [items[2].src] and "injected" in first.failures[items[2].src]
     assert first.shards == len(SIZES) - 1 and not (stats.output / items[2].name).exists()
-    second = run_worker(spec)
+    second = run_stage_worker(spec)
     assert (second.shards, second.skipped, second.failed) == (len(SIZES), len(SIZES) - 1, 0)
