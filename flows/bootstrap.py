@@ -5,11 +5,12 @@ caption web shards -> filter web + synthetic captions -> assemble D' -> pretrain
 final MED on D' -> evaluate -> report; optionally several rounds (the final model of
 round r is the pretrained model of round r + 1).
 
-Every stage is a Prefect task (shard stages: one task per shard, in a sub-flow that
-runs on the configured task runner) calling the `tasks/` functions. Rerunning the flow
-on the same run folder resumes: finished steps come back from Prefect's cache, which
-`flows.caching` keeps in agreement with the completion records, and everything else
-skips complete shards itself; training continues from its newest checkpoint.
+Every stage is a Prefect task calling the `tasks/` functions; a shard stage is ONE task
+whatever its number of shards, running a few long-lived workers over the stage's plan
+file, in threads or on the run's Dask cluster (`flows.runners`). Rerunning the flow on
+the same run folder resumes: finished steps come back from Prefect's cache, which
+`flows.caching` keeps in agreement with the completion records, shard stages skip the
+shards whose records are complete, and training continues from its newest checkpoint.
 
 The run folder may be a URL (``s3://bucket/run``): shard stages, completion records,
 ``current.json``, ``stages.jsonl``, the evaluation and the report are written there
