@@ -244,8 +244,12 @@ def _on_own_gpu(spec: WorkerSpec, slot: int) -> WorkerSpec:
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, execution=execution))
 
 
-def run_on_threads(specs: list[WorkerSpec], config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
-    """Each spec in a thread of the flow process; a worker's exception is its result."""
+Shares = Callable[[int], list[WorkerSpec]]  # worker slots -> one spec per worker (rank of world)
+
+
+def run_on_threads(shares: Shares, config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
+    """`runner.max_workers` workers in threads of the flow process; a worker's exception is its result."""
+    specs = shares(config.runner.max_workers)
     if len(specs) == 1:
         return [_outcome(partial(stage_worker, specs[0], config, notify))]
     with concurrent.futures.ThreadPoolExecutor(len(specs), thread_name_prefix="capfilt-stage") as pool:
@@ -260,17 +264,10 @@ def _outcome(call: Callable[[], WorkerResult]) -> WorkerResult | BaseException:
         return exc
 
 
-def dask_world(address: str) -> int:
-    """How many stage workers the cluster at `address` runs at once: its worker threads."""
-    import distributed
-
-    with distributed.Client(address, set_as_default=False, timeout=WORKER_EXIT_S) as client:
-        return max(1, sum(client.nthreads().values()))
-
-
-def run_on_dask(address: str, specs: list[WorkerSpec], config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
-    """Each spec as one task on the cluster at `address`; workers send each shard done as an
-    event. A task whose worker dies is run again elsewhere by the scheduler."""
+def run_on_dask(address: str, shares: Shares, config: RunConfig, notify: Notify) -> list[WorkerResult | BaseException]:
+    """One worker per thread of the cluster at `address`, each one task (one connection for
+    the count and the tasks); workers send each shard done as an event. A task whose worker
+    dies is run again elsewhere by the scheduler."""
     import distributed
 
     topic = f"capfilt-shards-{uuid.uuid4().hex}"
@@ -281,6 +278,7 @@ def run_on_dask(address: str, specs: list[WorkerSpec], config: RunConfig, notify
 
     with distributed.Client(address, set_as_default=False, timeout=WORKER_EXIT_S) as client:
         client.subscribe_topic(topic, on_event)
+        specs = shares(max(1, sum(client.nthreads().values())))
         futures = [client.submit(_dask_stage_worker, spec, config, topic, key=f"{spec.stage}-worker-{spec.rank}-{topic}",
                                  resources=resources, pure=False) for spec in specs]  # fmt: skip
         outcomes = [_outcome(future.result) for future in futures]  # each waits; all run at once

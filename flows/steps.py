@@ -103,17 +103,20 @@ def shard_stage_task(job: StepJob, config: RunConfig, address: str | None = None
     completion records decide what is done, so a rerun of a finished stage only reads them.
     Every shard is attempted; then the first failure (if any) is raised, so the flow fails
     and a rerun resumes."""
-    from flows.runners import dask_world, run_on_dask, run_on_threads
+    from flows.runners import run_on_dask, run_on_threads
     from tasks.executor import WorkerResult, WorkerSpec
 
     stage, p = job.step, job.params
     cfg = stage_config(config, getattr(config, stage))
     quiet = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, progress=False))  # the stage's bar counts shards
-    world = max(1, min(p["shards"], dask_world(address) if address else config.runner.max_workers))
-    specs = [WorkerSpec(stage, p["plan"], p["folder"], p["digest"], p["model"], quiet, rank, world) for rank in range(world)]
+
+    def shares(slots: int) -> list[WorkerSpec]:  # one worker per slot, never more than shards
+        world = max(1, min(p["shards"], slots))
+        return [WorkerSpec(stage, p["plan"], p["folder"], p["digest"], p["model"], quiet, rank, world) for rank in range(world)]
+
     with artifacts.ShardProgress(stage, p["shards"], enabled=cfg.execution.progress) as progress:
         run = partial(run_on_dask, address) if address else run_on_threads
-        outcomes = run(specs, config, progress.done)
+        outcomes = run(shares, config, progress.done)
     crashed = [o for o in outcomes if isinstance(o, BaseException)]
     results = [o for o in outcomes if isinstance(o, WorkerResult)]
     if crashed:
